@@ -1,0 +1,304 @@
+"""Checkpoint format, crash-safe rank-0 writes, retention, discovery, and foreign-format loading.
+
+A checkpoint is one ``torch.save`` file loadable with ``weights_only=True``. Its ``model`` entry is the
+canonical state dict (no ``module.`` / ``_orig_mod.`` prefixes), so it loads straight into the plain
+torchvision model. Writes go to a temporary file in the same folder, are fsynced, then renamed into
+place: a kill at any instant leaves the previous file intact.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import re
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .parallel import unwrap
+
+log = logging.getLogger("ddp_trainer")
+
+FORMAT = "ddp_trainer.checkpoint"
+FORMAT_VERSION = 1
+EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.pt$")
+WRAPPER_SEGMENTS = ("module", "_orig_mod")
+PAUSE_ENV = "DDP_TRAINER_TEST_PAUSE_IN_WRITE"  # test hook: seconds to pause halfway through a write
+
+
+def canonical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unwrapped model's state dict as CPU tensors."""
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+class _PausingFile(io.RawIOBase):
+    """Test hook: a file that sleeps once after half of ``total`` bytes, so a kill lands mid-write."""
+
+    def __init__(self, f: Any, total: int, pause_s: float) -> None:
+        self.f, self.half, self.pause_s, self.written, self.paused = f, total // 2, pause_s, 0, False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        n = self.f.write(b)
+        self.written += n
+        if not self.paused and self.written >= self.half:
+            self.paused = True
+            self.f.flush()
+            log.warning("test hook: pausing %.1fs inside a checkpoint write", self.pause_s)
+            time.sleep(self.pause_s)
+        return n
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, rename into place, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    try:
+        with open(tmp, "wb") as f:
+            if pause > 0:
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                data = buf.getvalue()
+                pf = _PausingFile(f, len(data), pause)
+                for i in range(0, len(data), 1 << 16):
+                    pf.write(data[i: i + (1 << 16)])
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_link(src: Path, dst: Path) -> None:
+    """Make ``dst`` name the same bytes as ``src`` (hard link, else copy), atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+class CheckpointWriter:
+    """Writes ``last.pt``, ``best.pt`` and ``epoch_NNNN.pt`` in one folder. Built on global rank 0 only."""
+
+    def __init__(self, folder: Path, keep_last: int) -> None:
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".*.tmp-*"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
+
+    def save(self, state: Mapping[str, Any], *, epoch_file: int | None = None, best: bool = False) -> Path:
+        """Write ``state`` once and name it last.pt (+ epoch_NNNN.pt, + best.pt).
+
+        Older epoch files are removed only after the new files are in place.
+        """
+        if epoch_file is not None and self.keep_last > 0:
+            first = self.folder / f"epoch_{epoch_file:04d}.pt"
+            atomic_save(state, first)
+            atomic_link(first, self.folder / "last.pt")
+        else:
+            first = self.folder / "last.pt"
+            atomic_save(state, first)
+        if best:
+            atomic_link(first, self.folder / "best.pt")
+        if epoch_file is not None:
+            self._prune()
+        return first
+
+    def _prune(self) -> None:
+        epochs = sorted(p for p in self.folder.iterdir() if EPOCH_FILE.match(p.name))
+        for old in epochs[: max(0, len(epochs) - self.keep_last)]:
+            old.unlink(missing_ok=True)
+
+
+def resume_candidates(folder: Path) -> list[Path]:
+    """Checkpoints to try on ``resume=auto``, newest first: last.pt, then epoch files by number."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    out = [folder / "last.pt"] if (folder / "last.pt").exists() else []
+    epochs = sorted((p for p in folder.iterdir() if EPOCH_FILE.match(p.name)), reverse=True)
+    return out + epochs
+
+
+def has_checkpoints(folder: Path) -> bool:
+    return bool(resume_candidates(folder)) or (Path(folder) / "best.pt").exists()
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    """A checkpoint of any accepted format, normalised."""
+
+    path: str
+    kind: str  # ddp_trainer | classic | state_dict | pickled_model
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    epoch: int = -1  # epoch the checkpoint was taken in (-1: none)
+    position: int = 0  # samples of that epoch consumed
+    epoch_complete: bool = True
+    step: int = 0
+    best: float | None = None
+    class_to_idx: dict[str, int] | None = None
+    model_name: str | None = None
+    config: dict[str, Any] | None = None
+    world_size: int | None = None
+    torch_version: str | None = None
+    rng: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    renamed: int = 0  # keys whose wrapper prefixes were stripped
+
+    @property
+    def start_epoch(self) -> int:
+        """The epoch a resumed run continues in."""
+        return self.epoch + 1 if self.epoch_complete else self.epoch
+
+    @property
+    def start_position(self) -> int:
+        return 0 if self.epoch_complete else self.position
+
+
+def strip_wrapper_prefixes(sd: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+    """Remove ``module.`` and ``_orig_mod.`` path segments (DataParallel, DDP, torch.compile)."""
+    out, renamed = {}, 0
+    for key, value in sd.items():
+        parts = [p for p in key.split(".") if p not in WRAPPER_SEGMENTS]
+        new = ".".join(parts)
+        renamed += new != key
+        out[new] = value
+    return out, renamed
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _torch_load(path: Path, trust: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
+            raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({str(exc).splitlines()[0]})") from None
+        if not trust:
+            raise CheckpointError(
+                f"checkpoint '{path}' holds pickled Python objects (e.g. torch.save(model)); loading it "
+                f"runs code from the file. Pass --trust-checkpoint if you trust its source") from None
+        log.warning("--trust-checkpoint: unpickling '%s' with weights_only=False (this runs code from the file)", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated "
+                              f"({str(exc).splitlines()[0][:200]}); use another file") from None
+
+
+def read_checkpoint(path: str | Path, trust: bool = False) -> Loaded:
+    """Read any accepted checkpoint onto the CPU and normalise it.
+
+    Accepted: this project's format; the classic ``{"net", "optimizer", "epoch"}`` dict (resumes at
+    epoch + 1); ``{"model_state_dict"|"state_dict"|"model": ...}`` dicts; a plain state dict; and, with
+    ``trust``, a pickled whole model. Keys with ``module.`` / ``_orig_mod.`` are repaired.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' not found; check the path (resume=PATH, --checkpoint)")
+    obj = _torch_load(path, trust)
+    if isinstance(obj, nn.Module):
+        sd, renamed = strip_wrapper_prefixes(unwrap(obj).state_dict())
+        return Loaded(str(path), "pickled_model", sd, renamed=renamed)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        version = obj.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint '{path}' has format version {version}; this ddp_trainer reads "
+                                  f"version {FORMAT_VERSION}")
+        sd, renamed = strip_wrapper_prefixes(obj["model"])
+        return Loaded(
+            str(path), "ddp_trainer", sd, optimizer=obj.get("optimizer"), scaler=obj.get("scaler"),
+            epoch=int(obj["epoch"]), position=int(obj["position"]), epoch_complete=bool(obj["epoch_complete"]),
+            step=int(obj["step"]), best=obj.get("best"), class_to_idx=obj.get("class_to_idx"),
+            model_name=obj.get("model_name"), config=obj.get("config"), world_size=obj.get("world_size"),
+            torch_version=obj.get("torch_version"), rng=obj.get("rng"),
+            extra={"scheduler": obj.get("scheduler"), "monitor": obj.get("monitor")}, renamed=renamed)
+    if isinstance(obj, Mapping) and "net" in obj and _is_state_dict(obj["net"]):
+        sd, renamed = strip_wrapper_prefixes(obj["net"])
+        epoch = obj.get("epoch")
+        return Loaded(str(path), "classic", sd, optimizer=obj.get("optimizer"),
+                      epoch=int(epoch) if isinstance(epoch, int) else -1, renamed=renamed)
+    for key in ("model_state_dict", "state_dict", "model"):
+        if isinstance(obj, Mapping) and key in obj and _is_state_dict(obj[key]):
+            sd, renamed = strip_wrapper_prefixes(obj[key])
+            epoch = obj.get("epoch")
+            return Loaded(str(path), "classic", sd, optimizer=obj.get("optimizer") or obj.get("optimizer_state_dict"),
+                          epoch=int(epoch) if isinstance(epoch, int) else -1, renamed=renamed)
+    if _is_state_dict(obj):
+        sd, renamed = strip_wrapper_prefixes(obj)
+        return Loaded(str(path), "state_dict", sd, renamed=renamed)
+    keys = list(obj)[:6] if isinstance(obj, Mapping) else type(obj).__name__
+    raise CheckpointError(f"checkpoint '{path}' is not a format ddp_trainer knows (found {keys}); expected a "
+                          f"state dict, a {{'net', 'optimizer', 'epoch'}} dict or a ddp_trainer checkpoint")
+
+
+def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], *, skip_prefixes: Iterable[str] = (),
+                 source: str = "checkpoint") -> dict[str, list[str]]:
+    """Load a canonical state dict into ``model`` (any wrapper), strictly except ``skip_prefixes``.
+
+    Raises CheckpointError naming the missing / unexpected / mis-shaped keys.
+    """
+    target = unwrap(model)
+    skip = tuple(skip_prefixes)
+    want = target.state_dict()
+    sd = {k: v for k, v in sd.items() if not k.startswith(skip)} if skip else dict(sd)
+    missing = [k for k in want if k not in sd and not (skip and k.startswith(skip))]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [k for k in sd if k in want and tuple(sd[k].shape) != tuple(want[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} with other shapes (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(want[k].shape)})")
+        raise CheckpointError(f"{source} does not fit model.name's model: {'; '.join(parts)}; "
+                              f"use the model.name the checkpoint was trained with")
+    target.load_state_dict(sd, strict=not skip)
+    return {"missing": missing, "unexpected": unexpected}

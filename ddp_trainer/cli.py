@@ -1,0 +1,195 @@
+"""Command line: ``launch.py`` (training) and ``ddp-trainer`` / ``python -m ddp_trainer`` subcommands.
+
+Every command turns a :class:`UserError` into one line on stderr and exit code 2; any other error
+into one line and exit code 1 (``--traceback`` shows the full traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from .errors import EXIT_FAILURE, EXIT_OK, UserError, one_line
+
+log = logging.getLogger("ddp_trainer")
+
+
+def _report(exc: BaseException, rank: int, show_traceback: bool) -> int:
+    """Print ``exc`` once (shared errors only on rank 0) and return the exit code."""
+    prefix = f"[rank {rank}] " if rank or os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+    if isinstance(exc, UserError):
+        if not exc.shared or rank == 0:
+            print(f"{prefix}error: {one_line(exc)}", file=sys.stderr, flush=True)
+            if show_traceback:
+                traceback.print_exception(exc)
+        return exc.exit_code
+    print(f"{prefix}error: {type(exc).__name__}: {one_line(exc)} (run with --traceback for details)",
+          file=sys.stderr, flush=True)
+    if show_traceback:
+        traceback.print_exception(exc)
+    return EXIT_FAILURE
+
+
+def guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace, rank: int = 0) -> int:
+    try:
+        return fn(args)
+    except KeyboardInterrupt:
+        print(f"[rank {rank}] interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the top level turns every error into one line
+        return _report(exc, rank, getattr(args, "traceback", False))
+
+
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Train an image classifier on class-per-folder data (torchrun, srun, or one process).",
+        epilog="Overrides are key=value pairs parsed as YAML, e.g. train.epochs=5 data.root=/data optim.lr=3e-4")
+    p.add_argument("--config", help="YAML config file (defaults < file < overrides)")
+    p.add_argument("--debug", action="store_true",
+                   help="one process, one device, no workers, anomaly detection, a short run in <output_dir>.debug")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow loading pickled checkpoints (torch.save(model)); this runs code from the file")
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def _debug_config(cfg):  # type: ignore[no-untyped-def]
+    from .config import Config
+
+    assert isinstance(cfg, Config)
+    return cfg.replace(**{
+        "output_dir": str(Path(cfg.output_dir)) + ".debug", "resume": "none", "overwrite": True,
+        "dist.mode": "single", "data.num_workers": 0, "train.epochs": cfg.debug.epochs,
+        "train.log_every_steps": 1, "train.compile": False})
+
+
+@contextlib.contextmanager
+def launched(mode_request: str, backend: str, timeout_s: float) -> Iterator[tuple[Any, Any]]:
+    """Resolve the launch environment, decide the mode, log the decision, and run inside the process
+    group (always torn down). Yields ``(Dist, ModeDecision)``."""
+    import torch
+
+    from .distributed import pick_device, process_group
+    from .env import resolve
+    from .parallel import decide_mode
+    from .runlog import setup_logging
+
+    env = resolve(os.environ)
+    setup_logging(env.rank)
+    decision = decide_mode(mode_request, backend, env.world_size, env.local_world_size, torch.cuda.device_count())
+    device = pick_device(env, decision.use_cuda)
+    if env.distributed:
+        log.info("launch: DDP world_size=%d nodes=%d backend=%s device=%s (%s)", env.world_size, env.num_nodes,
+                 decision.backend, device.type, env.source)
+    else:
+        log.info("launch: %s device=%s (%s)", decision.describe(), device, env.source)
+    if decision.mode == "dp":
+        log.info("hint: DDP is faster than DataParallel: torchrun --standalone --nproc_per_node=%d launch.py ...",
+                 decision.gpus)
+    with process_group(env, decision.backend, device, timeout_s) as dist:
+        yield dist, decision
+
+
+def run_training(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import config as config_mod
+    from .env import resolve
+    from .errors import ConfigError
+    from .runlog import close_file_logs, setup_logging
+    from .trainer import Trainer
+
+    env = resolve(os.environ)
+    setup_logging(env.rank)
+    try:  # every rank sees the same argv and files, so only rank 0 reports what is wrong with them
+        cfg = config_mod.load(args.config, args.overrides)
+        if args.debug:
+            if env.world_size > 1:
+                raise ConfigError("--debug runs one process; start it with 'python launch.py --debug', not torchrun")
+            cfg = _debug_config(cfg)
+        _check_model_name(cfg.model.name)
+    except ConfigError as exc:
+        exc.shared = True
+        raise
+    try:
+        with launched(cfg.dist.mode, cfg.dist.backend, cfg.dist.timeout_s) as (dist, decision):
+            if args.debug:
+                torch.autograd.set_detect_anomaly(True)
+                log.info("debug: one process on %s, num_workers=0, anomaly detection on, %d step(s) x %d "
+                         "epoch(s), output in %s", dist.device, cfg.debug.steps_per_epoch, cfg.train.epochs,
+                         cfg.output_dir)
+            trainer = Trainer(cfg, dist, decision, trust_checkpoint=args.trust_checkpoint,
+                              max_steps_per_epoch=cfg.debug.steps_per_epoch if args.debug else None).build()
+            result = trainer.fit()
+            if result.last_val is not None:
+                log.info("done: val_loss=%.4f val_acc=%.4f in %s", result.last_val.loss, result.last_val.acc,
+                         result.output_dir)
+            else:
+                log.info("done: nothing left to train (train.epochs=%d reached) in %s", cfg.train.epochs,
+                         result.output_dir)
+    finally:
+        close_file_logs()
+    return EXIT_OK
+
+
+def _check_model_name(name: str) -> None:
+    """Reject an unknown model name before any process group starts (builds nothing)."""
+    from .errors import ConfigError
+    from .models import LOCAL_MODELS, _torchvision_names
+
+    if name in LOCAL_MODELS or ":" in name:
+        return
+    if name not in _torchvision_names():
+        import difflib
+
+        close = difflib.get_close_matches(name, _torchvision_names() + list(LOCAL_MODELS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else "use a torchvision classifier such as resnet18"
+        raise ConfigError(f"model.name: unknown model {name!r}; {hint}")
+
+
+def train_main(argv: Sequence[str] | None = None, prog: str = "launch.py") -> int:
+    args = _train_parser(prog).parse_args(argv)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    return guarded(run_training, args, rank)
+
+
+# -- subcommands -------------------------------------------------------------------------------------
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from .demo_data import CLASSES, write_demo_data
+
+    out = write_demo_data(args.out, args.train_per_class, args.val_per_class, args.size)
+    print(f"wrote {len(CLASSES)} classes x ({args.train_per_class} train + {args.val_per_class} val) images to {out}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ddp-trainer SUBCOMMAND ...``"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="ddp-trainer", description="ddp_trainer commands")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("train", help="train (same as launch.py; pass its arguments after 'train')", add_help=False)
+    d = sub.add_parser("demo-data", help="write the built-in demo dataset as plain class folders")
+    d.add_argument("out")
+    d.add_argument("--train-per-class", type=int, default=200)
+    d.add_argument("--val-per-class", type=int, default=50)
+    d.add_argument("--size", type=int, default=32)
+    d.add_argument("--traceback", action="store_true")
+    d.set_defaults(fn=_cmd_demo_data)
+    from . import commands
+
+    commands.register(sub)
+    if argv and argv[0] == "train":
+        return train_main(argv[1:], prog="ddp-trainer train")
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return EXIT_FAILURE
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return guarded(args.fn, args, rank)

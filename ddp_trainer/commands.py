@@ -1,0 +1,183 @@
+"""Checkpoint tools: ``inspect``, ``convert``, ``evaluate`` and ``predict`` subcommands."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import EXIT_OK, CheckpointError
+
+log = logging.getLogger("ddp_trainer")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow pickled checkpoints (torch.save(model)); this runs code from the file")
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="print what a checkpoint holds, without building a model")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    _add_common(p)
+    p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("convert", help="write a plain weights file from any accepted checkpoint")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--prefix", default="", help="key prefix to add, e.g. 'module.' for DataParallel code")
+    _add_common(p)
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("evaluate", help="exact val loss / accuracy of a checkpoint (works under torchrun)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--config", help="YAML config (default: the config stored in the checkpoint)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_common(p)
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="top classes of images, by name")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's data.image_size")
+    p.add_argument("images", nargs="+")
+    _add_common(p)
+    p.set_defaults(fn=cmd_predict)
+
+
+def summary(loaded: Any) -> dict[str, Any]:
+    """What ``inspect`` reports (JSON-serialisable)."""
+    n_params = sum(int(v.numel()) for v in loaded.model.values())
+    info: dict[str, Any] = {
+        "path": loaded.path, "format": loaded.kind, "tensors": len(loaded.model), "parameters": n_params,
+        "renamed_keys": loaded.renamed, "has_optimizer": loaded.optimizer is not None,
+    }
+    if loaded.kind in ("ddp_trainer", "classic"):
+        info.update({"epoch": loaded.epoch, "resumes_at_epoch": loaded.start_epoch})
+    if loaded.kind == "ddp_trainer":
+        info.update({
+            "position": loaded.position, "epoch_complete": loaded.epoch_complete, "step": loaded.step,
+            "best": loaded.best, "monitor": loaded.extra.get("monitor"), "model": loaded.model_name,
+            "classes": list(loaded.class_to_idx or {}), "world_size": loaded.world_size,
+            "torch_version": loaded.torch_version, "config": loaded.config,
+        })
+    return info
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import read_checkpoint
+
+    info = summary(read_checkpoint(args.path, args.trust_checkpoint))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return EXIT_OK
+    for key, value in info.items():
+        if key == "config":
+            continue
+        if key == "classes":
+            value = f"{len(value)}: {', '.join(value[:10])}{' ...' if len(value) > 10 else ''}"
+        print(f"{key:>17}: {value}")
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import atomic_save, read_checkpoint
+
+    loaded = read_checkpoint(args.input, args.trust_checkpoint)
+    out = Path(args.output)
+    if out.resolve() == Path(args.input).resolve():
+        raise CheckpointError(f"convert would overwrite its input '{args.input}'; choose another OUT")
+    sd = {f"{args.prefix}{k}": v for k, v in loaded.model.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(sd, out)
+    print(f"wrote {len(sd)} tensors ({loaded.kind} -> plain state dict{', prefix ' + args.prefix if args.prefix else ''}) to {out}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import config as config_mod
+    from .checkpoint import load_weights, read_checkpoint
+    from .cli import launched
+    from .data import FolderDataset, build_splits, eval_transform, make_eval_loader
+    from .engine import evaluate
+    from .models import build_model
+    from .transforms import Normalize
+
+    def body(dist: Any, decision: Any) -> int:
+        loaded = dist.main_then_broadcast(lambda: read_checkpoint(args.checkpoint, args.trust_checkpoint))
+        base = config_mod.read_yaml(args.config) if args.config else (loaded.config or {})
+        base = {k: v for k, v in base.items() if k in ("data", "model", "seed", "train")}
+        cfg = config_mod.from_dict(config_mod._merge(
+            base, config_mod._nest(config_mod.parse_overrides(args.overrides), "command line")))
+        splits = build_splits(cfg, dist)
+        if loaded.class_to_idx is not None and dict(loaded.class_to_idx) != splits.class_to_idx:
+            raise CheckpointError(f"checkpoint '{args.checkpoint}' classes {list(loaded.class_to_idx)} differ "
+                                  f"from the data's {list(splits.classes)}; point data.root at its dataset")
+        model = build_model(loaded.model_name or cfg.model.name, len(splits.classes))
+        load_weights(model, loaded.model, source=f"checkpoint '{args.checkpoint}'")
+        model.to(dist.device)
+        val = FolderDataset(splits.val, eval_transform(cfg.data), cfg.seed)
+        loader = make_eval_loader(val, cfg.data, dist, dist.device)
+        res = evaluate(model, loader, Normalize(cfg.data.mean, cfg.data.std).to(dist.device), dist.device,
+                       dist, len(splits.classes), len(val), cfg.train.precision)
+        if dist.is_main:
+            per_class = dict(zip(splits.classes, res.per_class_acc))
+            if args.json:
+                print(json.dumps({"val_loss": res.loss, "val_acc": res.acc, "val_acc5": res.acc5,
+                                  "count": res.count, "per_class_acc": per_class}))
+            else:
+                for name, acc in per_class.items():
+                    print(f"{name:>24}: {acc:.4f}")
+                print(f"val_loss={res.loss:.6f} val_acc={res.acc:.6f} count={res.count}")
+        return EXIT_OK
+
+    with launched(mode_request="auto", backend="auto", timeout_s=300.0) as (dist, decision):
+        return body(dist, decision)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_weights, read_checkpoint
+    from .models import build_model
+    from .transforms import ImageTransform, Normalize, load_rgb
+
+    loaded = read_checkpoint(args.checkpoint, args.trust_checkpoint)
+    cfg = loaded.config or {}
+    data = cfg.get("data", {})
+    if loaded.class_to_idx:
+        classes = list(loaded.class_to_idx)
+    else:
+        classes = [str(i) for i in range(_output_count(loaded.model))]
+    name = loaded.model_name or cfg.get("model", {}).get("name")
+    if not name:
+        raise CheckpointError(f"checkpoint '{args.checkpoint}' does not name its model; predict needs a "
+                              f"ddp_trainer checkpoint")
+    model = build_model(name, len(classes))
+    load_weights(model, loaded.model, source=f"checkpoint '{args.checkpoint}'")
+    model.eval()
+    size = args.image_size or data.get("image_size", 224)
+    tf = ImageTransform(size, ())
+    norm = Normalize(data.get("mean", [0.485, 0.456, 0.406]), data.get("std", [0.229, 0.224, 0.225]))
+    with torch.no_grad():
+        for path in args.images:
+            x = norm(tf(load_rgb(path), None)[None])
+            probs = torch.softmax(model(x).float(), dim=1)[0]
+            top = probs.topk(min(args.top, len(classes)))
+            best = ", ".join(f"{classes[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+            print(f"{path}: {best}")
+    return EXIT_OK
+
+
+def _output_count(sd: dict[str, Any]) -> int:
+    last = [v for k, v in sd.items() if k.endswith("weight") and v.ndim == 2]
+    if not last:
+        raise CheckpointError("cannot tell the number of classes of this checkpoint")
+    return int(last[-1].shape[0])

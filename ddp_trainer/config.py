@@ -1,0 +1,361 @@
+"""Typed, validated run configuration: built-in defaults < YAML file < ``key=value`` overrides.
+
+Every section is a frozen dataclass; :func:`load` checks every key and value before anything else
+runs, so a typo is reported (with the closest valid key) before a process group exists. The
+defaults equal ``configs/default.yaml`` (a test keeps them in step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence
+
+import yaml
+
+from .errors import ConfigError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+AUGMENTATIONS = ("flip", "random_resized_crop")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how they are fed."""
+
+    root: str = "demo"  # a folder holding train/ (and val/), or "demo" for the built-in data
+    train_dir: str = "train"
+    val_dir: str = "val"  # when missing, val_fraction of train/ is held out
+    classes: Optional[list[str]] = None  # class order; default: sorted folder names
+    image_size: int = 32
+    batch_size: int = 64  # per process
+    num_workers: int = 2
+    bad_images: Literal["error", "skip"] = "error"
+    val_fraction: float = 0.1
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    augment: list[str] = field(default_factory=lambda: ["flip"])  # flip, random_resized_crop; [] or none
+    pin_memory: Optional[bool] = None  # default: on with CUDA
+    persistent_workers: bool = True
+    prefetch_factor: Optional[int] = None  # default: torch's (2) when num_workers > 0
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 8, "data.image_size", self.image_size, "use at least 8")
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "use at least 1")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
+               "use a fraction in [0, 1)")
+        _check(len(self.mean) == 3, "data.mean", self.mean, "give three numbers (R, G, B)")
+        _check(len(self.std) == 3 and all(s > 0 for s in self.std), "data.std", self.std,
+               "give three positive numbers (R, G, B)")
+        for name in self.augment:
+            if name not in AUGMENTATIONS:
+                raise ConfigError(f"data.augment: unknown augmentation {name!r}; "
+                                  f"choose from {', '.join(AUGMENTATIONS)} or none{_hint(name, AUGMENTATIONS)}")
+        if self.classes is not None:
+            _check(len(self.classes) >= 2, "data.classes", self.classes, "name at least two classes")
+            _check(len(set(self.classes)) == len(self.classes), "data.classes", self.classes,
+                   "remove the repeated class names")
+        _check(self.prefetch_factor is None or self.prefetch_factor >= 1, "data.prefetch_factor",
+               self.prefetch_factor, "use at least 1, or null")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet18"  # torchvision builder, tiny_cnn / tiny_cnn_bn, or package.module:callable
+    init_from: Optional[str] = None  # weights-only start (fine-tuning)
+    sync_batchnorm: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 0.002  # not rescaled with the global batch: set it for yours
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "use a positive learning rate")
+        _check(self.momentum >= 0, "optim.momentum", self.momentum, "use 0 or more")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use 0 or more")
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    name: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: float = 0.5
+    step_epochs: int = 30  # step: multiply the lr by gamma every step_epochs
+    gamma: float = 0.1
+    min_lr: float = 0.0  # cosine floor
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_epochs >= 0, "sched.warmup_epochs", self.warmup_epochs, "use 0 or more")
+        _check(self.step_epochs >= 1, "sched.step_epochs", self.step_epochs, "use at least 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 6  # total epochs of the run, numbered from 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum_steps: int = 1
+    clip_grad_norm: Optional[float] = None
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    log_every_steps: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "use at least 1")
+        _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps,
+               "use at least 1")
+        _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "train.clip_grad_norm",
+               self.clip_grad_norm, "use a positive number, or null")
+        _check(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps,
+               "use at least 1")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    mode: Literal["auto", "ddp", "dp", "single"] = "auto"
+    timeout_s: float = 300.0  # a collective that waits longer fails the job
+
+    def __post_init__(self) -> None:
+        _check(self.timeout_s > 0, "dist.timeout_s", self.timeout_s, "use a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_epochs: int = 1  # 0: no per-epoch saves
+    every_steps: int = 0  # 0: no mid-epoch saves
+    keep_last: int = 3  # epoch_NNNN.pt files kept
+    monitor: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+
+    def __post_init__(self) -> None:
+        _check(self.every_epochs >= 0, "checkpoint.every_epochs", self.every_epochs, "use 0 or more")
+        _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")
+        _check(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "use 0 or more")
+        metrics = ("val_loss", "val_acc", "val_acc5", "train_loss")
+        _check(self.monitor in metrics, "checkpoint.monitor", self.monitor,
+               f"choose one of {', '.join(metrics)}")
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    steps_per_epoch: int = 5
+    epochs: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    resume: str = "auto"  # auto | none | PATH
+    overwrite: bool = False  # allow resume=none over an output folder holding checkpoints
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with dotted-key overrides applied (``{"train.epochs": 3}``), validated again."""
+        return from_dict(_merge(self.to_dict(), _nest(overrides, source="replace")))
+
+
+def _check(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: bad value {value!r}; {fix}")
+
+
+def _hint(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
+            if f.default_factory is not dataclasses.MISSING}
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key the config accepts."""
+    keys = []
+    for f in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(_field_type(Config, f.name)):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(_field_type(Config, f.name))]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: bad value {value!r}; choose one of "
+                              f"{', '.join(map(str, args))}{_hint(str(value), [str(a) for a in args])}")
+        return value
+    if origin is list:
+        (item_tp,) = args
+        if key == "data.augment" and value in (None, "none", ["none"]):
+            return []  # "none" spelled any of the natural ways
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list such as [a, b], got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this module
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            candidates = valid_keys() + [f.name for f in dataclasses.fields(Config)]
+            close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.5)
+            fix = f"did you mean {close[0]!r}?" if close else "see README for the valid keys"
+            raise ConfigError(f"unknown config key {dotted!r}; {fix}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{dotted}: expected a section of keys, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(dotted, value, tp)
+    return cls(**kwargs)
+
+
+def from_dict(values: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested mapping (missing keys take defaults)."""
+    return _build(Config, values, "")
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _nest(flat: Mapping[str, Any], source: str) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        parts = dotted.split(".")
+        if not all(parts):
+            raise ConfigError(f"{source}: bad key {dotted!r}; use section.key=value, e.g. train.epochs=5")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {dotted!r} sets a key inside a value")
+        node[parts[-1]] = value
+    return nested
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.epochs=5", "data.classes=[cat,dog]"]`` -> ``{"train.epochs": 5, ...}``.
+
+    Values are parsed as YAML, so numbers, booleans, null and lists need no quoting.
+    """
+    flat: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"bad override {item!r}; write key=value, e.g. train.epochs=5")
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot parse {text!r} as a value ({exc.__class__.__name__}); "
+                              f"quote it") from None
+        flat[key.strip()] = value
+    return flat
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, or a ConfigError naming the file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} not found; check the --config path") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def load(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults < YAML file < command-line overrides, validated."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            values = read_yaml(config_file)
+            from_dict(values)  # report file errors with the file's name
+        except ConfigError as exc:
+            if str(config_file) in exc.message:
+                raise
+            raise ConfigError(f"{config_file}: {exc.message}") from None
+    values = _merge(values, _nest(parse_overrides(overrides), source="command line"))
+    return from_dict(values)
+
+
+def dump(config: Config) -> str:
+    """The config as YAML, in section order (what is written to <output_dir>/config.yaml)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

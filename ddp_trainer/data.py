@@ -1,0 +1,178 @@
+"""Datasets and loaders: from ``data.*`` config to the train/val indexes and DataLoaders.
+
+Rank 0 scans the folders once and broadcasts the index; the demo data is written by local rank 0
+of each node while the others wait. The datasets return uint8 images; normalisation happens on the
+training device.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import demo_data
+from .config import Config, DataConfig
+from .distributed import Dist
+from .errors import DataError
+from .folder_index import FolderIndex, check_same_classes, scan, split_holdout
+from .samplers import ExactEvalSampler, PlanBatchSampler, SampleKey
+from .transforms import ImageTransform, load_rgb, sample_seed
+
+log = logging.getLogger("ddp_trainer")
+
+
+class FolderDataset(Dataset):
+    """Images of a :class:`FolderIndex`; items are ``(uint8 CHW image, label, loss weight)``.
+
+    Indexed by :class:`SampleKey` (the sample's randomness comes from ``seed``, the key's epoch and
+    index) or by a plain int (no augmentation randomness, weight 1).
+    """
+
+    def __init__(self, index: FolderIndex, transform: ImageTransform, seed: int = 0) -> None:
+        self.index = index
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: SampleKey | int) -> tuple[torch.Tensor, int, float]:
+        if isinstance(key, SampleKey):
+            i, epoch, weight = key
+        else:
+            i, epoch, weight = int(key), 0, 1.0
+        img = load_rgb(self.index.path(i))
+        gen = None
+        if self.transform.random:
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i))
+        return self.transform(img, gen), self.index.samples[i][1], weight
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: FolderIndex
+    val: FolderIndex
+    source: str  # human-readable description of where val came from
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.train.classes
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return self.train.class_to_idx
+
+
+def resolve_root(cfg: DataConfig, dist: Dist) -> Path:
+    """The data root; for ``demo``, writes the demo data on local rank 0 of each node first."""
+    if cfg.root != "demo":
+        return Path(cfg.root).expanduser()
+    if dist.env.is_local_main:
+        root = demo_data.ensure_demo_data()
+    dist.barrier()  # the node's other ranks wait until local rank 0 has written it
+    if not dist.env.is_local_main:
+        root = demo_data.demo_dir()
+    return root
+
+
+def scan_splits(cfg: DataConfig, root: Path) -> Splits:
+    """Index train (and val, or a held-out part of train). Runs on rank 0 only."""
+    train = scan(root / cfg.train_dir, cfg.classes)
+    val_folder = root / cfg.val_dir
+    if val_folder.is_dir() and cfg.val_dir != cfg.train_dir:
+        val = scan(val_folder, cfg.classes)
+        check_same_classes(train, val, str(val_folder))
+        return Splits(train, val, f"'{val_folder}'")
+    if cfg.val_fraction <= 0:
+        raise DataError(f"no val folder '{val_folder}' and data.val_fraction is 0; add a val/ folder "
+                        f"or set data.val_fraction (for example 0.1)")
+    train, val = split_holdout(train, cfg.val_fraction)
+    if len(val) == 0:
+        raise DataError(f"data.val_fraction={cfg.val_fraction} holds out no image of '{root / cfg.train_dir}'; "
+                        f"raise it or add a val/ folder")
+    return Splits(train, val, f"{cfg.val_fraction:.0%} of '{root / cfg.train_dir}' (no '{val_folder}')")
+
+
+def _unreadable(index: FolderIndex, dist: Dist) -> set[str]:
+    """Relative paths of files that do not decode; each rank checks a strided share."""
+    bad = []
+    for i in range(dist.rank, len(index), dist.world_size):
+        try:
+            load_rgb(index.path(i))
+        except DataError:
+            bad.append(index.samples[i][0])
+    return {p for part in dist.all_gather_object(bad) for p in part}
+
+
+def _drop_unreadable(index: FolderIndex, dist: Dist, split: str) -> FolderIndex:
+    bad = _unreadable(index, dist)
+    if bad:
+        shown = ", ".join(sorted(bad)[:3]) + (" ..." if len(bad) > 3 else "")
+        log.warning("data.bad_images=skip: skipped %d unreadable %s image(s) under %s: %s",
+                    len(bad), split, index.root, shown)
+        index = index.without(bad)
+        if not index.samples:
+            raise DataError(f"every {split} image under '{index.root}' is unreadable; check the files")
+        empty = [c for k, c in enumerate(index.classes) if not any(lbl == k for _, lbl in index.samples)]
+        if empty:
+            raise DataError(f"class {empty[0]!r} has no readable {split} image under '{index.root}'; "
+                            f"replace its files or remove the class")
+    return index
+
+
+def build_splits(cfg: Config, dist: Dist) -> Splits:
+    """Scan once on rank 0, broadcast, and (with ``bad_images=skip``) drop unreadable files."""
+    root = resolve_root(cfg.data, dist)
+    splits = dist.main_then_broadcast(lambda: scan_splits(cfg.data, root))
+    if cfg.data.bad_images == "skip":
+        splits = Splits(_drop_unreadable(splits.train, dist, "train"),
+                        _drop_unreadable(splits.val, dist, "val"), splits.source)
+    return splits
+
+
+def train_transform(cfg: DataConfig) -> ImageTransform:
+    return ImageTransform(cfg.image_size, tuple(cfg.augment))
+
+
+def eval_transform(cfg: DataConfig) -> ImageTransform:
+    return ImageTransform(cfg.image_size, ())
+
+
+def _collate(items: list[tuple[torch.Tensor, int, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    weights = torch.tensor([it[2] for it in items], dtype=torch.float32)
+    return images, labels, weights
+
+
+def _loader_kwargs(cfg: DataConfig, device: torch.device, workers: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda",
+        "collate_fn": _collate,
+    }
+    if workers > 0:
+        kwargs["persistent_workers"] = cfg.persistent_workers
+        if cfg.prefetch_factor is not None:
+            kwargs["prefetch_factor"] = cfg.prefetch_factor
+    return kwargs
+
+
+def make_train_loader(dataset: FolderDataset, cfg: DataConfig, device: torch.device,
+                      workers: int | None = None) -> tuple[DataLoader, PlanBatchSampler]:
+    batches = PlanBatchSampler()
+    w = cfg.num_workers if workers is None else workers
+    return DataLoader(dataset, batch_sampler=batches, **_loader_kwargs(cfg, device, w)), batches
+
+
+def make_eval_loader(dataset: FolderDataset, cfg: DataConfig, dist: Dist, device: torch.device,
+                     sampler: Any = None, workers: int | None = None) -> DataLoader:
+    """Loader over this rank's exact share of ``dataset`` (``sampler`` replaces it, for tests)."""
+    if sampler is None:
+        sampler = ExactEvalSampler(len(dataset), dist.world_size, dist.rank)
+    w = cfg.num_workers if workers is None else workers
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, **_loader_kwargs(cfg, device, w))

@@ -1,0 +1,149 @@
+"""Process-group lifecycle and the few collectives the trainer needs.
+
+:class:`Dist` is the one object the rest of the code asks about ranks. With one process its
+collectives are no-ops, so the training loop never asks which mode it is in.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+import torch.distributed as tdist
+
+from .env import LaunchEnv
+from .errors import UserError
+
+log = logging.getLogger("ddp_trainer")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """The launch environment plus the live process group (when there is one)."""
+
+    env: LaunchEnv
+    backend: str | None  # None: no process group
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size if self.backend else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.backend is not None
+
+    # -- collectives; no-ops without a process group ------------------------------------------
+
+    def barrier(self) -> None:
+        if self.active:
+            tdist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks in place (on its own device) and return it."""
+        if self.active:
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` on every rank (pickled; tensors travel on the CPU)."""
+        if not self.active:
+            return obj
+        box = [obj if self.rank == src else None]
+        tdist.broadcast_object_list(box, src=src, device=self._object_device())
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def _object_device(self) -> torch.device | None:
+        return self.device if self.backend == "nccl" else None
+
+    def main_then_broadcast(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 only and hand its result to every rank.
+
+        A :class:`UserError` raised by ``fn`` is broadcast too and re-raised on every rank (marked
+        ``shared`` so that only rank 0 prints it): no rank waits for a result that never comes.
+        """
+        result: tuple[str, Any] | None = None
+        if self.is_main:
+            try:
+                result = ("ok", fn())
+            except UserError as exc:
+                result = ("error", (type(exc), exc.message))
+        if self.active:
+            result = self.broadcast_object(result)
+        assert result is not None
+        status, value = result
+        if status == "error":
+            cls, message = value
+            raise cls(message, shared=True)
+        return value
+
+    def all_ok(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on every rank; if any rank raised a UserError, every rank raises one.
+
+        The failing rank raises its own error (and prints it); the others raise a shared copy.
+        """
+        error: UserError | None = None
+        value: Any = None
+        try:
+            value = fn()
+        except UserError as exc:
+            error = exc
+        statuses = self.all_gather_object(None if error is None else (type(error), error.message))
+        if error is not None:
+            raise error
+        for status in statuses:
+            if status is not None:
+                cls, message = status
+                raise cls(message, shared=True)
+        return value
+
+
+def pick_device(env: LaunchEnv, use_cuda: bool) -> torch.device:
+    """The device of this process: its local rank's GPU, or the CPU."""
+    if use_cuda:
+        return torch.device("cuda", env.local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def process_group(env: LaunchEnv, backend: str | None, device: torch.device,
+                  timeout_s: float) -> Iterator[Dist]:
+    """Start the process group (when ``backend`` is given) and always destroy it on exit."""
+    if backend is None:
+        yield Dist(env=env, backend=None, device=device)
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        kwargs["device_id"] = device
+    tdist.init_process_group(
+        backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    try:
+        yield Dist(env=env, backend=backend, device=device)
+    finally:
+        with contextlib.suppress(Exception):
+            tdist.destroy_process_group()

@@ -1,0 +1,164 @@
+"""The training step loop and exact evaluation. No file I/O, no printing.
+
+Per-step work is only what a hand-written loop does: metrics accumulate in device tensors and are
+read at log intervals, never with a host-device sync per step.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import Dist
+from .samplers import EpochPlan
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepDone:
+    """Yielded after each optimizer step."""
+
+    index: int  # step index within this (possibly resumed) epoch
+    consumed: int  # global samples of the epoch consumed after this step
+    lr: float
+
+
+@dataclass
+class RunningLoss:
+    """Device-side sums of training loss and counts; read only when asked."""
+
+    device: torch.device
+    loss_sum: torch.Tensor = field(init=False)
+    count: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.count = torch.zeros((), dtype=torch.float64, device=self.device)
+
+
+class Engine:
+    """Runs optimizer steps for a wrapped model: autocast, accumulation, clipping, scaling."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, normalize: nn.Module,
+                 device: torch.device, precision: str = "fp32", clip_grad_norm: float | None = None,
+                 channels_last: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.normalize = normalize
+        self.device = device
+        self.clip = clip_grad_norm
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        dtype = AUTOCAST_DTYPES.get(precision)
+        self.autocast: Callable[[], Any] = (
+            (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext)
+        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+        # gradient sync is skipped on accumulation micro-steps (DDP only has no_sync)
+        self.no_sync: Callable[[], Any] = getattr(model, "no_sync", contextlib.nullcontext)
+        self.running = RunningLoss(device)
+        self.data_wait_s = 0.0
+        self.non_blocking = device.type == "cuda"
+
+    def _to_device(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        images, labels, weights = batch
+        images = images.to(self.device, non_blocking=self.non_blocking)
+        images = self.normalize(images).contiguous(memory_format=self.memory_format)
+        return (images, labels.to(self.device, non_blocking=self.non_blocking),
+                weights.to(self.device, non_blocking=self.non_blocking))
+
+    def train_steps(self, batches: Iterator[Any], plan: EpochPlan,
+                    lr_at: Callable[[int], float]) -> Iterator[StepDone]:
+        """Run the plan's optimizer steps, pulling micro-batches from ``batches``.
+
+        ``lr_at(consumed_before_step)`` gives the learning rate of each step.
+        """
+        self.model.train()
+        consumed = plan.start
+        for j, step in enumerate(plan.steps):
+            lr = lr_at(consumed)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            last = len(step) - 1
+            for m in range(len(step)):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                self.data_wait_s += time.perf_counter() - t0
+                images, labels, weights = self._to_device(batch)
+                sync = contextlib.nullcontext() if m == last else self.no_sync()
+                with sync:
+                    with self.autocast():
+                        logits = self.model(images)
+                    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+                    self.scaler.scale((losses * weights).sum()).backward()
+                real = weights > 0
+                self.running.loss_sum += (losses.detach() * real).sum()
+                self.running.count += real.sum()
+            if self.clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            consumed = plan.consumed_after[j]
+            yield StepDone(j, consumed, lr)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    acc5: float | None
+    count: int
+    per_class_acc: list[float]
+
+
+class CountMismatch(RuntimeError):
+    """Evaluation saw a different number of images than the validation set holds."""
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, normalize: nn.Module, device: torch.device, dist: Dist,
+             num_classes: int, expected_count: int, precision: str = "fp32") -> EvalResult:
+    """Exact validation: per-sample sums reduced across ranks, each image counted once.
+
+    ``model`` should be the unwrapped module (no DDP hooks). Raises CountMismatch when the reduced
+    count differs from ``expected_count`` (a padding or overlapping sampler).
+    """
+    was_training = model.training
+    model.eval()
+    dtype = AUTOCAST_DTYPES.get(precision)
+    sums = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=device)
+    k5 = min(5, num_classes)
+    for images, labels, _ in loader:
+        images = normalize(images.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            logits = model(images)
+        logits = logits.float()
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        top = logits.topk(k5, dim=1).indices
+        hit1 = top[:, 0] == labels
+        sums[1] += hit1.sum()
+        sums[2] += (top == labels[:, None]).any(dim=1).sum()
+        sums[3: 3 + num_classes] += torch.bincount(labels[hit1], minlength=num_classes)
+        sums[3 + num_classes:] += torch.bincount(labels, minlength=num_classes)
+    dist.all_reduce_sum(sums)
+    model.train(was_training)
+    values = sums.tolist()
+    count = int(round(sum(values[3 + num_classes:])))
+    if count != expected_count:
+        raise CountMismatch(f"validation counted {count} images but the set holds {expected_count}: "
+                            f"the eval sampler padded or dropped samples")
+    per_class = [c / n if n else float("nan")
+                 for c, n in zip(values[3: 3 + num_classes], values[3 + num_classes:])]
+    return EvalResult(loss=values[0] / count, acc=values[1] / count,
+                      acc5=values[2] / count if num_classes >= 5 else None, count=count,
+                      per_class_acc=per_class)

@@ -1,0 +1,170 @@
+"""The launch environment, resolved once from a Mapping (normally ``os.environ``).
+
+Order, first match wins (torchrun also runs inside SLURM jobs, so it must come first):
+
+1. torchrun / torch.distributed.run: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` (+ ``MASTER_ADDR``/``PORT``)
+2. SLURM, one task per process (``srun python launch.py``): ``SLURM_PROCID``, ``SLURM_NTASKS``,
+   ``SLURM_LOCALID``, ``SLURM_NODEID``; the main address is ``MASTER_ADDR`` or the first host of the
+   job's node list, the port ``MASTER_PORT`` or one derived from the job id.
+3. a single process.
+
+Pure: nothing here touches the process environment.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+from .errors import ConfigError
+
+Source = Literal["torchrun", "slurm", "single"]
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Who this process is in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: Source = "single"
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the only process that writes files."""
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """Local rank 0: the process that prepares node-local files (demo data, caches)."""
+        return self.local_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        if default is None:
+            raise ConfigError(f"environment variable {key} is missing; the launcher sets it "
+                              f"(start with torchrun or srun)")
+        return default
+    try:
+        return int(raw.split("(")[0])  # SLURM_TASKS_PER_NODE-like "2(x3)" forms
+    except ValueError:
+        raise ConfigError(f"environment variable {key}={raw!r} is not a whole number") from None
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM host list: ``"node[01-04,07],gpu5"`` -> ``["node01", ..., "node07", "gpu5"]``.
+
+    Zero padding of ranges is kept (``a[08-10]`` -> a08, a09, a10). Several bracket groups in one name
+    (``r[1-2]n[1-2]``) expand as a product, like ``scontrol show hostnames``.
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        hosts.extend(_expand_one(item))
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text.strip():
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            if cur:
+                parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth != 0:
+        raise ConfigError(f"SLURM node list {text!r} has unbalanced brackets")
+    if cur:
+        parts.append(cur)
+    return parts
+
+
+def _expand_one(item: str) -> list[str]:
+    m = re.search(r"\[([^\]]*)\]", item)
+    if not m:
+        return [item]
+    head, tail = item[: m.start()], item[m.end():]
+    out = []
+    for part in m.group(1).split(","):
+        lo, sep, hi = part.partition("-")
+        if not sep:
+            values = [lo]
+        else:
+            width = len(lo)
+            values = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+        for v in values:
+            out.extend(_expand_one(head + v + tail))
+    return out
+
+
+def _slurm_in_batch_shell(env: Mapping[str, str]) -> bool:
+    """True in a job's batch script (or salloc shell), i.e. not inside an ``srun`` step."""
+    return "SLURM_JOB_ID" in env and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env
+
+
+def resolve(env: Mapping[str, str]) -> LaunchEnv:
+    """Resolve the launch environment from ``env``; raises ConfigError when it is inconsistent."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _int(env, "WORLD_SIZE")
+        local_world = _int(env, "LOCAL_WORLD_SIZE", world)
+        rank = _int(env, "RANK")
+        return _checked(LaunchEnv(
+            rank=rank,
+            local_rank=_int(env, "LOCAL_RANK", 0),
+            world_size=world,
+            local_world_size=local_world,
+            node_rank=_int(env, "GROUP_RANK", rank // max(local_world, 1)),
+            num_nodes=max(1, world // max(local_world, 1)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT", 29500),
+            source="torchrun",
+        ))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        ntasks = _int(env, "SLURM_NTASKS")
+        if ntasks > 1 and _slurm_in_batch_shell(env):
+            raise ConfigError(
+                f"SLURM_NTASKS={ntasks} but this process was not started by srun (it runs in the job's "
+                f"batch shell), so the other {ntasks - 1} ranks will never join; start it with "
+                f"'srun python launch.py ...' or 'srun torchrun ... launch.py'")
+        nodes = _int(env, "SLURM_NNODES", _int(env, "SLURM_JOB_NUM_NODES", 1))
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+        addr = env.get("MASTER_ADDR") or (expand_nodelist(nodelist)[0] if nodelist else "127.0.0.1")
+        job_id = _int(env, "SLURM_JOB_ID", 0)
+        return _checked(LaunchEnv(
+            rank=_int(env, "SLURM_PROCID"),
+            local_rank=_int(env, "SLURM_LOCALID", 0),
+            world_size=ntasks,
+            local_world_size=_int(env, "SLURM_NTASKS_PER_NODE", max(1, ntasks // max(nodes, 1)))
+            if "SLURM_NTASKS_PER_NODE" in env else max(1, ntasks // max(nodes, 1)),
+            node_rank=_int(env, "SLURM_NODEID", 0),
+            num_nodes=nodes,
+            master_addr=addr,
+            master_port=_int(env, "MASTER_PORT", 20000 + job_id % 20000),
+            source="slurm",
+        ))
+    return LaunchEnv()
+
+
+def _checked(e: LaunchEnv) -> LaunchEnv:
+    if not 0 <= e.rank < e.world_size:
+        raise ConfigError(f"launch environment: rank {e.rank} is outside world size {e.world_size}")
+    if not 0 <= e.local_rank < max(e.local_world_size, 1):
+        raise ConfigError(f"launch environment: local rank {e.local_rank} is outside the "
+                          f"{e.local_world_size} processes of this node")
+    return e

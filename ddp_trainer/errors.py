@@ -1,0 +1,53 @@
+"""Errors a user can fix, and how they reach the terminal.
+
+A :class:`UserError` is printed as one line naming the cause and the fix, with exit code 2 and no
+traceback. Errors that rank 0 detected and broadcast carry ``shared=True`` so that only rank 0
+prints them, while every rank still exits with the same code.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # unexpected error (a bug, a crashed peer, ...)
+EXIT_USER_ERROR = 2  # bad config, bad data, refused checkpoint: the message says what to fix
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, data, checkpoint) that the message explains."""
+
+    exit_code = EXIT_USER_ERROR
+
+    def __init__(self, message: str, *, shared: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.shared = shared
+
+
+class ConfigError(UserError):
+    """A bad config key or value."""
+
+
+class DataError(UserError):
+    """A missing, inconsistent or unreadable dataset."""
+
+
+class CheckpointError(UserError):
+    """A missing, corrupt, refused or mismatching checkpoint."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The user-facing one-line text of ``exc``.
+
+    Errors raised inside DataLoader workers come back wrapped with the worker's traceback in their
+    message; the last line of that text is the original ``Class: message`` line.
+    """
+    text = getattr(exc, "message", None) or str(exc)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and "Traceback" in text:
+        last = lines[-1].strip()
+        head, sep, rest = last.partition(": ")
+        if sep and "." in head and " " not in head:  # "pkg.mod.DataError: ..."
+            return rest
+        return last
+    return " ".join(line.strip() for line in lines) if len(lines) <= 3 else lines[0].strip()

@@ -1,0 +1,130 @@
+"""The index of a class-per-folder dataset (``root/dog/*.png``, ``root/cat/*.png``).
+
+Scanning is done once (by rank 0) and the resulting :class:`FolderIndex`, which holds only relative
+paths and labels, is broadcast: every rank and node sees the same order.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class FolderIndex:
+    """Samples of one split: ``samples[i] = (path relative to root, class index)``."""
+
+    root: str
+    classes: tuple[str, ...]
+    samples: tuple[tuple[str, int], ...]
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.samples[i][0])
+
+    def subset(self, keep: Sequence[int]) -> "FolderIndex":
+        return FolderIndex(self.root, self.classes, tuple(self.samples[i] for i in keep))
+
+    def without(self, bad_paths: set[str]) -> "FolderIndex":
+        return FolderIndex(self.root, self.classes,
+                           tuple(s for s in self.samples if s[0] not in bad_paths))
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".") and not name.startswith("__")
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and _visible(e.name))
+
+
+def _images_under(class_dir: Path) -> list[str]:
+    """Image files below ``class_dir`` (recursively), as sorted paths relative to it."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        rel = os.path.relpath(dirpath, class_dir)
+        for name in filenames:
+            if _visible(name) and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(name if rel == "." else os.path.join(rel, name))
+    return sorted(found)
+
+
+def scan(folder: str | Path, classes: Sequence[str] | None = None) -> FolderIndex:
+    """Index ``folder``; class order from ``classes`` when given, else sorted folder names.
+
+    Raises DataError naming the folder for: a missing folder, a class in ``classes`` without a folder,
+    a folder not in ``classes``, a class folder without images, or no class folders at all.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder '{folder}' not found; set data.root to the folder that holds "
+                        f"train/ and val/ (or data.train_dir=. for a folder of class folders)")
+    found = _class_folders(folder)
+    if not found:
+        raise DataError(f"data folder '{folder}' has no class folders; put each class's images in "
+                        f"'{folder}/<class name>/'")
+    if classes is None:
+        names = found
+    else:
+        names = list(classes)
+        missing = [c for c in names if c not in found]
+        if missing:
+            raise DataError(f"data.classes names {missing[0]!r} but '{folder / missing[0]}' does not "
+                            f"exist; create it or remove {missing[0]!r} from data.classes")
+        extra = [c for c in found if c not in names]
+        if extra:
+            raise DataError(f"folder '{folder / extra[0]}' is not in data.classes {names}; add "
+                            f"{extra[0]!r} to data.classes or move the folder out of '{folder}'")
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(names):
+        files = _images_under(folder / name)
+        if not files:
+            raise DataError(f"class folder '{folder / name}' holds no images "
+                            f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...); add images or remove the folder")
+        samples.extend((os.path.join(name, f), label) for f in files)
+    return FolderIndex(str(folder.resolve()), tuple(names), tuple(samples))
+
+
+def check_same_classes(train: FolderIndex, val: FolderIndex, val_folder: str) -> None:
+    """Train and val must name the same classes in the same order."""
+    if train.classes == val.classes:
+        return
+    missing = [c for c in train.classes if c not in val.classes]
+    extra = [c for c in val.classes if c not in train.classes]
+    parts = []
+    if missing:
+        parts.append(f"missing in val: {missing}")
+    if extra:
+        parts.append(f"only in val: {extra}")
+    raise DataError(f"val folder '{val_folder}' has other classes than train ({'; '.join(parts)}); "
+                    f"give both splits the same class folders")
+
+
+def split_holdout(index: FolderIndex, fraction: float) -> tuple[FolderIndex, FolderIndex]:
+    """Deterministic, evenly spread per-class split of ``index`` into (train, val).
+
+    Within each class (in sorted file order) sample ``i`` goes to val when ``floor((i+1)*f)``
+    exceeds ``floor(i*f)``: the same files every time, on every node, with no random numbers.
+    """
+    train_keep, val_keep = [], []
+    position: dict[int, int] = {}
+    for i, (_, label) in enumerate(index.samples):
+        k = position.get(label, 0)
+        position[label] = k + 1
+        if int((k + 1) * fraction) > int(k * fraction):
+            val_keep.append(i)
+        else:
+            train_keep.append(i)
+    return index.subset(train_keep), index.subset(val_keep)

@@ -1,0 +1,83 @@
+"""The execution-mode decision (pure) and wrapping/unwrapping of the model.
+
+Modes: ``ddp`` (one process per device, launched by torchrun or srun), ``dp`` (DataParallel: one
+process over all visible GPUs), ``single`` (one process, one device).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+Mode = Literal["ddp", "dp", "single"]
+
+
+@dataclass(frozen=True)
+class ModeDecision:
+    mode: Mode
+    backend: str | None  # process-group backend; None for dp/single
+    use_cuda: bool
+    gpus: int  # GPUs this process drives (dp: all visible)
+
+    def describe(self) -> str:
+        return {"ddp": "DDP", "dp": f"DataParallel over {self.gpus} GPUs", "single": "single device"}[self.mode]
+
+
+def decide_mode(requested: str, backend: str, world_size: int, local_world_size: int,
+                visible_gpus: int) -> ModeDecision:
+    """Choose mode, backend and device use from the request and what the machine has.
+
+    ``auto``: DDP when the launcher started several processes; DataParallel when one process sees
+    several GPUs; a single device otherwise. Impossible requests raise ConfigError (never a hang).
+    """
+    if backend == "nccl" and visible_gpus == 0:
+        raise ConfigError("dist.backend=nccl needs CUDA GPUs and none is visible; use dist.backend=gloo "
+                          "(or auto) on CPU")
+    if requested == "auto":
+        requested = "ddp" if world_size > 1 else ("dp" if visible_gpus > 1 else "single")
+    if requested == "ddp":
+        if world_size < 2:
+            raise ConfigError("dist.mode=ddp needs several processes but this is one; start with "
+                              "'torchrun --nproc_per_node=N launch.py' or use dist.mode=auto")
+        use_cuda = visible_gpus > 0 and backend != "gloo"
+        chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+        if chosen == "nccl" and local_world_size > visible_gpus:
+            raise ConfigError(f"{local_world_size} processes on this node but only {visible_gpus} GPU(s) "
+                              f"for nccl; use --nproc_per_node={visible_gpus} or dist.backend=gloo")
+        return ModeDecision("ddp", chosen, use_cuda, 1 if use_cuda else 0)
+    if world_size > 1:
+        raise ConfigError(f"dist.mode={requested} runs one process, but the launcher started {world_size}; "
+                          f"use dist.mode=ddp (or auto), or start with 'python launch.py'")
+    if requested == "dp":
+        if visible_gpus == 0:
+            raise ConfigError("dist.mode=dp (DataParallel) needs CUDA GPUs and none is visible; "
+                              "use dist.mode=single or auto on CPU")
+        return ModeDecision("dp", None, True, visible_gpus)
+    return ModeDecision("single", None, visible_gpus > 0, 1 if visible_gpus > 0 else 0)
+
+
+def wrap(model: nn.Module, decision: ModeDecision, device: torch.device) -> nn.Module:
+    """Wrap an (already placed) model for its mode."""
+    if decision.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if decision.mode == "dp":
+        return nn.DataParallel(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model

@@ -1,0 +1,100 @@
+"""Rank-prefixed logging and the per-epoch ``metrics.jsonl``.
+
+INFO goes to the terminal from global rank 0 only; warnings and errors from every rank. Rank 0 also
+appends everything it logs to ``<output_dir>/train.log``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+LOGGER = "ddp_trainer"
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(rank: int, level: str = "INFO") -> logging.Logger:
+    """Console logging for this process: ``[rank N] message``; rank 0 at ``level``, others WARNING."""
+    logger = logging.getLogger(LOGGER)
+    logger.handlers.clear()
+    logger.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RankFilter(rank))
+    handler.setFormatter(logging.Formatter("[rank %(rank)d] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING)
+    return logger
+
+
+def add_file_log(path: Path, rank: int) -> None:
+    """Append the log to ``path`` too (call on rank 0 only)."""
+    logger = logging.getLogger(LOGGER)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.addFilter(_RankFilter(rank))
+    handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)d] %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+
+
+def close_file_logs() -> None:
+    logger = logging.getLogger(LOGGER)
+    for h in list(logger.handlers):
+        if isinstance(h, logging.FileHandler):
+            h.close()
+            logger.removeHandler(h)
+
+
+class MetricsFile:
+    """``metrics.jsonl``: exactly one JSON line per finished epoch, appended and fsynced."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, sort_keys=False) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def cut_back(self, first_epoch_to_drop: int) -> int:
+        """Keep only complete rows of epochs before ``first_epoch_to_drop``; returns rows kept.
+
+        Used on resume so that no epoch appears twice and no torn last line survives a kill.
+        """
+        if not self.path.exists():
+            return 0
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] < first_epoch_to_drop:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        return len(kept)
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out

@@ -1,0 +1,117 @@
+"""Image decoding and augmentation with per-sample, reproducible randomness.
+
+Each sample's random choices come from a generator seeded by ``(seed, epoch, sample index)``, never
+from a global random stream: the result does not depend on which loader worker handles the sample
+or on how many samples were skipped on resume. Transforms work on uint8 tensors; conversion to
+float and normalisation happen on the training device (:class:`Normalize`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torchvision.transforms.v2 import functional as F
+
+from .errors import DataError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch (splitmix64 finaliser)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (1 << 64)
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) % (1 << 64)
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) % (1 << 64)
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
+def load_rgb(path: str) -> torch.Tensor:
+    """Decode ``path`` to a uint8 CHW RGB tensor (grayscale, palette, RGBA and CMYK converted).
+
+    Raises DataError naming the file when it cannot be decoded (corrupt or truncated).
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image '{path}' ({exc}); replace or delete the file, "
+                        f"or set data.bad_images=skip") from None
+    arr = np.asarray(rgb, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Geometry + augmentation for one split. Callable on (uint8 image, generator or None)."""
+
+    size: int
+    augment: tuple[str, ...] = ()
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    @property
+    def random(self) -> bool:
+        return bool(self.augment)
+
+    def __call__(self, img: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        if "random_resized_crop" in self.augment and gen is not None:
+            top, left, h, w = self._crop_params(img, gen)
+            img = F.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+        else:
+            img = self._fit(img)
+        if "flip" in self.augment and gen is not None:
+            if torch.rand(1, generator=gen).item() < 0.5:
+                img = F.horizontal_flip(img)
+        return img
+
+    def _fit(self, img: torch.Tensor) -> torch.Tensor:
+        """Resize the shorter side to ``size`` and centre-crop a square (no-op when already there)."""
+        h, w = img.shape[-2:]
+        if (h, w) != (self.size, self.size):
+            img = F.resize(img, [self.size], antialias=True)
+            img = F.center_crop(img, [self.size, self.size])
+        return img
+
+    def _crop_params(self, img: torch.Tensor, gen: torch.Generator) -> tuple[int, int, int, int]:
+        height, width = img.shape[-2:]
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            u = torch.rand(3, generator=gen, dtype=torch.float64).tolist()
+            target = area * (self.scale[0] + u[0] * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+                return top, left, h, w
+        side = min(height, width)  # fallback: centre crop
+        return (height - side) // 2, (width - side) // 2, side, side
+
+
+class Normalize(torch.nn.Module):
+    """uint8 [B,3,H,W] batch -> normalised float, on whatever device the batch is on."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
+        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mul_(self.scale).sub_(self.shift)
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Inverse of :class:`Normalize`, to [0, 1] floats (for pictures)."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x * s + m).clamp(0, 1)

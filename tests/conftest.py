@@ -1,0 +1,65 @@
+"""Shared fixtures: small generated datasets and real subprocess launches (torchrun, gloo, CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TORCHRUN = [PY, "-m", "torch.distributed.run"]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for launched processes: one thread each (2 cores), no inherited launch variables."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "GROUP_RANK") and not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or child_env(),
+                          cwd=cwd or ROOT)
+
+
+def launch(nproc: int, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=N launch.py ARGS`` (or plain python for nproc=0)."""
+    if nproc == 0:
+        cmd = [PY, str(ROOT / "launch.py"), *args]
+    else:
+        cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "--monitor-interval=0.2",
+               str(ROOT / "launch.py"), *args]
+    return run(cmd, timeout=timeout, env=env)
+
+
+def our_lines(text: str) -> list[str]:
+    """Lines our code printed (torchrun's own warnings and summaries left out)."""
+    return [l for l in text.splitlines() if l.startswith("[rank") or l.startswith("error:")]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def demo_small(tmp_path_factory) -> Path:
+    """The demo generator's classes, 12 train + 4 val images each, 16x16 pixels."""
+    from ddp_trainer.demo_data import write_demo_data
+
+    return write_demo_data(tmp_path_factory.mktemp("demo_small"), train_per_class=12, val_per_class=4, size=16)
+
+
+@pytest.fixture
+def small_args(demo_small: Path, tmp_path: Path) -> list[str]:
+    """Overrides for a seconds-long run on ``demo_small`` into a fresh output folder."""
+    return [f"data.root={demo_small}", f"output_dir={tmp_path / 'run'}", "model.name=tiny_cnn_bn",
+            "data.image_size=16", "data.batch_size=8", "data.num_workers=1", "train.epochs=2",
+            "optim.lr=0.05"]
