@@ -250,7 +250,7 @@ class Trainer:
             "model_name": self.cfg.model.name,
             "config": self.cfg.to_dict(),
             "world_size": self.dist.world_size,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
             "rng": rng,
         }
 
