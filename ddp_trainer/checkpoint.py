@@ -30,7 +30,8 @@ FORMAT = "ddp_trainer.checkpoint"
 FORMAT_VERSION = 1
 EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.pt$")
 WRAPPER_SEGMENTS = ("module", "_orig_mod")
-PAUSE_ENV = "DDP_TRAINER_TEST_PAUSE_IN_WRITE"  # test hook: seconds to pause halfway through a write
+PAUSE_ENV = "DDP_TRAINER_TEST_PAUSE_IN_WRITE"  # test hook "S" or "S@N": pause S seconds halfway through (the N-th) write
+_writes = 0
 
 
 def canonical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -77,7 +78,10 @@ def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, rename into place, fsync the folder."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    global _writes
+    _writes += 1
+    pause_s, _, nth = os.environ.get(PAUSE_ENV, "").partition("@")
+    pause = float(pause_s or 0) if (not nth or int(nth) == _writes) else 0.0
     try:
         with open(tmp, "wb") as f:
             if pause > 0:

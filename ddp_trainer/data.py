@@ -7,6 +7,7 @@ training device.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .samplers import ExactEvalSampler, PlanBatchSampler, SampleKey
 from .transforms import ImageTransform, load_rgb, sample_seed
 
 log = logging.getLogger("ddp_trainer")
+RECORD_ENV = "DDP_TRAINER_TEST_RECORD_SAMPLES"  # test hook: a folder to log "epoch index" per loaded sample
 
 
 class FolderDataset(Dataset):
@@ -36,6 +38,7 @@ class FolderDataset(Dataset):
         self.index = index
         self.transform = transform
         self.seed = seed
+        self.record_dir = os.environ.get(RECORD_ENV)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -46,6 +49,9 @@ class FolderDataset(Dataset):
         else:
             i, epoch, weight = int(key), 0, 1.0
         img = load_rgb(self.index.path(i))
+        if self.record_dir and weight > 0 and isinstance(key, SampleKey):
+            with open(os.path.join(self.record_dir, f"samples-{os.getpid()}.txt"), "a") as f:
+                f.write(f"{epoch} {i}\n")
         gen = None
         if self.transform.random:
             gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i))

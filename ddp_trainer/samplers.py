@@ -105,8 +105,8 @@ class ExactEvalSampler:
     def __init__(self, n: int, world: int, rank: int) -> None:
         self.indices = list(range(rank, n, world))
 
-    def __iter__(self) -> Iterator[SampleKey]:
-        return (SampleKey(i, 0, 1.0) for i in self.indices)
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -1,0 +1,188 @@
+"""Kill -9 at any moment, resume with one command, end bitwise equal to an uninterrupted run."""
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PY, ROOT, TORCHRUN, child_env, launch, metrics, run
+from ddp_trainer.samplers import epoch_order
+
+HELPERS = ROOT / "tests" / "helpers"
+
+
+def resume_args(demo_small: Path, out: Path) -> list[str]:
+    return [f"data.root={demo_small}", f"output_dir={out}", "model.name=slow_model:build", "data.image_size=16",
+            "data.batch_size=8", "data.num_workers=1", "data.augment=[flip,random_resized_crop]",
+            "train.epochs=2", "checkpoint.every_steps=3", "optim.lr=0.01", "seed=7"]
+
+
+def env(**extra: str) -> dict:
+    return child_env(PYTHONPATH=f"{ROOT}{os.pathsep}{HELPERS}", **extra)
+
+
+def start(nproc: int, args: list[str], **extra: str) -> subprocess.Popen:
+    cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "launch.py"), *args]
+    return subprocess.Popen(cmd, env=env(**extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """SIGKILL the agent, its ranks and their loader workers at once, when ``ready()`` is true."""
+    t0 = time.monotonic()
+    while not ready():
+        assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read()}"
+        assert time.monotonic() - t0 < timeout, "condition never met"
+        time.sleep(0.02)
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(30)
+    time.sleep(0.2)  # let the kernel reap the orphans
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def mid_epoch_checkpoint(ck: Path):
+    def ready() -> bool:
+        try:
+            s = load(ck / "last.pt")
+        except Exception:
+            return False
+        return not s["epoch_complete"] and s["position"] > 0
+    return ready
+
+
+def assert_bitwise_equal(a: Path, b: Path) -> None:
+    ma, mb = load(a)["model"], load(b)["model"]
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(demo_small: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
+               *resume_args(demo_small, out)], env=env())
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_kill_mid_epoch_then_resume_is_bitwise_equal(reference: Path, demo_small: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    args = resume_args(demo_small, out)
+    kill_when(start(2, args), mid_epoch_checkpoint(out / "checkpoints"))
+    state = load(out / "checkpoints" / "last.pt")
+    assert state["position"] > 0 and not state["epoch_complete"]
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 0, "torn')  # a line torn by the kill must not survive
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), *args], env=env())
+    assert res.returncode == 0, res.stderr
+    assert f"{state['position']} samples into the epoch" in res.stderr
+    assert_bitwise_equal(out / "checkpoints" / "last.pt", reference / "checkpoints" / "last.pt")
+    assert [r["epoch"] for r in metrics(out)] == [0, 1]
+
+
+def test_kill_during_checkpoint_write_leaves_previous_intact(reference: Path, demo_small: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    ck = out / "checkpoints"
+    args = resume_args(demo_small, out)
+    proc = start(2, args, DDP_TRAINER_TEST_PAUSE_IN_WRITE="60@2")  # rank 0's second save pauses mid-write
+
+    def writing() -> bool:
+        return any(p.stat().st_size > 0 for p in ck.glob(".*.tmp-*")) if ck.is_dir() else False
+
+    kill_when(proc, writing)
+    leftovers = list(ck.glob(".*.tmp-*"))
+    assert leftovers  # the kill did land inside the write
+    for p in ck.glob("*.pt"):
+        load(p)  # every visible checkpoint is complete
+    first = load(ck / "last.pt")
+    assert first["step"] == 3 and first["position"] == 48  # the previous save, intact
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), *args], env=env())
+    assert res.returncode == 0, res.stderr
+    assert not list(ck.glob(".*.tmp-*"))
+    assert_bitwise_equal(ck / "last.pt", reference / "checkpoints" / "last.pt")
+
+
+def test_resume_two_to_one_process_sees_each_sample_once(demo_small: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    args = resume_args(demo_small, out)
+    rec1, rec2 = tmp_path / "rec1", tmp_path / "rec2"
+    rec1.mkdir()
+    rec2.mkdir()
+    kill_when(start(2, args, DDP_TRAINER_TEST_RECORD_SAMPLES=str(rec1)), mid_epoch_checkpoint(out / "checkpoints"))
+    state = load(out / "checkpoints" / "last.pt")
+    pos = state["position"]
+    res = run([PY, str(ROOT / "launch.py"), *args], env=env(DDP_TRAINER_TEST_RECORD_SAMPLES=str(rec2)))
+    assert res.returncode == 0, res.stderr
+
+    def seen(folder: Path, epoch: int) -> list[int]:
+        rows = [l.split() for f in folder.iterdir() for l in f.read_text().splitlines()]
+        return [int(i) for e, i in rows if int(e) == epoch]
+
+    order = epoch_order(120, 7, 0)
+    before = set(seen(rec1, 0))
+    assert set(order[:pos]) <= before  # the killed run did load the consumed prefix
+    after = seen(rec2, 0)
+    assert Counter(order[:pos] + after) == Counter(range(120))  # rest of the epoch: each sample once
+    assert Counter(seen(rec2, 1)) == Counter(range(120))  # and the next epoch is whole
+
+
+def test_truncated_last_falls_back_to_previous(reference: Path, tmp_path: Path, demo_small: Path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    last = out / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    last.unlink()  # last.pt is a hard link to epoch_0001.pt: break the link before truncating
+    last.write_bytes(data[: len(data) // 3])
+    res = run([PY, str(ROOT / "launch.py"), *resume_args(demo_small, out), "train.epochs=3"], env=env())
+    assert res.returncode == 0, res.stderr
+    assert "resume: skipping last.pt" in res.stderr and "corrupt or truncated" in res.stderr
+    assert "epoch_0001.pt" in res.stderr and "resume: config changed: train.epochs: 2 -> 3" in res.stderr
+    assert [r["epoch"] for r in metrics(out)] == [0, 1, 2]
+    assert load(out / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_only_global_rank_0_writes(demo_small: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    probe = run(["sh", str(HELPERS / "ro_unless_rank0.sh"), str(tmp_path / "probe"), "touch",
+                 str(tmp_path / "probe" / "x")], env=child_env(RANK="1"))
+    if probe.returncode != 0 and "Operation not permitted" in probe.stderr and "Read-only" not in probe.stderr:
+        pytest.skip(f"needs mount namespaces (root): {probe.stderr.strip()}")
+    assert probe.returncode != 0 and "Read-only" in probe.stderr  # the read-only mount does bite
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--no-python", "sh",
+           str(HELPERS / "ro_unless_rank0.sh"), str(out), PY, str(ROOT / "launch.py"),
+           *resume_args(demo_small, out), "train.epochs=1"]
+    res = run(cmd, env=env(SLOW_MODEL_SLEEP="0"))
+    assert res.returncode == 0, res.stderr
+    assert (out / "checkpoints" / "last.pt").exists() and len(metrics(out)) == 1
