@@ -82,9 +82,10 @@ def launched(mode_request: str, backend: str, timeout_s: float) -> Iterator[tupl
 
     env = resolve(os.environ)
     setup_logging(env.rank)
-    decision = decide_mode(mode_request, backend, env.world_size, env.local_world_size, torch.cuda.device_count())
+    decision = decide_mode(mode_request, backend, env.world_size, env.local_world_size, torch.cuda.device_count(),
+                           launched=env.source != "single")
     device = pick_device(env, decision.use_cuda)
-    if env.distributed:
+    if decision.backend is not None:
         log.info("launch: DDP world_size=%d nodes=%d backend=%s device=%s (%s)", env.world_size, env.num_nodes,
                  decision.backend, device.type, env.source)
     else:

@@ -28,7 +28,7 @@ class ModeDecision:
 
 
 def decide_mode(requested: str, backend: str, world_size: int, local_world_size: int,
-                visible_gpus: int) -> ModeDecision:
+                visible_gpus: int, launched: bool = False) -> ModeDecision:
     """Choose mode, backend and device use from the request and what the machine has.
 
     ``auto``: DDP when the launcher started several processes; DataParallel when one process sees
@@ -40,7 +40,7 @@ def decide_mode(requested: str, backend: str, world_size: int, local_world_size:
     if requested == "auto":
         requested = "ddp" if world_size > 1 else ("dp" if visible_gpus > 1 else "single")
     if requested == "ddp":
-        if world_size < 2:
+        if world_size < 2 and not launched:
             raise ConfigError("dist.mode=ddp needs several processes but this is one; start with "
                               "'torchrun --nproc_per_node=N launch.py' or use dist.mode=auto")
         use_cuda = visible_gpus > 0 and backend != "gloo"
@@ -58,6 +58,18 @@ def decide_mode(requested: str, backend: str, world_size: int, local_world_size:
                               "use dist.mode=single or auto on CPU")
         return ModeDecision("dp", None, True, visible_gpus)
     return ModeDecision("single", None, visible_gpus > 0, 1 if visible_gpus > 0 else 0)
+
+
+def prepare(model: nn.Module, decision: ModeDecision, *, sync_batchnorm: bool, channels_last: bool) -> nn.Module:
+    """Model-level knobs applied before wrapping: channels_last weights, SyncBatchNorm for DDP on GPUs."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if sync_batchnorm and decision.mode == "ddp":
+        if not decision.use_cuda:
+            raise ConfigError("model.sync_batchnorm=true needs CUDA GPUs (SyncBatchNorm has no CPU kernel); "
+                              "set model.sync_batchnorm=false on CPU", shared=True)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def wrap(model: nn.Module, decision: ModeDecision, device: torch.device) -> nn.Module:

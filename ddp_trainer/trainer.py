@@ -28,7 +28,7 @@ from .engine import Engine, EvalResult, evaluate
 from .errors import CheckpointError, UserError
 from .models import build_model, classifier_head
 from .optim import LRSchedule, build_optimizer
-from .parallel import ModeDecision, unwrap, wrap
+from .parallel import ModeDecision, prepare, unwrap, wrap
 from .runlog import MetricsFile, add_file_log
 from .samplers import EpochPlan
 from .transforms import Normalize
@@ -90,17 +90,19 @@ class Trainer:
         resume = dist.main_then_broadcast(self._find_resume)
         init = dist.main_then_broadcast(self._read_init_from) if cfg.model.init_from and resume is None else None
 
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not cfg.train.deterministic  # fastest kernels unless asked not to
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
         model = build_model(cfg.model.name, self.num_classes)
         if init is not None:
             self._apply_init(model, init)
         if resume is not None:
             load_weights(model, resume.model, source=f"checkpoint '{resume.path}'")
-        model.to(self.device)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if cfg.model.sync_batchnorm and self.decision.mode == "ddp":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = prepare(model.to(self.device), self.decision, sync_batchnorm=cfg.model.sync_batchnorm,
+                        channels_last=cfg.train.channels_last)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         if resume is not None:
