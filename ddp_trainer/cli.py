@@ -103,6 +103,7 @@ def run_training(args: argparse.Namespace) -> int:
     from . import config as config_mod
     from .env import resolve
     from .errors import ConfigError
+    from .preempt import Preempted, StopRequest, parse_signals
     from .runlog import close_file_logs, setup_logging
     from .trainer import Trainer
 
@@ -118,6 +119,8 @@ def run_training(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         exc.shared = True
         raise
+    # installed before any loader worker exists; the workers themselves ignore these signals
+    stop = StopRequest(parse_signals(cfg.preempt.signals)).install()
     try:
         with launched(cfg.dist.mode, cfg.dist.backend, cfg.dist.timeout_s) as (dist, decision):
             if args.debug:
@@ -126,7 +129,8 @@ def run_training(args: argparse.Namespace) -> int:
                          "epoch(s), output in %s", dist.device, cfg.debug.steps_per_epoch, cfg.train.epochs,
                          cfg.output_dir)
             trainer = Trainer(cfg, dist, decision, trust_checkpoint=args.trust_checkpoint,
-                              max_steps_per_epoch=cfg.debug.steps_per_epoch if args.debug else None).build()
+                              max_steps_per_epoch=cfg.debug.steps_per_epoch if args.debug else None,
+                              stop=stop).build()
             result = trainer.fit()
             if result.last_val is not None:
                 log.info("done: val_loss=%.4f val_acc=%.4f in %s", result.last_val.loss, result.last_val.acc,
@@ -134,6 +138,10 @@ def run_training(args: argparse.Namespace) -> int:
             else:
                 log.info("done: nothing left to train (train.epochs=%d reached) in %s", cfg.train.epochs,
                          result.output_dir)
+    except Preempted as exc:
+        if env.rank == 0:
+            log.warning("%s", exc)
+        return exc.exit_code
     finally:
         close_file_logs()
     return EXIT_OK

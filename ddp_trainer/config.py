@@ -146,6 +146,22 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class PreemptConfig:
+    signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM", "SIGINT"])
+    check_every_steps: int = 1  # how often the ranks agree on a stop (one tiny CPU all-reduce)
+
+    def __post_init__(self) -> None:
+        import signal as _signal
+
+        for name in self.signals:
+            key = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
+            if key not in _signal.Signals.__members__ or key in ("SIGKILL", "SIGSTOP"):
+                raise ConfigError(f"preempt.signals: {name!r} is not a signal that can be caught; "
+                                  f"use names such as SIGUSR1, SIGTERM, SIGINT")
+        _check(self.check_every_steps >= 1, "preempt.check_every_steps", self.check_every_steps, "use at least 1")
+
+
+@dataclass(frozen=True)
 class DebugConfig:
     steps_per_epoch: int = 5
     epochs: int = 1
@@ -164,6 +180,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:

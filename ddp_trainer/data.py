@@ -155,8 +155,10 @@ def _collate(items: list[tuple[torch.Tensor, int, float]]) -> tuple[torch.Tensor
     return images, labels, weights
 
 
-def _loader_kwargs(cfg: DataConfig, device: torch.device, workers: int) -> dict[str, Any]:
+def _loader_kwargs(cfg: DataConfig, device: torch.device, workers: int,
+                   worker_init_fn: Any = None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
+        "worker_init_fn": worker_init_fn,
         "num_workers": workers,
         "pin_memory": cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda",
         "collate_fn": _collate,
@@ -169,16 +171,17 @@ def _loader_kwargs(cfg: DataConfig, device: torch.device, workers: int) -> dict[
 
 
 def make_train_loader(dataset: FolderDataset, cfg: DataConfig, device: torch.device,
-                      workers: int | None = None) -> tuple[DataLoader, PlanBatchSampler]:
+                      workers: int | None = None, worker_init_fn: Any = None) -> tuple[DataLoader, PlanBatchSampler]:
     batches = PlanBatchSampler()
     w = cfg.num_workers if workers is None else workers
-    return DataLoader(dataset, batch_sampler=batches, **_loader_kwargs(cfg, device, w)), batches
+    return DataLoader(dataset, batch_sampler=batches, **_loader_kwargs(cfg, device, w, worker_init_fn)), batches
 
 
 def make_eval_loader(dataset: FolderDataset, cfg: DataConfig, dist: Dist, device: torch.device,
-                     sampler: Any = None, workers: int | None = None) -> DataLoader:
+                     sampler: Any = None, workers: int | None = None, worker_init_fn: Any = None) -> DataLoader:
     """Loader over this rank's exact share of ``dataset`` (``sampler`` replaces it, for tests)."""
     if sampler is None:
         sampler = ExactEvalSampler(len(dataset), dist.world_size, dist.rank)
     w = cfg.num_workers if workers is None else workers
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, **_loader_kwargs(cfg, device, w))
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                      **_loader_kwargs(cfg, device, w, worker_init_fn))

@@ -29,6 +29,7 @@ class Dist:
     env: LaunchEnv
     backend: str | None  # None: no process group
     device: torch.device
+    cpu_group: Any = None  # a gloo group for host-side flags (None: the default group is gloo already)
 
     @property
     def rank(self) -> int:
@@ -57,6 +58,14 @@ class Dist:
         if self.active:
             tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
         return tensor
+
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over ranks (a CPU all-reduce on the gloo group: no device sync)."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.cpu_group)
+        return int(t.item())
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` on every rank (pickled; tensors travel on the CPU)."""
@@ -143,7 +152,8 @@ def process_group(env: LaunchEnv, backend: str | None, device: torch.device,
         backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     try:
-        yield Dist(env=env, backend=backend, device=device)
+        cpu_group = tdist.new_group(backend="gloo") if backend != "gloo" else None
+        yield Dist(env=env, backend=backend, device=device, cpu_group=cpu_group)
     finally:
         with contextlib.suppress(Exception):
             tdist.destroy_process_group()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from .errors import CheckpointError, UserError
 from .models import build_model, classifier_head
 from .optim import LRSchedule, build_optimizer
 from .parallel import ModeDecision, prepare, unwrap, wrap
+from .preempt import Preempted, StopRequest, clear_marker, worker_init_ignoring, write_marker
 from .runlog import MetricsFile, add_file_log
 from .samplers import EpochPlan
 from .transforms import Normalize
@@ -64,7 +66,7 @@ class Trainer:
     """Build with :meth:`build`, then call :meth:`fit`."""
 
     def __init__(self, cfg: Config, dist: Dist, decision: ModeDecision, *, trust_checkpoint: bool = False,
-                 max_steps_per_epoch: int | None = None, metric_hook: Any = None) -> None:
+                 max_steps_per_epoch: int | None = None, stop: StopRequest | None = None) -> None:
         self.cfg = cfg
         self.dist = dist
         self.decision = decision
@@ -77,6 +79,7 @@ class Trainer:
         self.position = 0
         self.step = 0
         self.best: float | None = None
+        self.stop = stop or StopRequest([])
 
     # -- building ------------------------------------------------------------------------------
 
@@ -117,8 +120,9 @@ class Trainer:
         seed = cfg.seed
         self.train_set = FolderDataset(self.splits.train, train_transform(cfg.data), seed)
         self.val_set = FolderDataset(self.splits.val, eval_transform(cfg.data), seed)
-        self.train_loader, self.batches = make_train_loader(self.train_set, cfg.data, self.device)
-        self.val_loader = make_eval_loader(self.val_set, cfg.data, dist, self.device)
+        init = worker_init_ignoring(self.stop.signals)
+        self.train_loader, self.batches = make_train_loader(self.train_set, cfg.data, self.device, worker_init_fn=init)
+        self.val_loader = make_eval_loader(self.val_set, cfg.data, dist, self.device, worker_init_fn=init)
         self.engine = Engine(model, self.optimizer, self.normalize, self.device, cfg.train.precision,
                              cfg.train.clip_grad_norm, cfg.train.channels_last, self.scaler)
         self.writer = CheckpointWriter(self.ckpt_dir, cfg.checkpoint.keep_last) if dist.is_main else None
@@ -148,6 +152,7 @@ class Trainer:
             raise UserError(f"output_dir '{self.out}' cannot be written ({exc.strerror}); choose a writable "
                             f"output_dir") from None
         add_file_log(self.out / "train.log", self.dist.rank)
+        clear_marker(self.out)
 
     def _find_resume(self) -> Loaded | None:
         """Rank 0: the checkpoint to resume from (validated against the config), or None."""
@@ -312,6 +317,9 @@ class Trainer:
                 lr = done.lr
                 if self.step % cfg.train.log_every_steps == 0:
                     self._log_progress(epoch, n, t0, start_pos)
+                if self.step % cfg.preempt.check_every_steps == 0 and self._stop_agreed():
+                    self._save(epoch_complete=False)
+                    self._preempted(f"epoch {epoch}, {self.position} of {n} samples")
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.position < n:
                     self._save(epoch_complete=False)
             del batches
@@ -339,12 +347,30 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.append(row)
             final = epoch == cfg.train.epochs - 1
-            if (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or final or is_best:
+            saved = bool((cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0)
+                         or final or is_best)
+            stop_now = not final and self._stop_agreed()
+            if saved or stop_now:
                 self._save(epoch_complete=True, epoch_file=True, best=is_best)
+            if stop_now:
+                self._preempted(f"end of epoch {epoch}")
             self.epoch += 1
             self.position = 0
             epochs_run += 1
         return FitResult(epochs_run, last_val, self.out)
+
+    def _stop_agreed(self) -> bool:
+        """Every rank learns whether any rank received a stop signal (and which one)."""
+        signum = self.dist.max_int(self.stop.signum)
+        if signum:
+            self._stop_name = signal.Signals(signum).name
+        return bool(signum)
+
+    def _preempted(self, where: str) -> None:
+        name = self._stop_name
+        if self.dist.is_main:
+            write_marker(self.out, name, self.epoch, self.step)
+        raise Preempted(name, where)
 
     def _log_progress(self, epoch: int, n: int, t0: float, start_pos: int) -> None:
         running = self.engine.running

@@ -186,3 +186,86 @@ def test_only_global_rank_0_writes(demo_small: Path, tmp_path: Path):
     res = run(cmd, env=env(SLOW_MODEL_SLEEP="0"))
     assert res.returncode == 0, res.stderr
     assert (out / "checkpoints" / "last.pt").exists() and len(metrics(out)) == 1
+
+
+# -- graceful stops on signals ------------------------------------------------------------------------
+
+def worker_pids(agent: int) -> dict[int, int]:
+    """{global rank: pid} of the training processes under a torchrun agent."""
+    out = {}
+    for pid in descendants(agent):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        env_map = dict(e.split(b"=", 1) for e in environ if b"=" in e)
+        if b"launch.py" in cmdline and b"RANK" in env_map and b"LOCAL_RANK" in env_map:
+            out.setdefault(int(env_map[b"RANK"]), pid)  # the rank itself, not its loader workers
+    return out
+
+
+def wait_for(cond, timeout: float = 120, proc=None) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if proc is not None:
+            assert proc.poll() is None, f"run ended early: {proc.stderr.read()}"
+        assert time.monotonic() - t0 < timeout, "condition never met"
+        time.sleep(0.02)
+
+
+def steps_logged(out: Path, k: int):
+    def ready() -> bool:
+        log = out / "train.log"
+        return log.exists() and log.read_text().count("samples, loss=") >= k
+    return ready
+
+
+def test_signal_to_one_rank_stops_all_with_a_checkpoint_then_resume_is_exact(
+        reference: Path, demo_small: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    args = [*resume_args(demo_small, out), "train.log_every_steps=1"]
+    proc = start(2, args)
+    wait_for(steps_logged(out, 4), proc=proc)
+    os.kill(worker_pids(proc.pid)[1], signal.SIGUSR1)  # only rank 1 hears it
+    assert proc.wait(60) != 0  # torchrun reports any non-zero worker as a failure
+    stderr = proc.stderr.read()
+    assert "stopped by SIGUSR1 after saving a checkpoint" in stderr
+    marker = __import__("json").loads((out / "PREEMPTED").read_text())
+    assert marker["signal"] == "SIGUSR1"
+    state = load(out / "checkpoints" / "last.pt")
+    assert not state["epoch_complete"] and state["step"] == marker["step"] and state["position"] > 0
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), *args], env=env())
+    assert res.returncode == 0, res.stderr
+    assert not (out / "PREEMPTED").exists()
+    assert_bitwise_equal(out / "checkpoints" / "last.pt", reference / "checkpoints" / "last.pt")
+
+
+def test_signal_to_the_agent_only_and_a_second_signal_while_saving(reference: Path, demo_small: Path,
+                                                                    tmp_path: Path):
+    out = tmp_path / "run"
+    ck = out / "checkpoints"
+    args = [*resume_args(demo_small, out), "train.log_every_steps=1", "checkpoint.every_steps=0"]
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--signals-to-handle=SIGTERM,SIGINT,SIGUSR1",
+           str(ROOT / "launch.py"), *args]
+    proc = subprocess.Popen(cmd, env=env(DDP_TRAINER_TEST_PAUSE_IN_WRITE="3@1"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(steps_logged(out, 2), proc=proc)
+    ranks = worker_pids(proc.pid)
+    os.kill(proc.pid, signal.SIGUSR1)  # the agent forwards it to its workers
+    wait_for(lambda: any(ck.glob(".*.tmp-*")), timeout=60)  # the stop save is being written...
+    for pid in ranks.values():  # ... and more signals arrive meanwhile
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    proc.wait(90)
+    for p in ck.glob("*.pt"):
+        load(p)
+    state = load(ck / "last.pt")
+    assert not state["epoch_complete"] and state["position"] > 0
+    assert (out / "PREEMPTED").exists()
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), *args], env=env())
+    assert res.returncode == 0, res.stderr
+    assert_bitwise_equal(ck / "last.pt", reference / "checkpoints" / "last.pt")
