@@ -368,8 +368,8 @@ class Trainer:
 
     def _preempted(self, where: str) -> None:
         name = self._stop_name
-        if self.dist.is_main:
-            write_marker(self.out, name, self.epoch, self.step)
+        if self.dist.env.is_local_main:
+            write_marker(self.out if self.dist.is_main else None, name, self.epoch, self.step)
         raise Preempted(name, where)
 
     def _log_progress(self, epoch: int, n: int, t0: float, start_pos: int) -> None:

@@ -63,3 +63,26 @@ def small_args(demo_small: Path, tmp_path: Path) -> list[str]:
     return [f"data.root={demo_small}", f"output_dir={tmp_path / 'run'}", "model.name=tiny_cnn_bn",
             "data.image_size=16", "data.batch_size=8", "data.num_workers=1", "train.epochs=2",
             "optim.lr=0.05"]
+
+
+CLUSTER_ENV = "DDP_TRAINER_REQUIRE_CLUSTER_TESTS"  # set by .ci/run: a skipped cluster test fails instead
+
+
+@pytest.fixture(scope="session")
+def require_root():
+    """Cluster tests (SLURM, network namespaces) need root; CI requires them to run."""
+    if os.geteuid() != 0:
+        if os.environ.get(CLUSTER_ENV):
+            pytest.fail(f"{CLUSTER_ENV} is set but this is not root: the cluster tests cannot run")
+        pytest.skip("needs root (SLURM daemons, network namespaces)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    counts = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            if "cluster" in getattr(rep, "keywords", {}):
+                counts[outcome] = counts.get(outcome, 0) + 1
+    if counts:
+        terminalreporter.write_line("cluster tests (SLURM, two hosts): " +
+                                    ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))

@@ -3,7 +3,9 @@
 # Root only. Installs the Debian packages when they are missing. Idempotent; stop with slurm-down.sh.
 set -euo pipefail
 H=$(hostname -s)
-NCPU=$(nproc)
+# Advertise at least 8 CPUs (config_overrides: slurmd accepts more than it has), so that the tests'
+# small 2-process jobs can run side by side instead of queueing behind each other.
+NCPU=$(( $(nproc) > 8 ? $(nproc) : 8 ))
 MEM_MB=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 * 85 / 100 ))
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
@@ -55,6 +57,7 @@ SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
+SlurmdParameters=config_overrides
 InactiveLimit=0
 KillWait=10
 MinJobAge=300
