@@ -28,11 +28,25 @@ def _report(exc: BaseException, rank: int, show_traceback: bool) -> int:
             if show_traceback:
                 traceback.print_exception(exc)
         return exc.exit_code
-    print(f"{prefix}error: {type(exc).__name__}: {one_line(exc)} (run with --traceback for details)",
-          file=sys.stderr, flush=True)
+    text = one_line(exc)
+    if _peer_lost(exc):
+        print(f"{prefix}error: lost contact with another rank (its process or host died, or the network "
+              f"failed): {text[:300]}", file=sys.stderr, flush=True)
+    else:
+        print(f"{prefix}error: {type(exc).__name__}: {text} (run with --traceback for details)",
+              file=sys.stderr, flush=True)
     if show_traceback:
         traceback.print_exception(exc)
     return EXIT_FAILURE
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """A collective failed because a peer went away (gloo/nccl connection errors, store timeouts)."""
+    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
+    text = str(exc)
+    return bool(names & {"DistBackendError", "DistNetworkError", "DistStoreError"}) or any(
+        k in text for k in ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                            "connectFullMesh", "Socket Timeout", "NCCL communicator was aborted"))
 
 
 def guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace, rank: int = 0) -> int:
@@ -94,7 +108,20 @@ def launched(mode_request: str, backend: str, timeout_s: float) -> Iterator[tupl
         log.info("hint: DDP is faster than DataParallel: torchrun --standalone --nproc_per_node=%d launch.py ...",
                  decision.gpus)
     with process_group(env, decision.backend, device, timeout_s) as dist:
+        if dist.active:
+            where = dist.all_gather_object(_host_and_address())
+            log.info("ranks: %s", ", ".join(f"{r} on {h} ({a})" for r, (h, a) in enumerate(where)))
         yield dist, decision
+
+
+def _host_and_address() -> tuple[str, str]:
+    import socket
+
+    host = socket.gethostname()
+    try:
+        return host, socket.gethostbyname(host)
+    except OSError:
+        return host, "?"
 
 
 def run_training(args: argparse.Namespace) -> int:

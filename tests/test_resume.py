@@ -269,3 +269,18 @@ def test_signal_to_the_agent_only_and_a_second_signal_while_saving(reference: Pa
     res = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), *args], env=env())
     assert res.returncode == 0, res.stderr
     assert_bitwise_equal(ck / "last.pt", reference / "checkpoints" / "last.pt")
+
+
+def test_max_restarts_worker_group_resumes_by_itself(reference: Path, demo_small: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    args = resume_args(demo_small, out)
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.2",
+           str(ROOT / "launch.py"), *args]
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    wait_for(mid_epoch_checkpoint(out / "checkpoints"), proc=proc)
+    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)  # one worker dies; the agent restarts the group
+    assert proc.wait(180) == 0, proc.stderr.read()
+    log = (out / "train.log").read_text()
+    assert "samples into the epoch" in log  # the restarted group resumed from the mid-epoch checkpoint
+    assert_bitwise_equal(out / "checkpoints" / "last.pt", reference / "checkpoints" / "last.pt")
