@@ -119,7 +119,10 @@ def atomic_link(src: Path, dst: Path) -> None:
 
 
 class CheckpointWriter:
-    """Writes ``last.pt``, ``best.pt`` and ``epoch_NNNN.pt`` in one folder. Built on global rank 0 only."""
+    """Writes ``last.pt``, ``best.pt`` and ``epoch_NNNN.pt`` in one folder. Built on global rank 0 only.
+
+    Synchronous; :class:`AsyncCheckpointWriter` runs it in the background.
+    """
 
     def __init__(self, folder: Path, keep_last: int) -> None:
         self.folder = Path(folder)
@@ -146,10 +149,83 @@ class CheckpointWriter:
             self._prune()
         return first
 
+    def check(self) -> None:
+        """Nothing to report: a synchronous save raises where it fails."""
+
+    def wait(self) -> None:
+        """Nothing in flight."""
+
+    def close(self) -> None:
+        """Nothing in flight."""
+
     def _prune(self) -> None:
         epochs = sorted(p for p in self.folder.iterdir() if EPOCH_FILE.match(p.name))
         for old in epochs[: max(0, len(epochs) - self.keep_last)]:
             old.unlink(missing_ok=True)
+
+
+def cpu_snapshot(obj: Any) -> Any:
+    """A deep copy of ``obj`` with every tensor cloned to the CPU (what a background write may hold
+    while training goes on changing the live tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_snapshot(v) for v in obj)
+    return obj
+
+
+class AsyncCheckpointWriter:
+    """:class:`CheckpointWriter` in a background thread: the caller is blocked only for the CPU copy.
+
+    At most one save is in flight (a new save first waits for the previous one). A failed background
+    write is raised as CheckpointError, naming the path, at the next :meth:`check`, :meth:`save` or
+    :meth:`close`; the atomic rename means the previous files are intact.
+    """
+
+    def __init__(self, folder: Path, keep_last: int) -> None:
+        import threading
+
+        self.sync = CheckpointWriter(folder, keep_last)
+        self.folder = self.sync.folder
+        self._threading = threading
+        self._thread: Any = None
+        self._error: str | None = None
+
+    def _run(self, state: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        try:
+            path = self.sync.save(state, **kwargs)
+            log.info("checkpoint: %s written", path.name)
+        except BaseException as exc:  # noqa: BLE001 - reported on the training thread
+            target = self.folder / (f"epoch_{kwargs['epoch_file']:04d}.pt" if kwargs.get("epoch_file") is not None
+                                    else "last.pt")
+            self._error = (f"checkpoint write to '{target}' failed ({type(exc).__name__}: {exc}); the previous "
+                           f"checkpoints in '{self.folder}' are intact; free space or fix permissions, then resume")
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def check(self) -> None:
+        """Raise the error of a finished background write, if any (does not wait)."""
+        if self._error is not None:
+            raise CheckpointError(self._error)
+
+    def save(self, state: Mapping[str, Any], *, epoch_file: int | None = None, best: bool = False) -> Path:
+        self.wait()
+        self.check()
+        snapshot = cpu_snapshot(dict(state))
+        self._thread = self._threading.Thread(target=self._run, name="checkpoint-writer", daemon=False,
+                                              args=(snapshot, {"epoch_file": epoch_file, "best": best}))
+        self._thread.start()
+        return self.folder / ("last.pt" if epoch_file is None or self.sync.keep_last == 0 else f"epoch_{epoch_file:04d}.pt")
+
+    def close(self) -> None:
+        """Wait for the last save; raise if it failed."""
+        self.wait()
+        self.check()
 
 
 def resume_candidates(folder: Path) -> list[Path]:

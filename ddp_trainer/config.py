@@ -135,6 +135,7 @@ class CheckpointConfig:
     keep_last: int = 3  # epoch_NNNN.pt files kept
     monitor: str = "val_loss"
     mode: Literal["min", "max"] = "min"
+    async_: bool = field(default=True, metadata={"key": "async"})  # write in a background thread
 
     def __post_init__(self) -> None:
         _check(self.every_epochs >= 0, "checkpoint.every_epochs", self.every_epochs, "use 0 or more")
@@ -184,11 +185,24 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _as_dict(self)
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with dotted-key overrides applied (``{"train.epochs": 3}``), validated again."""
         return from_dict(_merge(self.to_dict(), _nest(overrides, source="replace")))
+
+
+def _key(f: dataclasses.Field) -> str:
+    """The config key of a field (``async_`` is spelled ``async`` in files and overrides)."""
+    return f.metadata.get("key", f.name)
+
+
+def _as_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {_key(f): _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [_as_dict(v) for v in obj]
+    return obj
 
 
 def _check(ok: bool, key: str, value: Any, fix: str) -> None:
@@ -211,7 +225,7 @@ def valid_keys() -> list[str]:
     keys = []
     for f in dataclasses.fields(Config):
         if dataclasses.is_dataclass(_field_type(Config, f.name)):
-            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(_field_type(Config, f.name))]
+            keys += [f"{f.name}.{_key(g)}" for g in dataclasses.fields(_field_type(Config, f.name))]
         else:
             keys.append(f.name)
     return keys
@@ -268,7 +282,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = {_key(f): f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
@@ -277,13 +291,14 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
             close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.5)
             fix = f"did you mean {close[0]!r}?" if close else "see README for the valid keys"
             raise ConfigError(f"unknown config key {dotted!r}; {fix}")
-        tp = hints[key]
+        name = names[key]
+        tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{dotted}: expected a section of keys, got {value!r}")
-            kwargs[key] = _build(tp, value, f"{dotted}.")
+            kwargs[name] = _build(tp, value, f"{dotted}.")
         else:
-            kwargs[key] = _coerce(dotted, value, tp)
+            kwargs[name] = _coerce(dotted, value, tp)
     return cls(**kwargs)
 
 

@@ -20,7 +20,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from . import config as config_mod
-from .checkpoint import (FORMAT, FORMAT_VERSION, CheckpointWriter, Loaded, canonical_state_dict,
+from .checkpoint import (FORMAT, FORMAT_VERSION, AsyncCheckpointWriter, CheckpointWriter, Loaded, canonical_state_dict,
                          has_checkpoints, load_weights, read_checkpoint, resume_candidates)
 from .config import Config
 from .data import FolderDataset, build_splits, eval_transform, make_eval_loader, make_train_loader, train_transform
@@ -125,7 +125,8 @@ class Trainer:
         self.val_loader = make_eval_loader(self.val_set, cfg.data, dist, self.device, worker_init_fn=init)
         self.engine = Engine(model, self.optimizer, self.normalize, self.device, cfg.train.precision,
                              cfg.train.clip_grad_norm, cfg.train.channels_last, self.scaler)
-        self.writer = CheckpointWriter(self.ckpt_dir, cfg.checkpoint.keep_last) if dist.is_main else None
+        writer_cls = AsyncCheckpointWriter if cfg.checkpoint.async_ else CheckpointWriter
+        self.writer = writer_cls(self.ckpt_dir, cfg.checkpoint.keep_last) if dist.is_main else None
         self.metrics = MetricsFile(self.out / "metrics.jsonl") if dist.is_main else None
         if self.metrics is not None:
             kept = self.metrics.cut_back(self.epoch)
@@ -261,13 +262,25 @@ class Trainer:
             "rng": rng,
         }
 
-    def _save(self, *, epoch_complete: bool, epoch_file: bool = False, best: bool = False) -> None:
+    def _save(self, *, epoch_complete: bool, epoch_file: bool = False, best: bool = False,
+              wait: bool = False) -> None:
+        """Save on rank 0 (every rank calls this at the same point). A failed earlier background
+        write fails every rank here; ``wait`` blocks until this save is on disk."""
+        self._check_writes()
         state = self.state_dict(epoch_complete)
         if self.writer is not None:
             path = self.writer.save(state, epoch_file=self.epoch if epoch_file else None, best=best)
             log.info("checkpoint: %s (epoch %d, %s)", path.name, self.epoch,
                      "complete" if epoch_complete else f"{self.position} samples in")
-        self.dist.barrier()  # nobody runs ahead of a save (and a failed save fails every rank)
+        if wait:
+            self.finish_writes()
+
+    def _check_writes(self) -> None:
+        self.dist.main_then_broadcast(self.writer.check if self.writer is not None else lambda: None)
+
+    def finish_writes(self) -> None:
+        """Wait for the save in flight (rank 0) and fail every rank if it failed."""
+        self.dist.main_then_broadcast(self.writer.close if self.writer is not None else lambda: None)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -277,7 +290,20 @@ class Trainer:
             for buf in unwrap(self.model).buffers():
                 tdist.broadcast(buf, 0)
 
+    def _before_worker_fork(self, loader: Any) -> None:
+        """Loader workers fork from this process: let an in-flight background save finish first, so no
+        worker inherits a half-done state (a lock held by the writer thread). Persistent workers fork
+        only once."""
+        started = getattr(self, "_forked", set())
+        self._forked = started
+        if loader.num_workers == 0 or (loader.persistent_workers and id(loader) in started):
+            return
+        started.add(id(loader))
+        if self.writer is not None:
+            self.writer.wait()
+
     def validate(self) -> EvalResult:
+        self._before_worker_fork(self.val_loader)
         self._broadcast_buffers()
         return evaluate(unwrap(self.model), self.val_loader, self.normalize, self.device, self.dist,
                         self.num_classes, len(self.val_set), self.cfg.train.precision)
@@ -306,6 +332,7 @@ class Trainer:
             start_pos = self.position
             lr = self.schedule.lr(epoch + self.position / n)
             per_step = cfg.data.batch_size * dist.world_size * cfg.train.grad_accum_steps
+            self._before_worker_fork(self.train_loader)
             batches = iter(self.train_loader)
 
             def lr_at(consumed: int) -> float:
@@ -318,7 +345,7 @@ class Trainer:
                 if self.step % cfg.train.log_every_steps == 0:
                     self._log_progress(epoch, n, t0, start_pos)
                 if self.step % cfg.preempt.check_every_steps == 0 and self._stop_agreed():
-                    self._save(epoch_complete=False)
+                    self._save(epoch_complete=False, wait=True)
                     self._preempted(f"epoch {epoch}, {self.position} of {n} samples")
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.position < n:
                     self._save(epoch_complete=False)
@@ -351,12 +378,13 @@ class Trainer:
                          or final or is_best)
             stop_now = not final and self._stop_agreed()
             if saved or stop_now:
-                self._save(epoch_complete=True, epoch_file=True, best=is_best)
+                self._save(epoch_complete=True, epoch_file=True, best=is_best, wait=stop_now)
             if stop_now:
                 self._preempted(f"end of epoch {epoch}")
             self.epoch += 1
             self.position = 0
             epochs_run += 1
+        self.finish_writes()
         return FitResult(epochs_run, last_val, self.out)
 
     def _stop_agreed(self) -> bool:

@@ -224,3 +224,57 @@ def test_classic_checkpoint_resumes_at_next_epoch_and_optimizer_mismatch_is_skip
     assert "classic format), epoch 1" in res.stderr
     assert "optimizer state skipped" in res.stderr  # an SGD state for the configured AdamW
     assert [r["epoch"] for r in metrics(out)] == [1]
+
+
+# -- asynchronous saves --------------------------------------------------------------------------------
+
+def test_async_writer_snapshots_and_reports_a_failed_write(tmp_path: Path):
+    from ddp_trainer.checkpoint import AsyncCheckpointWriter
+
+    w = AsyncCheckpointWriter(tmp_path / "ck", keep_last=2)
+    live = torch.zeros(3)
+    w.save({"v": live}, epoch_file=0)
+    live += 7  # training goes on changing the live tensor while the write is in flight
+    w.close()
+    assert torch.equal(torch.load(tmp_path / "ck" / "last.pt")["v"], torch.zeros(3))
+
+    class Boom:
+        def __reduce__(self):
+            raise OSError(28, "No space left on device")
+
+    w.save({"v": torch.ones(2), "x": Boom()})  # returns at once; the failure happens in the thread
+    with pytest.raises(CheckpointError) as info:
+        w.close()
+    assert "last.pt" in info.value.message and "intact" in info.value.message
+    assert torch.equal(torch.load(tmp_path / "ck" / "last.pt")["v"], torch.zeros(3))
+    assert not list((tmp_path / "ck").glob(".*.tmp-*"))
+
+
+def test_async_save_into_a_folder_made_unwritable_fails_the_run(require_root, demo_small: Path, tmp_path: Path):
+    import os
+    import subprocess
+    import time
+
+    from test_resume import HELPERS, start, wait_for
+
+    out = tmp_path / "run"
+    ck = out / "checkpoints"
+    args = [f"data.root={demo_small}", f"output_dir={out}", "model.name=slow_model:build", "data.image_size=16",
+            "data.batch_size=8", "data.num_workers=1", "train.epochs=3", "checkpoint.every_steps=2",
+            "train.log_every_steps=1"]
+    proc = start(2, args)
+    wait_for(lambda: (ck / "last.pt").exists(), proc=proc)
+    time.sleep(0.3)
+    before = torch.load(ck / "last.pt", weights_only=True)
+    subprocess.run(["mount", "--bind", str(ck), str(ck)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ck)], check=True)
+        rc = proc.wait(120)
+        err = proc.stderr.read()
+    finally:
+        subprocess.run(["umount", str(ck)], check=False)
+    assert rc != 0
+    lines = [l for l in err.splitlines() if "error:" in l and l.startswith("[rank")]
+    assert len(lines) == 1 and "checkpoint write to" in lines[0] and str(ck) in lines[0], err[-3000:]
+    after = torch.load(ck / "last.pt", weights_only=True)  # the previous last.pt, intact
+    assert after["step"] >= before["step"]
