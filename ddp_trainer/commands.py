@@ -20,6 +20,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_pictures(sub)
     p = sub.add_parser("inspect", help="print what a checkpoint holds, without building a model")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
@@ -48,6 +49,59 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+")
     _add_common(p)
     p.set_defaults(fn=cmd_predict)
+
+
+def _register_pictures(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("grid", help="save a grid of one batch after augmentation, with class names")
+    p.add_argument("--split", choices=["train", "val"], default="train")
+    p.add_argument("--out", default="grid.png")
+    p.add_argument("--count", type=int, default=32, help="images in the grid")
+    p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_common(p)
+    p.set_defaults(fn=cmd_grid)
+
+    p = sub.add_parser("plot", help="PNG curves of loss, accuracy, lr and throughput from RUN_DIR/metrics.jsonl")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="default: RUN_DIR/curves.png")
+    _add_common(p)
+    p.set_defaults(fn=cmd_plot)
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import config as config_mod
+    from .data import FolderDataset, build_splits, eval_transform, train_transform
+    from .distributed import Dist
+    from .env import LaunchEnv
+    from .pictures import save_grid
+    from .samplers import EpochPlan
+
+    cfg = config_mod.load(args.config, args.overrides)
+    dist = Dist(env=LaunchEnv(), backend=None, device=torch.device("cpu"))
+    splits = build_splits(cfg, dist)
+    if args.split == "train":
+        ds = FolderDataset(splits.train, train_transform(cfg.data), cfg.seed)
+        plan = EpochPlan(len(ds), world=1, rank=0, batch_size=args.count, accum=1, seed=cfg.seed, epoch=0)
+        keys = list(plan.steps[0][0])
+    else:
+        ds = FolderDataset(splits.val, eval_transform(cfg.data), cfg.seed)
+        keys = list(range(min(args.count, len(ds))))
+    items = [ds[k] for k in keys]
+    images = torch.stack([it[0] for it in items])
+    size = save_grid(images, [it[1] for it in items], splits.classes, Path(args.out))
+    print(f"wrote {args.out}: {len(items)} {args.split} images after augmentation, {size[0]}x{size[1]} px")
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .pictures import save_curves
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "curves.png"
+    size = save_curves(Path(args.run_dir), out)
+    print(f"wrote {out}: {size[0]}x{size[1]} px")
+    return EXIT_OK
 
 
 def summary(loaded: Any) -> dict[str, Any]:

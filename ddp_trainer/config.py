@@ -163,6 +163,12 @@ class PreemptConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    progress: Literal["auto", "on", "off"] = "auto"  # auto: a bar when stderr is a terminal
+    tensorboard: bool = False  # scalars in <output_dir>/tensorboard (needs the tensorboard package)
+
+
+@dataclass(frozen=True)
 class DebugConfig:
     steps_per_epoch: int = 5
     epochs: int = 1
@@ -182,6 +188,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:

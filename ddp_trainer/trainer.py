@@ -30,6 +30,7 @@ from .errors import CheckpointError, UserError
 from .models import build_model, classifier_head
 from .optim import LRSchedule, build_optimizer
 from .parallel import ModeDecision, prepare, unwrap, wrap
+from .progress import Progress, Scalars, use_progress_bar
 from .preempt import Preempted, StopRequest, clear_marker, worker_init_ignoring, write_marker
 from .runlog import MetricsFile, add_file_log
 from .samplers import EpochPlan
@@ -128,6 +129,9 @@ class Trainer:
         writer_cls = AsyncCheckpointWriter if cfg.checkpoint.async_ else CheckpointWriter
         self.writer = writer_cls(self.ckpt_dir, cfg.checkpoint.keep_last) if dist.is_main else None
         self.metrics = MetricsFile(self.out / "metrics.jsonl") if dist.is_main else None
+        show_bar = {"on": dist.is_main, "off": False}.get(cfg.log.progress, use_progress_bar(dist.is_main))
+        self.show_bar = show_bar
+        self.scalars = Scalars(cfg.log.tensorboard and dist.is_main, str(self.out / "tensorboard"))
         if self.metrics is not None:
             kept = self.metrics.cut_back(self.epoch)
             if resume is not None:
@@ -338,17 +342,22 @@ class Trainer:
             def lr_at(consumed: int) -> float:
                 return self.schedule.lr(epoch + consumed / n, per_step / n)
 
-            for done in self.engine.train_steps(batches, plan, lr_at):
-                self.step += 1
-                self.position = done.consumed
-                lr = done.lr
-                if self.step % cfg.train.log_every_steps == 0:
-                    self._log_progress(epoch, n, t0, start_pos)
-                if self.step % cfg.preempt.check_every_steps == 0 and self._stop_agreed():
-                    self._save(epoch_complete=False, wait=True)
-                    self._preempted(f"epoch {epoch}, {self.position} of {n} samples")
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.position < n:
-                    self._save(epoch_complete=False)
+            bar = Progress(self.show_bar, n, f"epoch {epoch}", initial=start_pos)
+            try:
+                for done in self.engine.train_steps(batches, plan, lr_at):
+                    bar.update(done.consumed - self.position)
+                    self.step += 1
+                    self.position = done.consumed
+                    lr = done.lr
+                    if self.step % cfg.train.log_every_steps == 0:
+                        self._log_progress(epoch, n, t0, start_pos, bar)
+                    if self.step % cfg.preempt.check_every_steps == 0 and self._stop_agreed():
+                        self._save(epoch_complete=False, wait=True)
+                        self._preempted(f"epoch {epoch}, {self.position} of {n} samples")
+                    if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.position < n:
+                        self._save(epoch_complete=False)
+            finally:
+                bar.close()
             del batches
             train_time = time.perf_counter() - t0
             sums = torch.stack([self.engine.running.loss_sum, self.engine.running.count])
@@ -373,6 +382,7 @@ class Trainer:
                 self.best = monitored
             if self.metrics is not None:
                 self.metrics.append(row)
+            self.scalars.add(row, self.step)
             final = epoch == cfg.train.epochs - 1
             saved = bool((cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0)
                          or final or is_best)
@@ -385,6 +395,7 @@ class Trainer:
             self.position = 0
             epochs_run += 1
         self.finish_writes()
+        self.scalars.close()
         return FitResult(epochs_run, last_val, self.out)
 
     def _stop_agreed(self) -> bool:
@@ -400,10 +411,14 @@ class Trainer:
             write_marker(self.out if self.dist.is_main else None, name, self.epoch, self.step)
         raise Preempted(name, where)
 
-    def _log_progress(self, epoch: int, n: int, t0: float, start_pos: int) -> None:
+    def _log_progress(self, epoch: int, n: int, t0: float, start_pos: int, bar: Progress) -> None:
         running = self.engine.running
         loss = (running.loss_sum / running.count.clamp(min=1)).item()  # a sync, but only every log interval
         elapsed = time.perf_counter() - t0
+        if bar.active:
+            bar.update(0, loss=f"{loss:.4f}", img_s=f"{(self.position - start_pos) / max(elapsed, 1e-9):.0f}",
+                       data_wait=f"{self.engine.data_wait_s / max(elapsed, 1e-9):.0%}")
+            return
         log.info("epoch %d step %d: %d/%d samples, loss=%.4f (this rank), %.0f img/s, data wait %.0f%%",
                  epoch, self.step, self.position, n, loss, (self.position - start_pos) / max(elapsed, 1e-9),
                  100 * self.engine.data_wait_s / max(elapsed, 1e-9))

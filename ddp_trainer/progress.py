@@ -1,0 +1,73 @@
+"""What the user sees while training: a tqdm bar on global rank 0 when stderr is a terminal, plain
+periodic log lines otherwise (SLURM logs, CI, pipes), and optional TensorBoard scalars."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+log = logging.getLogger("ddp_trainer")
+
+
+def use_progress_bar(is_main: bool, stream: TextIO | None = None) -> bool:
+    """A bar only on global rank 0 and only when ``stream`` (stderr) is a terminal."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return is_main and stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class Progress:
+    """One epoch's progress: a tqdm bar, or nothing (the trainer logs lines at intervals instead)."""
+
+    def __init__(self, enabled: bool, total: int, desc: str, initial: int = 0) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="img", unit_scale=True,
+                            dynamic_ncols=True, leave=True, file=sys.stderr)
+
+    @property
+    def active(self) -> bool:
+        return self.bar is not None
+
+    def update(self, images: int, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(images)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Scalars:
+    """TensorBoard scalars (``log.tensorboard: true``) on global rank 0; a no-op otherwise."""
+
+    def __init__(self, enabled: bool, folder: str) -> None:
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from .errors import ConfigError
+
+                raise ConfigError("log.tensorboard=true but tensorboard is not installed; "
+                                  "pip install tensorboard, or set log.tensorboard=false", shared=True) from None
+            self.writer = SummaryWriter(folder)
+
+    def add(self, row: dict[str, Any], step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
