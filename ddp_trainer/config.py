@@ -42,6 +42,7 @@ class DataConfig:
     pin_memory: Optional[bool] = None  # default: on with CUDA
     persistent_workers: bool = True
     prefetch_factor: Optional[int] = None  # default: torch's (2) when num_workers > 0
+    cache: Literal["none", "decoded"] = "none"  # decoded: one memory-mapped uint8 file per split and size
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 8, "data.image_size", self.image_size, "use at least 8")

@@ -34,10 +34,12 @@ class FolderDataset(Dataset):
     index) or by a plain int (no augmentation randomness, weight 1).
     """
 
-    def __init__(self, index: FolderIndex, transform: ImageTransform, seed: int = 0) -> None:
+    def __init__(self, index: FolderIndex, transform: ImageTransform, seed: int = 0,
+                 cached: Any = None) -> None:
         self.index = index
         self.transform = transform
         self.seed = seed
+        self.cached = cached  # decoded_cache.CachedImages, or None: decode the files
         self.record_dir = os.environ.get(RECORD_ENV)
 
     def __len__(self) -> int:
@@ -48,7 +50,7 @@ class FolderDataset(Dataset):
             i, epoch, weight = key
         else:
             i, epoch, weight = int(key), 0, 1.0
-        img = load_rgb(self.index.path(i))
+        img = self.cached[i] if self.cached is not None else load_rgb(self.index.path(i))
         if self.record_dir and weight > 0 and isinstance(key, SampleKey):
             with open(os.path.join(self.record_dir, f"samples-{os.getpid()}.txt"), "a") as f:
                 f.write(f"{epoch} {i}\n")
@@ -138,6 +140,21 @@ def build_splits(cfg: Config, dist: Dist) -> Splits:
         splits = Splits(_drop_unreadable(splits.train, dist, "train"),
                         _drop_unreadable(splits.val, dist, "val"), splits.source)
     return splits
+
+
+def with_decoded_cache(index: FolderIndex, cfg: DataConfig, dist: Dist) -> Any:
+    """For ``data.cache: decoded``: build the node's cache on local rank 0 (others wait; a decode
+    error on it fails every rank) and return a CachedImages; else None."""
+    if cfg.cache != "decoded":
+        return None
+    from . import decoded_cache
+    from .demo_data import cache_root
+
+    folder = cache_root() / "decoded"
+    path = dist.all_ok(lambda: decoded_cache.build(index, cfg.image_size, folder) if dist.env.is_local_main else None)
+    if path is None:
+        path = decoded_cache.cache_path(folder, index, cfg.image_size)
+    return decoded_cache.CachedImages(path)
 
 
 def train_transform(cfg: DataConfig) -> ImageTransform:

@@ -23,7 +23,8 @@ from . import config as config_mod
 from .checkpoint import (FORMAT, FORMAT_VERSION, AsyncCheckpointWriter, CheckpointWriter, Loaded, canonical_state_dict,
                          has_checkpoints, load_weights, read_checkpoint, resume_candidates)
 from .config import Config
-from .data import FolderDataset, build_splits, eval_transform, make_eval_loader, make_train_loader, train_transform
+from .data import (FolderDataset, build_splits, eval_transform, make_eval_loader, make_train_loader,
+                   train_transform, with_decoded_cache)
 from .distributed import Dist
 from .engine import Engine, EvalResult, evaluate
 from .errors import CheckpointError, UserError
@@ -119,8 +120,10 @@ class Trainer:
         self.schedule = LRSchedule(cfg.optim.lr, cfg.sched, cfg.train.epochs)
 
         seed = cfg.seed
-        self.train_set = FolderDataset(self.splits.train, train_transform(cfg.data), seed)
-        self.val_set = FolderDataset(self.splits.val, eval_transform(cfg.data), seed)
+        self.train_set = FolderDataset(self.splits.train, train_transform(cfg.data), seed,
+                                       with_decoded_cache(self.splits.train, cfg.data, dist))
+        self.val_set = FolderDataset(self.splits.val, eval_transform(cfg.data), seed,
+                                     with_decoded_cache(self.splits.val, cfg.data, dist))
         init = worker_init_ignoring(self.stop.signals)
         self.train_loader, self.batches = make_train_loader(self.train_set, cfg.data, self.device, worker_init_fn=init)
         self.val_loader = make_eval_loader(self.val_set, cfg.data, dist, self.device, worker_init_fn=init)

@@ -7,7 +7,9 @@ float and normalisation happen on the training device (:class:`Normalize`).
 """
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,6 +21,9 @@ from torchvision.transforms.v2 import functional as F
 from .errors import DataError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+# torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they are still the fast path here
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -32,18 +37,46 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return x & ((1 << 63) - 1)
 
 
+_TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
+
+
+def _decode_with_torchvision(data: bytes) -> bool:
+    return data.startswith(_TORCHVISION_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def _bad(path: str, why: str) -> DataError:
+    return DataError(f"cannot decode image '{path}' ({why}); replace or delete the file, "
+                     f"or set data.bad_images=skip")
+
+
 def load_rgb(path: str) -> torch.Tensor:
     """Decode ``path`` to a uint8 CHW RGB tensor (grayscale, palette, RGBA and CMYK converted).
 
-    Raises DataError naming the file when it cannot be decoded (corrupt or truncated).
+    JPEG, PNG, GIF and WebP are decoded by torchvision.io (libjpeg-turbo / libpng: faster than PIL,
+    and strict about truncated files); other formats by PIL. Raises DataError naming the file when it
+    cannot be decoded (corrupt or truncated).
     """
     try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = img.convert("RGB")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise _bad(path, exc.strerror or str(exc)) from None
+    if _decode_with_torchvision(data):
+        from torchvision.io import ImageReadMode, decode_image
+
+        try:
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError) as exc:
+            raise _bad(path, str(exc).strip().splitlines()[-1][:160]) from None
+        if img.ndim == 4:  # an animated GIF: its first frame
+            img = img[0]
+        return img.contiguous()
+    try:
+        with Image.open(io.BytesIO(data)) as pil:
+            pil.load()
+            rgb = pil.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image '{path}' ({exc}); replace or delete the file, "
-                        f"or set data.bad_images=skip") from None
+        raise _bad(path, str(exc)) from None
     arr = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
@@ -71,6 +104,10 @@ class ImageTransform:
             if torch.rand(1, generator=gen).item() < 0.5:
                 img = F.horizontal_flip(img)
         return img
+
+    def fit(self, img: torch.Tensor) -> torch.Tensor:
+        """The deterministic geometry (what the decoded cache stores)."""
+        return self._fit(img)
 
     def _fit(self, img: torch.Tensor) -> torch.Tensor:
         """Resize the shorter side to ``size`` and centre-crop a square (no-op when already there)."""
