@@ -164,16 +164,39 @@ class CheckpointWriter:
             old.unlink(missing_ok=True)
 
 
-def cpu_snapshot(obj: Any) -> Any:
-    """A deep copy of ``obj`` with every tensor cloned to the CPU (what a background write may hold
-    while training goes on changing the live tensors)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: cpu_snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_snapshot(v) for v in obj)
-    return obj
+def cpu_snapshot(obj: Any, staging: list[torch.Tensor] | None = None) -> Any:
+    """A deep copy of ``obj`` with every tensor copied to the CPU (what a background write may hold
+    while training goes on changing the live tensors).
+
+    ``staging``: CPU buffers kept from the previous snapshot, reused in order when shape and dtype
+    match (a ``copy_`` into warm memory instead of a fresh allocation: most of the cost of a snapshot).
+    The list is updated to this snapshot's buffers. Only safe when the previous write has finished.
+    """
+    reuse = iter(list(staging or []))
+    fresh: list[torch.Tensor] = []
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            src = value.detach()
+            buf = next(reuse, None)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = torch.empty(src.shape, dtype=src.dtype, device="cpu",
+                                  pin_memory=src.device.type == "cuda")
+            buf.copy_(src, non_blocking=src.device.type == "cuda")
+            fresh.append(buf)
+            return buf
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(v) for v in value)
+        return value
+
+    out = copy(obj)
+    if any(t.is_pinned() for t in fresh):
+        torch.cuda.synchronize()  # the non-blocking device-to-host copies must land before the write
+    if staging is not None:
+        staging[:] = fresh
+    return out
 
 
 class AsyncCheckpointWriter:
@@ -192,6 +215,7 @@ class AsyncCheckpointWriter:
         self._threading = threading
         self._thread: Any = None
         self._error: str | None = None
+        self._staging: list[torch.Tensor] = []  # CPU buffers reused by every snapshot
 
     def _run(self, state: dict[str, Any], kwargs: dict[str, Any]) -> None:
         try:
@@ -216,7 +240,7 @@ class AsyncCheckpointWriter:
     def save(self, state: Mapping[str, Any], *, epoch_file: int | None = None, best: bool = False) -> Path:
         self.wait()
         self.check()
-        snapshot = cpu_snapshot(dict(state))
+        snapshot = cpu_snapshot(dict(state), self._staging)
         self._thread = self._threading.Thread(target=self._run, name="checkpoint-writer", daemon=False,
                                               args=(snapshot, {"epoch_file": epoch_file, "best": best}))
         self._thread.start()

@@ -64,6 +64,13 @@ def config_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def _peak_rss_mb() -> int:
+    """This process's peak resident memory in MiB (loader workers not included)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 class Trainer:
     """Build with :meth:`build`, then call :meth:`fit`."""
 
@@ -373,7 +380,8 @@ class Trainer:
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, "val_acc": val.acc,
                    "val_acc5": val.acc5, "lr": lr, "images_per_s": images / max(train_time, 1e-9),
                    "epoch_time_s": epoch_time, "data_wait_frac": self.engine.data_wait_s / max(train_time, 1e-9),
-                   "step": self.step, "val_count": val.count, "world_size": dist.world_size}
+                   "step": self.step, "val_count": val.count, "world_size": dist.world_size,
+                   "train_time_s": train_time, "peak_rss_mb": dist.max_int(_peak_rss_mb())}
             log.info("epoch %d: train_loss=%.4f val_loss=%.4f val_acc=%.4f%s lr=%.4g %.0f img/s (%.1fs)",
                      epoch, train_loss, val.loss, val.acc,
                      f" val_acc5={val.acc5:.4f}" if val.acc5 is not None else "", lr,

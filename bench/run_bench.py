@@ -1,0 +1,200 @@
+"""Benchmarks on the reference workload. Prints every figure and the ratios; asserts nothing.
+
+    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint] [--data DIR]
+
+Reference workload: 10 classes of 64x64 JPEG images (quality 90), 256 train + 64 val per class;
+torchvision resnet18; SGD lr 0.1, momentum 0.9, weight decay 5e-4; batch 64 per process; 1 loader
+worker per process; resize to 64, random horizontal flip, normalize; 3 epochs with validation and a
+checkpoint every epoch; 2 processes with OMP_NUM_THREADS=1.
+
+train:      the project (torchrun launch.py) and bench/plain_ddp.py, alternately, --repeats times each:
+            median train images/s, ratio, peak RSS per process.
+loader:     decode paths, one process and one thread: images/s per core.
+checkpoint: time the training loop is blocked per save, synchronous torch.save vs async, resnet18/50.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PY = sys.executable
+
+
+def make_reference_data(root: Path) -> Path:
+    from ddp_trainer.demo_data import CLASSES, draw
+
+    if (root / "COMPLETE").exists():
+        return root
+    for split, count, seed in (("train", 256, 11), ("val", 64, 12)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            rng = random.Random(seed * 1_000_003 + label)
+            for i in range(count):
+                draw(label, rng, 64).save(folder / f"{i:05d}.jpg", quality=90)
+    (root / "COMPLETE").write_text("reference data\n")
+    return root
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def run_project(data: Path, out: Path) -> dict:
+    args = [f"data.root={data}", f"output_dir={out}", "resume=none", "overwrite=true", "model.name=resnet18",
+            "data.image_size=64", "data.batch_size=64", "data.num_workers=1", "data.augment=[flip]",
+            "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.weight_decay=5e-4", "sched.name=none",
+            "sched.warmup_epochs=0", "train.epochs=3", "checkpoint.every_epochs=1", "log.progress=off",
+            "train.log_every_steps=100000"]
+    t0 = time.perf_counter()
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "launch.py"), *args], capture_output=True, text=True, env=_env())
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"project run failed:\n{res.stderr[-3000:]}")
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    images = sum(r["images_per_s"] * r["train_time_s"] for r in rows)
+    return {"images_per_s": images / sum(r["train_time_s"] for r in rows), "wall_s": wall,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows), "val_acc": rows[-1]["val_acc"]}
+
+
+def run_plain(data: Path, out: Path) -> dict:
+    t0 = time.perf_counter()
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "bench" / "plain_ddp.py"), str(data), str(out), "3"],
+                         capture_output=True, text=True, env=_env())
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"plain run failed:\n{res.stderr[-3000:]}")
+    r = json.loads([l for l in res.stdout.splitlines() if l.startswith("{")][-1])
+    return {"images_per_s": r["images_per_s"], "wall_s": wall, "peak_rss_mb": max(r["peak_rss_mb"]),
+            "val_acc": r["val_acc"]}
+
+
+def bench_train(data: Path, repeats: int, work: Path) -> None:
+    results: dict[str, list[dict]] = {"project": [], "plain": []}
+    for i in range(repeats):
+        for name, fn in (("project", run_project), ("plain", run_plain)):
+            r = fn(data, work / f"{name}-{i}")
+            results[name].append(r)
+            print(f"train run {i + 1}/{repeats} {name:>7}: {r['images_per_s']:.1f} img/s (train phase), "
+                  f"wall {r['wall_s']:.1f} s, peak RSS/process {r['peak_rss_mb']} MiB, val_acc {r['val_acc']:.3f}",
+                  flush=True)
+    med = {k: statistics.median(r["images_per_s"] for r in v) for k, v in results.items()}
+    wall = {k: statistics.median(r["wall_s"] for r in v) for k, v in results.items()}
+    mem = {k: max(r["peak_rss_mb"] for r in v) for k, v in results.items()}
+    print(f"train median images/s: project {med['project']:.1f}, plain loop {med['plain']:.1f}, "
+          f"ratio {med['project'] / med['plain']:.3f} (target >= 0.98)")
+    print(f"train median wall time: project {wall['project']:.1f} s, plain loop {wall['plain']:.1f} s")
+    print(f"peak RSS per process: project {mem['project']} MiB, plain loop {mem['plain']} MiB, "
+          f"ratio {mem['project'] / mem['plain']:.3f} (target <= 1.1)")
+
+
+def bench_loader(data: Path, work: Path) -> None:
+    import torch
+    import torchvision
+    from torchvision import transforms
+
+    from ddp_trainer import decoded_cache
+    from ddp_trainer.data import FolderDataset
+    from ddp_trainer.folder_index import scan
+    from ddp_trainer.samplers import SampleKey
+    from ddp_trainer.transforms import ImageTransform
+
+    torch.set_num_threads(1)
+    idx = scan(data / "train")
+    n = len(idx)
+    pil = torchvision.datasets.ImageFolder(str(data / "train"), transforms.Compose(
+        [transforms.Resize(64), transforms.RandomHorizontalFlip(), transforms.PILToTensor()]))
+    ours = FolderDataset(idx, ImageTransform(64, ("flip",)))
+    t0 = time.perf_counter()
+    cache_path = decoded_cache.build(idx, 64, work / "cache")
+    build_s = time.perf_counter() - t0
+    cached = FolderDataset(idx, ImageTransform(64, ("flip",)), cached=decoded_cache.CachedImages(cache_path))
+
+    def rate(get) -> float:
+        best = 0.0
+        for _ in range(3):
+            t = time.perf_counter()
+            for i in range(n):
+                get(i)
+            best = max(best, n / (time.perf_counter() - t))
+        return best
+
+    r_pil = rate(lambda i: pil[i])
+    r_tv = rate(lambda i: ours[SampleKey(i, 0, 1.0)])
+    r_cache = rate(lambda i: cached[SampleKey(i, 0, 1.0)])
+    print(f"loader images/s per core: PIL ImageFolder {r_pil:.0f}, torchvision.io path {r_tv:.0f} "
+          f"(x{r_tv / r_pil:.2f}, target >= 1.2), decoded cache {r_cache:.0f} (x{r_cache / r_pil:.2f}, target >= 3); "
+          f"one-off cache build {build_s:.1f} s for {n} images")
+
+
+def bench_checkpoint(work: Path) -> None:
+    import torch
+    import torchvision
+
+    from ddp_trainer.checkpoint import AsyncCheckpointWriter, CheckpointWriter
+
+    torch.set_num_threads(2)
+    for name in ("resnet18", "resnet50"):
+        model = torchvision.models.get_model(name, num_classes=10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model(torch.randn(2, 3, 64, 64)).sum().backward()
+        opt.step()
+        state = lambda: {"model": model.state_dict(), "optimizer": opt.state_dict()}  # noqa: E731
+        sync, asyn = CheckpointWriter(work / f"sync-{name}", 2), AsyncCheckpointWriter(work / f"async-{name}", 2)
+        t_sync, t_async = [], []
+        for e in range(5):
+            t = time.perf_counter()
+            sync.save(state(), epoch_file=e)
+            t_sync.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            asyn.save(state(), epoch_file=e)
+            t_async.append(time.perf_counter() - t)
+            asyn.wait()  # the next step would run here; keep saves from overlapping the timing
+        asyn.close()
+        s, a = statistics.median(t_sync), statistics.median(t_async)
+        size = (work / f"sync-{name}" / "last.pt").stat().st_size / 2**20
+        print(f"checkpoint {name} ({size:.0f} MiB): loop blocked {s * 1000:.0f} ms synchronous, {a * 1000:.0f} ms "
+              f"async, ratio {a / s:.3f} (target <= 0.15)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--what", default="train,loader,checkpoint")
+    p.add_argument("--data", default=str(ROOT / "bench" / ".data" / "reference"))
+    args = p.parse_args()
+    import platform
+
+    import torch
+
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}")
+    data = make_reference_data(Path(args.data))
+    with tempfile.TemporaryDirectory(prefix="ddp_bench.") as tmp:
+        work = Path(tmp)
+        what = args.what.split(",")
+        if "checkpoint" in what:
+            bench_checkpoint(work)
+        if "loader" in what:
+            bench_loader(data, work)
+        if "train" in what:
+            bench_train(data, args.repeats, work)
+
+
+if __name__ == "__main__":
+    main()
