@@ -253,6 +253,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0])
     if origin is Literal:
+        if isinstance(value, bool) and "on" in args and "off" in args:
+            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
         if value not in args:
             raise ConfigError(f"{key}: bad value {value!r}; choose one of "
                               f"{', '.join(map(str, args))}{_hint(str(value), [str(a) for a in args])}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +88,7 @@ class Trainer:
         self.step = 0
         self.best: float | None = None
         self.stop = stop or StopRequest([])
+        self._stop_name = ""  # the signal the ranks agreed on
 
     # -- building ------------------------------------------------------------------------------
 

@@ -251,11 +251,10 @@ def test_async_writer_snapshots_and_reports_a_failed_write(tmp_path: Path):
 
 
 def test_async_save_into_a_folder_made_unwritable_fails_the_run(require_root, demo_small: Path, tmp_path: Path):
-    import os
     import subprocess
     import time
 
-    from test_resume import HELPERS, start, wait_for
+    from test_resume import start, wait_for
 
     out = tmp_path / "run"
     ck = out / "checkpoints"

@@ -24,6 +24,8 @@ def test_overrides_are_parsed_as_yaml():
     assert cfg.data.augment == []
     assert cfg.model.init_from is None
     assert cfg.output_dir == "/x/y"
+    assert config.load(None, ["log.progress=off"]).log.progress == "off"  # YAML reads off as false
+    assert config.load(None, ["log.progress=on"]).log.progress == "on"
 
 
 def test_precedence_defaults_file_cli(tmp_path: Path):

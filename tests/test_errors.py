@@ -3,8 +3,6 @@ import shutil
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import ROOT, launch, our_lines
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PY, ROOT, TORCHRUN, child_env, launch, metrics, run
+from conftest import PY, ROOT, TORCHRUN, child_env, metrics, run
 from ddp_trainer.samplers import epoch_order
 
 HELPERS = ROOT / "tests" / "helpers"

@@ -8,7 +8,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as tdist
 
 from ddp_trainer.distributed import process_group
 from ddp_trainer.engine import Engine
