@@ -148,6 +148,7 @@ def run_training(args: argparse.Namespace) -> int:
         raise
     # installed before any loader worker exists; the workers themselves ignore these signals
     stop = StopRequest(parse_signals(cfg.preempt.signals)).install()
+    trainer = None
     try:
         with launched(cfg.dist.mode, cfg.dist.backend, cfg.dist.timeout_s) as (dist, decision):
             if args.debug:
@@ -157,7 +158,8 @@ def run_training(args: argparse.Namespace) -> int:
                          cfg.output_dir)
             trainer = Trainer(cfg, dist, decision, trust_checkpoint=args.trust_checkpoint,
                               max_steps_per_epoch=cfg.debug.steps_per_epoch if args.debug else None,
-                              stop=stop).build()
+                              stop=stop)
+            trainer.build()
             result = trainer.fit()
             if result.last_val is not None:
                 log.info("done: val_loss=%.4f val_acc=%.4f in %s", result.last_val.loss, result.last_val.acc,
@@ -170,6 +172,8 @@ def run_training(args: argparse.Namespace) -> int:
             log.warning("%s", exc)
         return exc.exit_code
     finally:
+        if trainer is not None:
+            trainer.close()
         close_file_logs()
     return EXIT_OK
 

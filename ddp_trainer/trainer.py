@@ -304,6 +304,21 @@ class Trainer:
             for buf in unwrap(self.model).buffers():
                 tdist.broadcast(buf, 0)
 
+    def close(self) -> None:
+        """Stop the loader workers now. After an exception its traceback keeps the loaders alive
+        until interpreter exit, where multiprocessing would terminate and join workers that ignore
+        SIGTERM (they must survive a cluster's signal): that join would never return."""
+        for it in [getattr(self, "_current_batches", None)] + [
+                getattr(getattr(self, name, None), "_iterator", None) for name in ("train_loader", "val_loader")]:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        for name in ("train_loader", "val_loader"):
+            loader = getattr(self, name, None)
+            if loader is not None:
+                loader._iterator = None
+        self._current_batches = None
+
     def _before_worker_fork(self, loader: Any) -> None:
         """Loader workers fork from this process: let an in-flight background save finish first, so no
         worker inherits a half-done state (a lock held by the writer thread). Persistent workers fork
@@ -348,6 +363,7 @@ class Trainer:
             per_step = cfg.data.batch_size * dist.world_size * cfg.train.grad_accum_steps
             self._before_worker_fork(self.train_loader)
             batches = iter(self.train_loader)
+            self._current_batches = batches
 
             def lr_at(consumed: int) -> float:
                 return self.schedule.lr(epoch + consumed / n, per_step / n)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -67,7 +68,8 @@ def load_rgb(path: str) -> torch.Tensor:
         try:
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as exc:
-            raise _bad(path, str(exc).strip().splitlines()[-1][:160]) from None
+            why = re.sub(r"^.*?\.cpp:\d+,\s*", "", str(exc).strip().splitlines()[-1])  # drop the C++ location
+            raise _bad(path, why[:160]) from None
         if img.ndim == 4:  # an animated GIF: its first frame
             img = img[0]
         return img.contiguous()

@@ -276,8 +276,9 @@ def test_max_restarts_worker_group_resumes_by_itself(reference: Path, demo_small
     args = resume_args(demo_small, out)
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.2",
            str(ROOT / "launch.py"), *args]
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    # restarted rendezvous rounds need their own store (as the sbatch scripts set it; README, SLURM)
+    proc = subprocess.Popen(cmd, env=env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(mid_epoch_checkpoint(out / "checkpoints"), proc=proc)
     os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)  # one worker dies; the agent restarts the group
     assert proc.wait(180) == 0, proc.stderr.read()
