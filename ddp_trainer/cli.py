@@ -130,6 +130,7 @@ def run_training(args: argparse.Namespace) -> int:
     from . import config as config_mod
     from .env import resolve
     from .errors import ConfigError
+    from .models import check_model_name
     from .preempt import Preempted, StopRequest, parse_signals
     from .runlog import close_file_logs, setup_logging
     from .trainer import Trainer
@@ -142,7 +143,7 @@ def run_training(args: argparse.Namespace) -> int:
             if env.world_size > 1:
                 raise ConfigError("--debug runs one process; start it with 'python launch.py --debug', not torchrun")
             cfg = _debug_config(cfg)
-        _check_model_name(cfg.model.name)
+        check_model_name(cfg.model.name)
     except ConfigError as exc:
         exc.shared = True
         raise
@@ -176,21 +177,6 @@ def run_training(args: argparse.Namespace) -> int:
             trainer.close()
         close_file_logs()
     return EXIT_OK
-
-
-def _check_model_name(name: str) -> None:
-    """Reject an unknown model name before any process group starts (builds nothing)."""
-    from .errors import ConfigError
-    from .models import LOCAL_MODELS, _torchvision_names
-
-    if name in LOCAL_MODELS or ":" in name:
-        return
-    if name not in _torchvision_names():
-        import difflib
-
-        close = difflib.get_close_matches(name, _torchvision_names() + list(LOCAL_MODELS), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}?" if close else "use a torchvision classifier such as resnet18"
-        raise ConfigError(f"model.name: unknown model {name!r}; {hint}")
 
 
 def train_main(argv: Sequence[str] | None = None, prog: str = "launch.py") -> int:

@@ -62,6 +62,15 @@ def build_model(name: str, num_classes: int) -> nn.Module:
         return model
     import torchvision
 
+    check_model_name(name)
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def check_model_name(name: str) -> None:
+    """Reject an unknown torchvision name (with the closest one) without building anything;
+    ``package.module:callable`` names are checked when imported."""
+    if name in LOCAL_MODELS or ":" in name:
+        return
     names = _torchvision_names()
     if name not in names:
         import difflib
@@ -69,7 +78,6 @@ def build_model(name: str, num_classes: int) -> nn.Module:
         close = difflib.get_close_matches(name, names + list(LOCAL_MODELS), n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}?" if close else "use a torchvision classifier name such as resnet18"
         raise ConfigError(f"model.name: unknown model {name!r}; {hint}")
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
 def classifier_head(model: nn.Module) -> list[str]:

@@ -87,3 +87,13 @@ def test_cli_bad_key_is_one_line_exit_2_before_any_process_group(tmp_path: Path)
     assert single.returncode == 2
     assert single.stderr.strip().splitlines() == [lines[0].split("] ", 1)[-1]]
     assert not (tmp_path / "r").exists()
+
+
+def test_unknown_model_name_gets_the_closest_one():
+    from ddp_trainer.models import check_model_name
+
+    with pytest.raises(ConfigError, match="'resnet81'; did you mean 'resnet18'"):
+        check_model_name("resnet81")
+    check_model_name("tiny_cnn")
+    check_model_name("resnet50")
+    check_model_name("mypkg.models:build")  # checked when imported
