@@ -19,14 +19,17 @@ def _close(a: dict, b: dict) -> None:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
 
 
+def _steps(out: Path, nproc: int, batch: int, accum: int) -> dict:
+    """3 optimizer steps of the helper (plain python for 1 process, torchrun for more); its parameters."""
+    launcher = [PY] if nproc == 1 else [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"]
+    res = run([*launcher, HELPER, str(out), str(batch), str(accum), "3"])
+    assert res.returncode == 0, res.stderr
+    return _params(out)
+
+
 def test_two_processes_batch_b_equal_one_process_batch_2b(tmp_path: Path):
     one = tmp_path / "one.pt"
-    two = tmp_path / "two.pt"
-    r1 = run([PY, HELPER, str(one), "16", "1", "3"])
-    assert r1.returncode == 0, r1.stderr
-    r2 = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", HELPER, str(two), "8", "1", "3"])
-    assert r2.returncode == 0, r2.stderr
-    _close(_params(one), _params(two))
+    _close(_steps(one, 1, 16, 1), _steps(tmp_path / "two.pt", 2, 8, 1))
     # and the steps did something: parameters moved away from the initial ones
     torch.manual_seed(0)
     from ddp_trainer.models import TinyCNN
@@ -36,13 +39,8 @@ def test_two_processes_batch_b_equal_one_process_batch_2b(tmp_path: Path):
 
 
 def test_gradient_accumulation_equals_big_batch_and_syncs_once_per_step(tmp_path: Path):
-    big = tmp_path / "big.pt"
     acc = tmp_path / "acc.pt"
-    r1 = run([PY, HELPER, str(big), "16", "1", "3"])
-    assert r1.returncode == 0, r1.stderr
-    r2 = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", HELPER, str(acc), "4", "2", "3"])
-    assert r2.returncode == 0, r2.stderr
-    _close(_params(big), _params(acc))
+    _close(_steps(tmp_path / "big.pt", 1, 16, 1), _steps(acc, 2, 4, 2))
     info = json.loads(Path(str(acc) + ".json").read_text())
     assert info["steps"] == 3 and info["world"] == 2
     assert info["allreduce_calls"] == 3  # one all-reduce per optimizer step, none on accumulation steps
