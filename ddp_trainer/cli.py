@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .errors import EXIT_FAILURE, EXIT_OK, UserError, one_line
 
 log = logging.getLogger("ddp_trainer")
+SHARED_ERROR_GRACE_S = 2.0
 
 
 def _report(exc: BaseException, rank: int, show_traceback: bool) -> int:
@@ -27,6 +29,10 @@ def _report(exc: BaseException, rank: int, show_traceback: bool) -> int:
             print(f"{prefix}error: {one_line(exc)}", file=sys.stderr, flush=True)
             if show_traceback:
                 traceback.print_exception(exc)
+        elif rank:
+            # rank 0 prints this error; torchrun's agent stops every other worker as soon as one exits,
+            # so leave rank 0 a moment to print it first
+            time.sleep(SHARED_ERROR_GRACE_S)
         return exc.exit_code
     text = one_line(exc)
     if _peer_lost(exc):
@@ -84,7 +90,8 @@ def _debug_config(cfg):  # type: ignore[no-untyped-def]
 
 
 @contextlib.contextmanager
-def launched(mode_request: str, backend: str, timeout_s: float) -> Iterator[tuple[Any, Any]]:
+def launched(mode_request: str, backend: str, timeout_s: float,
+             init_timeout_s: float | None = None) -> Iterator[tuple[Any, Any]]:
     """Resolve the launch environment, decide the mode, log the decision, and run inside the process
     group (always torn down). Yields ``(Dist, ModeDecision)``."""
     import torch
@@ -107,9 +114,10 @@ def launched(mode_request: str, backend: str, timeout_s: float) -> Iterator[tupl
     if decision.mode == "dp":
         log.info("hint: DDP is faster than DataParallel: torchrun --standalone --nproc_per_node=%d launch.py ...",
                  decision.gpus)
-    with process_group(env, decision.backend, device, timeout_s) as dist:
+    with process_group(env, decision.backend, device, timeout_s, init_timeout_s) as dist:
         if dist.active:
-            where = dist.all_gather_object(_host_and_address())
+            with dist.waiting("every rank to start"):
+                where = dist.all_gather_object(_host_and_address())
             log.info("ranks: %s", ", ".join(f"{r} on {h} ({a})" for r, (h, a) in enumerate(where)))
         yield dist, decision
 
@@ -151,7 +159,7 @@ def run_training(args: argparse.Namespace) -> int:
     stop = StopRequest(parse_signals(cfg.preempt.signals)).install()
     trainer = None
     try:
-        with launched(cfg.dist.mode, cfg.dist.backend, cfg.dist.timeout_s) as (dist, decision):
+        with launched(cfg.dist.mode, cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.init_timeout_s) as (dist, decision):
             if args.debug:
                 torch.autograd.set_detect_anomaly(True)
                 log.info("debug: one process on %s, num_workers=0, anomaly detection on, %d step(s) x %d "

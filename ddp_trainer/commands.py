@@ -82,8 +82,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
     splits = build_splits(cfg, dist)
     if args.split == "train":
         ds = FolderDataset(splits.train, train_transform(cfg.data), cfg.seed)
-        plan = EpochPlan(len(ds), world=1, rank=0, batch_size=args.count, accum=1, seed=cfg.seed, epoch=0)
-        keys = list(plan.steps[0][0])
+        plan = EpochPlan(len(ds), world=1, rank=0, batch_size=min(args.count, len(ds)), accum=1, seed=cfg.seed,
+                         epoch=0, max_steps=1)
+        keys = plan.step(0)[0]
     else:
         ds = FolderDataset(splits.val, eval_transform(cfg.data), cfg.seed)
         keys = list(range(min(args.count, len(ds))))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class DataConfig:
     classes: Optional[list[str]] = None  # class order; default: sorted folder names
     image_size: int = 32
     batch_size: int = 64  # per process
+    drop_last: bool = True  # leave out each epoch's partial last step (false: fold it into the step before)
     num_workers: int = 2
     bad_images: Literal["error", "skip"] = "error"
     val_fraction: float = 0.1
@@ -43,6 +45,8 @@ class DataConfig:
     persistent_workers: bool = True
     prefetch_factor: Optional[int] = None  # default: torch's (2) when num_workers > 0
     cache: Literal["none", "decoded"] = "none"  # decoded: one memory-mapped uint8 file per split and size
+    cache_dir: Optional[str] = None  # where decoded caches live; default: <cache root>/decoded
+    cache_size: Optional[int] = None  # stored side of training images when cropping randomly; ceil(1.15 x image_size)
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 8, "data.image_size", self.image_size, "use at least 8")
@@ -63,6 +67,16 @@ class DataConfig:
                    "remove the repeated class names")
         _check(self.prefetch_factor is None or self.prefetch_factor >= 1, "data.prefetch_factor",
                self.prefetch_factor, "use at least 1, or null")
+        _check(self.cache_size is None or self.cache_size >= self.image_size, "data.cache_size", self.cache_size,
+               f"use at least data.image_size ({self.image_size}), or null")
+
+    @property
+    def train_cache_size(self) -> int:
+        """The side the decoded cache stores training images at: larger than ``image_size`` only
+        when random_resized_crop crops from it (so the crop is not taken from a downscaled picture)."""
+        if "random_resized_crop" not in self.augment:
+            return self.image_size
+        return self.cache_size if self.cache_size is not None else math.ceil(self.image_size * 1.15)
 
 
 @dataclass(frozen=True)
@@ -123,10 +137,13 @@ class TrainConfig:
 class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     mode: Literal["auto", "ddp", "dp", "single"] = "auto"
-    timeout_s: float = 300.0  # a collective that waits longer fails the job
+    timeout_s: float = 300.0  # a collective that waits longer fails the job (from the first optimizer step on)
+    init_timeout_s: float = 3600.0  # the same until then: start-up, data scan, verification, cache build
 
     def __post_init__(self) -> None:
         _check(self.timeout_s > 0, "dist.timeout_s", self.timeout_s, "use a positive number of seconds")
+        _check(self.init_timeout_s > 0, "dist.init_timeout_s", self.init_timeout_s,
+               "use a positive number of seconds")
 
 
 @dataclass(frozen=True)

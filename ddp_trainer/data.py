@@ -20,6 +20,7 @@ from .config import Config, DataConfig
 from .distributed import Dist
 from .errors import DataError
 from .folder_index import FolderIndex, check_same_classes, scan, split_holdout
+from .progress import Ticker
 from .samplers import ExactEvalSampler, PlanBatchSampler, SampleKey
 from .transforms import ImageTransform, load_rgb, sample_seed
 
@@ -81,7 +82,8 @@ def resolve_root(cfg: DataConfig, dist: Dist) -> Path:
         return Path(cfg.root).expanduser()
     if dist.env.is_local_main:
         root = demo_data.ensure_demo_data()
-    dist.barrier()  # the node's other ranks wait until local rank 0 has written it
+    with dist.waiting("local rank 0 to write the demo data"):
+        dist.barrier()  # the node's other ranks wait until local rank 0 has written it
     if not dist.env.is_local_main:
         root = demo_data.demo_dir()
     return root
@@ -108,12 +110,15 @@ def scan_splits(cfg: DataConfig, root: Path) -> Splits:
 def _unreadable(index: FolderIndex, dist: Dist) -> set[str]:
     """Relative paths of files that do not decode; each rank checks a strided share."""
     bad = []
+    ticker = Ticker(f"data.bad_images=skip: checking {index.root}", total=len(index), scale=dist.world_size)
     for i in range(dist.rank, len(index), dist.world_size):
         try:
             load_rgb(index.path(i))
         except DataError:
             bad.append(index.samples[i][0])
-    return {p for part in dist.all_gather_object(bad) for p in part}
+        ticker.tick()
+    with dist.waiting("every rank to check its share of the images (data.bad_images=skip)"):
+        return {p for part in dist.all_gather_object(bad) for p in part}
 
 
 def _drop_unreadable(index: FolderIndex, dist: Dist, split: str) -> FolderIndex:
@@ -135,26 +140,25 @@ def _drop_unreadable(index: FolderIndex, dist: Dist, split: str) -> FolderIndex:
 def build_splits(cfg: Config, dist: Dist) -> Splits:
     """Scan once on rank 0, broadcast, and (with ``bad_images=skip``) drop unreadable files."""
     root = resolve_root(cfg.data, dist)
-    splits = dist.main_then_broadcast(lambda: scan_splits(cfg.data, root))
+    with dist.waiting("rank 0 to scan the data folders"):
+        splits = dist.main_then_broadcast(lambda: scan_splits(cfg.data, root))
     if cfg.data.bad_images == "skip":
         splits = Splits(_drop_unreadable(splits.train, dist, "train"),
                         _drop_unreadable(splits.val, dist, "val"), splits.source)
     return splits
 
 
-def with_decoded_cache(index: FolderIndex, cfg: DataConfig, dist: Dist) -> Any:
-    """For ``data.cache: decoded``: build the node's cache on local rank 0 (others wait; a decode
-    error on it fails every rank) and return a CachedImages; else None."""
+def with_decoded_cache(index: FolderIndex, cfg: DataConfig, dist: Dist, size: int) -> Any:
+    """For ``data.cache: decoded``: this node's cache of ``index`` at ``size`` (built first if missing,
+    by every local rank) as a CachedImages; else None."""
     if cfg.cache != "decoded":
         return None
     from . import decoded_cache
     from .demo_data import cache_root
 
-    folder = cache_root() / "decoded"
-    path = dist.all_ok(lambda: decoded_cache.build(index, cfg.image_size, folder) if dist.env.is_local_main else None)
-    if path is None:
-        path = decoded_cache.cache_path(folder, index, cfg.image_size)
-    return decoded_cache.CachedImages(path)
+    folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "decoded"
+    path = decoded_cache.ensure(index, size, folder, dist, workers=cfg.num_workers)
+    return decoded_cache.CachedImages(path, len(index), size)
 
 
 def train_transform(cfg: DataConfig) -> ImageTransform:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as tdist
 
 from .env import LaunchEnv
-from .errors import UserError
+from .errors import PeerTimeout, UserError
 
 log = logging.getLogger("ddp_trainer")
 T = TypeVar("T")
@@ -30,6 +30,8 @@ class Dist:
     backend: str | None  # None: no process group
     device: torch.device
     cpu_group: Any = None  # a gloo group for host-side flags (None: the default group is gloo already)
+    timeout_s: float = 300.0  # the collectives' timeout once training runs (dist.timeout_s)
+    init_timeout_s: float = 300.0  # the timeout until end_preparation() (dist.init_timeout_s)
 
     @property
     def rank(self) -> int:
@@ -46,6 +48,31 @@ class Dist:
     @property
     def active(self) -> bool:
         return self.backend is not None
+
+    # -- preparation: long waits, then the training timeout ------------------------------------
+
+    @contextlib.contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        """Name the preparation step the collectives inside wait for: a rank whose wait runs past
+        ``dist.init_timeout_s`` says what it waited for instead of printing gloo/nccl's text."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - only timeouts are translated, everything else re-raised
+            if not (self.active and _is_timeout(exc)):
+                raise
+            raise PeerTimeout(f"gave up after waiting {self.init_timeout_s:g} s for {what} "
+                              f"(dist.init_timeout_s={self.init_timeout_s:g}); if that step is just slow, raise "
+                              f"dist.init_timeout_s, else look for the rank that stopped") from None
+
+    def end_preparation(self) -> None:
+        """Lower the collectives' timeout from ``init_timeout_s`` to ``timeout_s`` (after the first
+        optimizer step: from then on a long wait means a stalled or dead peer)."""
+        if self.active and self.init_timeout_s != self.timeout_s:
+            timeout = datetime.timedelta(seconds=self.timeout_s)
+            tdist.set_timeout(timeout)
+            if self.cpu_group is not None:
+                tdist.set_timeout(timeout, self.cpu_group)
+            log.info("dist: collective timeout lowered to dist.timeout_s=%g s after the first step", self.timeout_s)
 
     # -- collectives; no-ops without a process group ------------------------------------------
 
@@ -134,12 +161,21 @@ def pick_device(env: LaunchEnv, use_cuda: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text or type(exc).__name__ == "DistStoreError"
+
+
 @contextlib.contextmanager
 def process_group(env: LaunchEnv, backend: str | None, device: torch.device,
-                  timeout_s: float) -> Iterator[Dist]:
-    """Start the process group (when ``backend`` is given) and always destroy it on exit."""
+                  timeout_s: float, init_timeout_s: float | None = None) -> Iterator[Dist]:
+    """Start the process group (when ``backend`` is given) and always destroy it on exit.
+
+    Collectives time out after ``init_timeout_s`` until :meth:`Dist.end_preparation`, then after
+    ``timeout_s``."""
+    init_timeout_s = timeout_s if init_timeout_s is None else init_timeout_s
     if backend is None:
-        yield Dist(env=env, backend=None, device=device)
+        yield Dist(env=env, backend=None, device=device, timeout_s=timeout_s, init_timeout_s=init_timeout_s)
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -150,10 +186,12 @@ def process_group(env: LaunchEnv, backend: str | None, device: torch.device,
         kwargs["device_id"] = device
     tdist.init_process_group(
         backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        timeout=datetime.timedelta(seconds=init_timeout_s), **kwargs)
     try:
-        cpu_group = tdist.new_group(backend="gloo") if backend != "gloo" else None
-        yield Dist(env=env, backend=backend, device=device, cpu_group=cpu_group)
+        cpu_group = (tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=init_timeout_s))
+                     if backend != "gloo" else None)
+        yield Dist(env=env, backend=backend, device=device, cpu_group=cpu_group, timeout_s=timeout_s,
+                   init_timeout_s=init_timeout_s)
     finally:
         with contextlib.suppress(Exception):
             tdist.destroy_process_group()

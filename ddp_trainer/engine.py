@@ -82,12 +82,12 @@ class Engine:
         """
         self.model.train()
         consumed = plan.start
-        for j, step in enumerate(plan.steps):
+        for j in range(len(plan)):
             lr = lr_at(consumed)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            last = len(step) - 1
-            for m in range(len(step)):
+            last = plan.micro_count(j) - 1
+            for m in range(last + 1):
                 t0 = time.perf_counter()
                 batch = next(batches)
                 self.data_wait_s += time.perf_counter() - t0
@@ -107,7 +107,7 @@ class Engine:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-            consumed = plan.consumed_after[j]
+            consumed = plan.consumed_after(j)
             yield StepDone(j, consumed, lr)
 
 

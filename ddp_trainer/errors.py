@@ -34,6 +34,12 @@ class CheckpointError(UserError):
     """A missing, corrupt, refused or mismatching checkpoint."""
 
 
+class PeerTimeout(UserError):
+    """A rank waited past the preparation timeout for another rank's step; the message names it."""
+
+    exit_code = EXIT_FAILURE
+
+
 def one_line(exc: BaseException) -> str:
     """The user-facing one-line text of ``exc``.
 

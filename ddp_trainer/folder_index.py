@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import DataError
+from .progress import Ticker
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -49,7 +50,7 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and _visible(e.name))
 
 
-def _images_under(class_dir: Path) -> list[str]:
+def _images_under(class_dir: Path, ticker: Ticker) -> list[str]:
     """Image files below ``class_dir`` (recursively), as sorted paths relative to it."""
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
@@ -58,6 +59,7 @@ def _images_under(class_dir: Path) -> list[str]:
         for name in filenames:
             if _visible(name) and name.lower().endswith(IMAGE_EXTENSIONS):
                 found.append(name if rel == "." else os.path.join(rel, name))
+        ticker.tick(len(filenames))
     return sorted(found)
 
 
@@ -88,8 +90,9 @@ def scan(folder: str | Path, classes: Sequence[str] | None = None) -> FolderInde
             raise DataError(f"folder '{folder / extra[0]}' is not in data.classes {names}; add "
                             f"{extra[0]!r} to data.classes or move the folder out of '{folder}'")
     samples: list[tuple[str, int]] = []
+    ticker = Ticker(f"data: scanning {folder}", unit="files")
     for label, name in enumerate(names):
-        files = _images_under(folder / name)
+        files = _images_under(folder / name, ticker)
         if not files:
             raise DataError(f"class folder '{folder / name}' holds no images "
                             f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...); add images or remove the folder")

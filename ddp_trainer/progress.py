@@ -71,3 +71,46 @@ class Scalars:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class Ticker:
+    """Progress of a long preparation step (scan, verification, cache build) as a log line at most
+    every ``every_s`` seconds: ``what: done/total items, rate, time left``. Cheap to call per item.
+    Logs at INFO, which only global rank 0 shows."""
+
+    def __init__(self, what: str, total: int | None = None, unit: str = "images", every_s: float = 10.0,
+                 scale: int = 1) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.scale = scale  # this process does 1/scale of the work (a share of the ranks)
+        self.done = 0
+        self.t0 = self._clock()
+        self._next = self.t0 + every_s
+
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+        now = self._clock()
+        if now >= self._next:
+            self._next = now + self.every_s
+            self._log(now)
+
+    def _log(self, now: float) -> None:
+        done = self.done * self.scale
+        rate = done / max(now - self.t0, 1e-9)
+        if self.total:
+            left = (self.total - done) / max(rate, 1e-9)
+            log.info("%s: %d/%d %s (%.0f%%), %.0f %s/s, about %s left", self.what, done, self.total, self.unit,
+                     100 * done / self.total, rate, self.unit, _duration(left))
+        else:
+            log.info("%s: %d %s so far, %.0f %s/s", self.what, done, self.unit, rate, self.unit)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

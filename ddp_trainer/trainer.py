@@ -26,7 +26,7 @@ from .data import (FolderDataset, build_splits, eval_transform, make_eval_loader
                    train_transform, with_decoded_cache)
 from .distributed import Dist
 from .engine import Engine, EvalResult, evaluate
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, ConfigError, DataError, UserError
 from .models import build_model, classifier_head
 from .optim import LRSchedule, build_optimizer
 from .parallel import ModeDecision, prepare, unwrap, wrap
@@ -70,6 +70,17 @@ def _peak_rss_mb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
+def check_trainable(n: int, world: int, batch_size: int, model: nn.Module) -> None:
+    """Refuse, before training, a training set or batch that BatchNorm or the ranks cannot use.
+    Every rank checks the same figures, so only rank 0 prints the error (``shared``)."""
+    if n < 2 * world:
+        raise DataError(f"the training set has {n} image(s), fewer than 2 per process for {world} process(es); "
+                        f"add images or run fewer processes", shared=True)
+    if batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError("data.batch_size=1 with a model that has BatchNorm layers: BatchNorm cannot train on "
+                          "one sample; use data.batch_size=2 or more", shared=True)
+
+
 class Trainer:
     """Build with :meth:`build`, then call :meth:`fit`."""
 
@@ -89,18 +100,21 @@ class Trainer:
         self.best: float | None = None
         self.stop = stop or StopRequest([])
         self._stop_name = ""  # the signal the ranks agreed on
+        self._preparing = True  # collectives use dist.init_timeout_s until the first optimizer step
 
     # -- building ------------------------------------------------------------------------------
 
     def build(self) -> "Trainer":
         cfg, dist = self.cfg, self.dist
-        dist.main_then_broadcast(self._prepare_output_dir)
+        with dist.waiting("rank 0 to prepare output_dir"):
+            dist.main_then_broadcast(self._prepare_output_dir)
         self.splits = build_splits(cfg, dist)
         self.num_classes = len(self.splits.classes)
         log.info("data: %d train / %d val images, %d classes; val from %s", len(self.splits.train),
                  len(self.splits.val), self.num_classes, self.splits.source)
-        resume = dist.main_then_broadcast(self._find_resume)
-        init = dist.main_then_broadcast(self._read_init_from) if cfg.model.init_from and resume is None else None
+        with dist.waiting("rank 0 to read the checkpoint"):
+            resume = dist.main_then_broadcast(self._find_resume)
+            init = dist.main_then_broadcast(self._read_init_from) if cfg.model.init_from and resume is None else None
 
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not cfg.train.deterministic  # fastest kernels unless asked not to
@@ -109,6 +123,7 @@ class Trainer:
             torch.backends.cudnn.deterministic = True
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
         model = build_model(cfg.model.name, self.num_classes)
+        check_trainable(len(self.splits.train), dist.world_size, cfg.data.batch_size, model)
         if init is not None:
             self._apply_init(model, init)
         if resume is not None:
@@ -128,9 +143,9 @@ class Trainer:
 
         seed = cfg.seed
         self.train_set = FolderDataset(self.splits.train, train_transform(cfg.data), seed,
-                                       with_decoded_cache(self.splits.train, cfg.data, dist))
+                                       with_decoded_cache(self.splits.train, cfg.data, dist, cfg.data.train_cache_size))
         self.val_set = FolderDataset(self.splits.val, eval_transform(cfg.data), seed,
-                                     with_decoded_cache(self.splits.val, cfg.data, dist))
+                                     with_decoded_cache(self.splits.val, cfg.data, dist, cfg.data.image_size))
         init = worker_init_ignoring(self.stop.signals)
         self.train_loader, self.batches = make_train_loader(self.train_set, cfg.data, self.device, worker_init_fn=init)
         self.val_loader = make_eval_loader(self.val_set, cfg.data, dist, self.device, worker_init_fn=init)
@@ -350,10 +365,10 @@ class Trainer:
         while self.epoch < cfg.train.epochs:
             epoch = self.epoch
             plan = EpochPlan(n, world=dist.world_size, rank=dist.rank, batch_size=cfg.data.batch_size,
-                             accum=cfg.train.grad_accum_steps, seed=cfg.seed, epoch=epoch, start=self.position)
-            if self.max_steps is not None:
-                plan.steps = plan.steps[: self.max_steps]
-                plan.consumed_after = plan.consumed_after[: self.max_steps]
+                             accum=cfg.train.grad_accum_steps, seed=cfg.seed, epoch=epoch, start=self.position,
+                             drop_last=cfg.data.drop_last, max_steps=self.max_steps)
+            if epochs_run == 0:
+                self._log_plan(plan)
             self.batches.set_plan(plan)
             self.engine.running.reset()
             self.engine.data_wait_s = 0.0
@@ -373,6 +388,9 @@ class Trainer:
                 for done in self.engine.train_steps(batches, plan, lr_at):
                     bar.update(done.consumed - self.position)
                     self.step += 1
+                    if self._preparing:
+                        dist.end_preparation()
+                        self._preparing = False
                     self.position = done.consumed
                     lr = done.lr
                     if self.step % cfg.train.log_every_steps == 0:
@@ -424,6 +442,15 @@ class Trainer:
         self.finish_writes()
         self.scalars.close()
         return FitResult(epochs_run, last_val, self.out)
+
+    def _log_plan(self, plan: EpochPlan) -> None:
+        """Once per run: what the epoch plan does with the tail of the training set."""
+        if plan.partial_only:
+            log.info("data: the %d training images are fewer than one global batch; each epoch is one partial "
+                     "optimizer step", plan.n)
+        elif plan.dropped and self.cfg.data.drop_last:
+            log.info("data.drop_last: the last %d sample(s) of each epoch's order are left out (a different "
+                     "tail every epoch); data.drop_last=false trains them in the epoch's last step", plan.dropped)
 
     def _stop_agreed(self) -> bool:
         """Every rank learns whether any rank received a stop signal (and which one)."""

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,40 @@ def launch(nproc: int, *args: str, timeout: float = 300, env: dict[str, str] | N
         cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "--monitor-interval=0.2",
                str(ROOT / "launch.py"), *args]
     return run(cmd, timeout=timeout, env=env)
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """SIGKILL the agent, its ranks and their loader workers at once, when ``ready()`` is true."""
+    t0 = time.monotonic()
+    while not ready():
+        assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read()}"
+        assert time.monotonic() - t0 < timeout, "condition never met"
+        time.sleep(0.02)
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(30)
+    time.sleep(0.2)  # let the kernel reap the orphans
 
 
 def our_lines(text: str) -> list[str]:

@@ -1,21 +1,32 @@
-"""data.cache=decoded: same pixels as decoding, rebuilt when a file changes, never half-written."""
+"""data.cache=decoded: same pixels as decoding, rebuilt when a file changes, never half-written, built
+by every local rank, never racing the collective timeout, and no garbage left by a killed build."""
+import math
 import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
-from conftest import launch, metrics
+from conftest import PY, ROOT, TORCHRUN, child_env, kill_when, launch, metrics
 from ddp_trainer import decoded_cache
 from ddp_trainer.folder_index import scan
 from ddp_trainer.transforms import ImageTransform, load_rgb
 
 
+def _images(path: Path) -> decoded_cache.CachedImages:
+    n, _, s, _ = (int(x) for x in path.name.rsplit("-", 1)[1].removesuffix(".u8").split("x"))
+    return decoded_cache.CachedImages(path, n, s)
+
+
 def test_cache_pixels_equal_decoding(demo_small: Path, tmp_path: Path):
     idx = scan(demo_small / "val")
     path = decoded_cache.build(idx, 12, tmp_path)  # 16 px files resized to 12: the resize is in both
-    images = decoded_cache.CachedImages(path)
+    assert path.stat().st_size == decoded_cache.nbytes(len(idx), 12) == len(idx) * 3 * 12 * 12
+    images = _images(path)
     fit = ImageTransform(12)
     for i in range(len(idx)):
         assert torch.equal(images[i], fit.fit(load_rgb(idx.path(i))))
@@ -35,25 +46,147 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(demo_small: Path, tmp_p
     assert second != first
     idx = scan(data)
     i = [p for p, _ in idx.samples].index(f"cross_cool/{victim.name}")
-    assert decoded_cache.CachedImages(second)[i][:, 0, 0].tolist() == [1, 2, 3]
+    assert _images(second)[i][:, 0, 0].tolist() == [1, 2, 3]
     assert decoded_cache.build(scan(data), 8, tmp_path / "c") not in (first, second)  # size change: rebuilt
 
 
-def test_a_stale_partial_file_is_never_read(demo_small: Path, tmp_path: Path):
+def test_dead_builds_are_removed_and_live_ones_kept(demo_small: Path, tmp_path: Path):
     idx = scan(demo_small / "val")
-    final = decoded_cache.cache_path(tmp_path, idx, 16)
-    partial = final.with_name(f".{final.name}.tmp-999999")
-    partial.write_bytes(b"\0" * 100)  # what a killed build leaves behind
-    path = decoded_cache.build(idx, 16, tmp_path)
-    assert path == final and decoded_cache.open_cache(path).shape == (len(idx), 3, 16, 16)
+    dead = tmp_path / ".decoded-abc-1x3x16x16.u8.tmp-host-999999"
+    dead.write_bytes(b"\0" * 100)  # what a killed build leaves behind: nobody holds its lock
+    live = tmp_path / ".decoded-def-1x3x16x16.u8.tmp-host-1"
+    live.write_bytes(b"\0" * 100)
+    holder = subprocess.Popen([PY, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(live)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        path = decoded_cache.build(idx, 16, tmp_path)
+        assert not dead.exists()  # removed
+        assert live.exists()  # another job's build in progress: left alone
+        assert path.exists() and not [p for p in tmp_path.glob(".*.tmp-*") if p != live]
+    finally:
+        holder.kill()
+        holder.wait()
+    decoded_cache.build(idx, 8, tmp_path)
+    assert not live.exists()  # its holder died: the next build removes it
 
 
-def test_training_with_the_decoded_cache(small_args, tmp_path: Path):
-    from conftest import child_env
+def _write_rgb(root: Path, classes: int, per_class: int, size: int) -> Path:
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        d = root / f"c{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            px = torch.randint(0, 256, (size, size + 7, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(px).save(d / f"{i:03d}.png")
+    return root
 
+
+def test_random_crops_come_from_a_larger_stored_image(tmp_path: Path):
+    data = _write_rgb(tmp_path / "d", 2, 3, 40)
+    from ddp_trainer.config import load
+    from ddp_trainer.data import FolderDataset
+    from ddp_trainer.samplers import SampleKey
+
+    cfg = load(None, ["data.image_size=16", "data.augment=[random_resized_crop]"]).data
+    assert cfg.train_cache_size == math.ceil(16 * 1.15) == 19
+    assert load(None, ["data.image_size=16"]).data.train_cache_size == 16  # no random crop: stored at image_size
+    assert load(None, ["data.image_size=16", "data.cache_size=24", "data.augment=[random_resized_crop]"]
+                ).data.train_cache_size == 24
+    idx = scan(data)
+    path = decoded_cache.build(idx, cfg.train_cache_size, tmp_path / "c")
+    assert path.name.endswith(f"-{len(idx)}x3x19x19.u8")
+    transform = ImageTransform(16, ("random_resized_crop",))
+    cached = FolderDataset(idx, transform, seed=1, cached=_images(path))
+    for i in range(len(idx)):
+        key = SampleKey(i, 2, 1.0)
+        # the crop is taken from the stored 19x19 picture (shorter side 19, centre square), then resized to 16
+        gen = torch.Generator().manual_seed(__import__("ddp_trainer.transforms", fromlist=["x"]).sample_seed(1, 2, i))
+        expect = transform(ImageTransform(19).fit(load_rgb(idx.path(i))), gen)
+        assert torch.equal(cached[key][0], expect)
+        assert cached[key][0].shape == (3, 16, 16)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A 256 KiB tmpfs (needs root; CI runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_too_little_space_is_a_clear_error_before_building(small_args, tiny_disk: Path):
+    res = launch(0, *small_args, "data.cache=decoded", f"data.cache_dir={tiny_disk}", "data.image_size=64",
+                 timeout=120)
+    assert res.returncode == 2, res.stderr
+    line = [l for l in res.stderr.splitlines() if "error:" in l][0]
+    need = decoded_cache._human(decoded_cache.nbytes(120, 64))
+    assert f"data.cache=decoded needs {need} for 120 images at 64x64 in '{tiny_disk}'" in line
+    assert "is free there" in line and "data.cache_dir" in line
+    assert not list(tiny_disk.iterdir())  # nothing written
+
+
+@pytest.mark.slow
+def test_two_processes_build_one_cache_together(small_args, tmp_path: Path):
     env = child_env(DDP_TRAINER_CACHE=str(tmp_path / "cache"))
     res = launch(2, *small_args, "data.cache=decoded", "train.epochs=1", env=env, timeout=180)
     assert res.returncode == 0, res.stderr
     files = sorted((tmp_path / "cache" / "decoded").glob("decoded-*.u8"))
-    assert len(files) == 2  # train and val, built once (by local rank 0) for both ranks
+    assert len(files) == 2  # train and val: one file each for both ranks
+    assert res.stderr.count("2 process(es) on the node") == 2  # both ranks decoded a share of each
     assert len(metrics(tmp_path / "run")) == 1
+    data = Path(next(a for a in small_args if a.startswith("data.root=")).split("=", 1)[1])
+    val = scan(data / "val")
+    images = _images(next(f for f in files if f"-{len(val)}x3x" in f.name))
+    fit = ImageTransform(16)
+    assert all(torch.equal(images[i], fit.fit(load_rgb(val.path(i)))) for i in range(len(val)))
+
+
+@pytest.mark.slow
+def test_a_build_longer_than_the_collective_timeout_does_not_fail(small_args, tmp_path: Path):
+    # rank 0 decodes its 60 training images at 0.12 s each: rank 1 waits ~7 s, past dist.timeout_s=5
+    env = child_env(DDP_TRAINER_CACHE=str(tmp_path / "cache"), DDP_TRAINER_TEST_SLOW_CACHE="0:0.12")
+    t0 = time.monotonic()
+    res = launch(2, *small_args, "data.cache=decoded", "train.epochs=1", "dist.timeout_s=5", env=env, timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - t0 > 7
+    assert "collective timeout lowered to dist.timeout_s=5 s after the first step" in res.stderr
+    # the same wait with a preparation timeout shorter than the build: a clear line saying what it waited for
+    shutil.rmtree(tmp_path / "cache")
+    out = tmp_path / "run2"
+    res = launch(2, *small_args, f"output_dir={out}", "data.cache=decoded", "train.epochs=1",
+                 "dist.init_timeout_s=3", env=env, timeout=180)
+    assert res.returncode == 1, res.stderr
+    assert "gave up after waiting 3 s for the decoded cache build (every local rank decodes a share)" in res.stderr
+    assert "dist.init_timeout_s" in res.stderr
+
+
+@pytest.mark.slow
+def test_a_build_killed_midway_leaves_nothing_after_the_next_run(small_args, tmp_path: Path):
+    cache = tmp_path / "cache" / "decoded"
+    env = child_env(DDP_TRAINER_CACHE=str(tmp_path / "cache"), DDP_TRAINER_TEST_SLOW_CACHE="0:0.2")
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), *small_args,
+           "data.cache=decoded", "train.epochs=1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    started = []
+
+    def one_second_into_the_build():
+        if not started and list(cache.glob(".*.tmp-*")):
+            started.append(time.monotonic())
+        return bool(started) and time.monotonic() - started[0] > 1.0
+
+    kill_when(proc, one_second_into_the_build)  # the agent, both ranks and their workers
+    left = list(cache.glob(".*.tmp-*"))
+    assert len(left) == 1 and left[0].stat().st_size > 0  # what SIGKILL leaves
+    res = launch(2, *small_args, "data.cache=decoded", "train.epochs=1",
+                 env=child_env(DDP_TRAINER_CACHE=str(tmp_path / "cache")), timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert f"data.cache: removed {left[0]}" in res.stderr
+    assert not list(cache.glob(".*.tmp-*"))
+    assert len(list(cache.glob("decoded-*.u8"))) == 2

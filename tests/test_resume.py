@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PY, ROOT, TORCHRUN, child_env, metrics, run
+from conftest import PY, ROOT, TORCHRUN, child_env, descendants, kill_when, metrics, run
 from ddp_trainer.samplers import epoch_order
 
 HELPERS = ROOT / "tests" / "helpers"
@@ -29,40 +29,6 @@ def start(nproc: int, args: list[str], **extra: str) -> subprocess.Popen:
     cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "launch.py"), *args]
     return subprocess.Popen(cmd, env=env(**extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-
-
-def descendants(pid: int) -> list[int]:
-    """All processes below ``pid`` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
-    """SIGKILL the agent, its ranks and their loader workers at once, when ``ready()`` is true."""
-    t0 = time.monotonic()
-    while not ready():
-        assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read()}"
-        assert time.monotonic() - t0 < timeout, "condition never met"
-        time.sleep(0.02)
-    for pid in [proc.pid, *descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(30)
-    time.sleep(0.2)  # let the kernel reap the orphans
 
 
 def load(path: Path) -> dict:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, child_env, metrics
-from test_resume import HELPERS, descendants
+from conftest import descendants
+from test_resume import HELPERS
 
 pytestmark = pytest.mark.cluster
 

@@ -39,8 +39,8 @@ with process_group(env, decision.backend, torch.device("cpu"), 60) as dist:
 
         model.register_comm_hook(None, counting_hook)
     engine = Engine(model, opt, Normalize([0.5] * 3, [0.25] * 3), dist.device)
-    plan = EpochPlan(n, world=dist.world_size, rank=dist.rank, batch_size=batch, accum=accum, seed=0, epoch=0)
-    plan.steps = plan.steps[:steps]
+    plan = EpochPlan(n, world=dist.world_size, rank=dist.rank, batch_size=batch, accum=accum, seed=0, epoch=0,
+                     max_steps=steps)
 
     def batches():
         for mb in plan.micro_batches():
