@@ -188,7 +188,7 @@ def run_training(args: argparse.Namespace) -> int:
 
 
 def train_main(argv: Sequence[str] | None = None, prog: str = "launch.py") -> int:
-    args = _train_parser(prog).parse_args(argv)
+    args = _train_parser(prog).parse_intermixed_args(argv)  # flags anywhere among the key=value overrides
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
     return guarded(run_training, args, rank)
 
@@ -216,12 +216,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--size", type=int, default=32)
     d.add_argument("--traceback", action="store_true")
     d.set_defaults(fn=_cmd_demo_data)
-    from . import commands
+    from . import check, commands
 
     commands.register(sub)
+    check.register(sub)
     if argv and argv[0] == "train":
         return train_main(argv[1:], prog="ddp-trainer train")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides given after a flag ("check --verify data.root=x")
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if not getattr(args, "fn", None):
         parser.print_help()
         return EXIT_FAILURE

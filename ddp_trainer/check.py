@@ -1,0 +1,154 @@
+"""``ddp-trainer check``: scan and validate the data and config exactly as training would, and report.
+
+Nothing is trained and ``output_dir`` is not touched. With ``--verify`` every image is decoded (with
+``data.num_workers`` loader workers) and the unreadable ones are listed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .errors import EXIT_OK, EXIT_USER_ERROR, DataError
+from .folder_index import FolderIndex
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="scan and validate data and config as training would; no training")
+    p.add_argument("--config", help="YAML config (defaults < file < overrides)")
+    p.add_argument("--nproc", type=int, default=1, help="processes the run will use (for the batch figures)")
+    p.add_argument("--verify", action="store_true", help="decode every image and list the unreadable ones")
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(fn=cmd_check)
+
+
+def _types(index: FolderIndex) -> str:
+    kinds = Counter(os.path.splitext(rel)[1].lower() for rel, _ in index.samples)
+    return ", ".join(f"{ext or '(none)'} {n}" for ext, n in kinds.most_common())
+
+
+def _per_class(index: FolderIndex) -> list[str]:
+    counts = Counter(label for _, label in index.samples)
+    per = [(index.classes[k], counts.get(k, 0)) for k in range(len(index.classes))]
+    if len(per) <= 30:
+        width = max(len(name) for name, _ in per)
+        return [f"    {name:<{width}}  {n}" for name, n in per]
+    values = [n for _, n in per]
+    smallest = sorted(per, key=lambda item: item[1])[:5]
+    return [f"    per class: min {min(values)}, median {statistics.median(values):g}, max {max(values)}",
+            "    smallest: " + ", ".join(f"{name} {n}" for name, n in smallest)]
+
+
+def _human(n: float) -> str:
+    from .decoded_cache import _human as human
+
+    return human(int(n))
+
+
+def _cache_lines(splits, cfg) -> list[str]:  # type: ignore[no-untyped-def]
+    from . import decoded_cache
+    from .demo_data import cache_root
+
+    folder = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else cache_root() / "decoded"
+    parts = [("train", splits.train, cfg.data.train_cache_size), ("val", splits.val, cfg.data.image_size)]
+    total = sum(decoded_cache.nbytes(len(ix), size) for _, ix, size in parts)
+    if cfg.data.cache != "decoded":
+        return [f"cache: data.cache=none (data.cache=decoded would need {_human(total)} in '{folder}')"]
+    lines = [f"cache: data.cache=decoded in '{folder}'"]
+    need = 0
+    for split, ix, size in parts:
+        path = folder / decoded_cache.file_name(decoded_cache.cache_key(ix, size), len(ix), size)
+        size_b = decoded_cache.nbytes(len(ix), size)
+        state = "exists" if path.exists() else "to build"
+        need += 0 if path.exists() else size_b
+        lines.append(f"    {split}: {path.name} ({len(ix)} images at {size}x{size}, {_human(size_b)}) {state}")
+    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    verdict = "enough" if free >= need else "NOT enough: set data.cache_dir to a larger disk"
+    lines.append(f"    to build: {_human(need)}; free: {_human(free)} ({verdict})")
+    return lines
+
+
+def _verify(index: FolderIndex, workers: int) -> list[tuple[str, str]]:
+    """(relative path, reason) of every image of ``index`` that does not decode."""
+    from .transforms import load_rgb
+
+    class Probe(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(index)
+
+        def __getitem__(self, i: int) -> tuple[int, str]:
+            try:
+                load_rgb(index.path(i))
+                return i, ""
+            except DataError as exc:
+                return i, exc.message
+
+    loader = torch.utils.data.DataLoader(Probe(), batch_size=None, num_workers=workers)
+    return [(index.samples[i][0], why) for i, why in loader if why]
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import config as config_mod
+    from .data import resolve_root, scan_splits
+    from .distributed import Dist
+    from .env import LaunchEnv
+    from .models import build_model, check_model_name
+    from .samplers import EpochPlan
+    from .trainer import check_trainable
+
+    t0 = time.monotonic()
+    cfg = config_mod.load(args.config, args.overrides)
+    check_model_name(cfg.model.name)
+    dist = Dist(env=LaunchEnv(), backend=None, device=torch.device("cpu"))
+    root = resolve_root(cfg.data, dist)
+    splits = scan_splits(cfg.data, root)
+    scanned = time.monotonic() - t0
+    model = build_model(cfg.model.name, len(splits.classes))
+    world = max(1, args.nproc)
+    check_trainable(len(splits.train), world, cfg.data.batch_size, model)
+    print(f"config: valid ({len(config_mod.valid_keys())} keys); model {cfg.model.name} "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(splits.classes)} classes)")
+    print(f"data: root '{root}', scanned in {scanned:.1f} s; val from {splits.source}")
+    for split, index in (("train", splits.train), ("val", splits.val)):
+        print(f"  {split}: {len(index)} images in {len(index.classes)} classes; file types: {_types(index)}")
+        for line in _per_class(index):
+            print(line)
+    plan = EpochPlan(len(splits.train), world=world, rank=0, batch_size=cfg.data.batch_size,
+                     accum=cfg.train.grad_accum_steps, seed=cfg.seed, epoch=0, drop_last=cfg.data.drop_last)
+    global_batch = world * cfg.data.batch_size * cfg.train.grad_accum_steps
+    if plan.partial_only:
+        tail = "fewer images than one global batch: each epoch is one partial step"
+    elif plan.dropped:
+        tail = f"{plan.dropped} image(s) of each epoch left out (data.drop_last=true)"
+    else:
+        tail = "every image used each epoch"
+    print(f"batches: global batch {global_batch} = {cfg.data.batch_size} x {world} process(es) x "
+          f"{cfg.train.grad_accum_steps}; {len(plan)} optimizer step(s) per epoch; {tail}")
+    for line in _cache_lines(splits, cfg):
+        print(line)
+    if not args.verify:
+        print("images: not decoded (add --verify to decode every image)")
+        return EXIT_OK
+    t1 = time.monotonic()
+    bad = [(split, rel, why) for split, index in (("train", splits.train), ("val", splits.val))
+           for rel, why in _verify(index, cfg.data.num_workers)]
+    n = len(splits.train) + len(splits.val)
+    print(f"images: decoded {n} in {time.monotonic() - t1:.1f} s; {len(bad)} unreadable")
+    for split, rel, why in bad[:50]:
+        print(f"  {split}: {rel!r}: {why}")
+    if len(bad) > 50:
+        print(f"  ... and {len(bad) - 50} more")
+    if bad and cfg.data.bad_images == "error":
+        print("result: training would stop at these files; replace or delete them, or set data.bad_images=skip")
+        return EXIT_USER_ERROR
+    if bad:
+        print("result: data.bad_images=skip would leave these files out")
+    return EXIT_OK
