@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _types(index: FolderIndex) -> str:
-    kinds = Counter(os.path.splitext(rel)[1].lower() for rel, _ in index.samples)
+    kinds = Counter(rel[rel.rfind("."):].lower() for rel, _ in index.samples)  # every image name has a dot
     return ", ".join(f"{ext or '(none)'} {n}" for ext, n in kinds.most_common())
 
 

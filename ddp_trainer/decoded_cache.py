@@ -5,7 +5,7 @@ One file per node (nodes need not share a filesystem), built by *every* local ra
 created, preallocated and locked; local rank 0 renames it into place once all shares are written,
 so a reader never sees a half-written cache. Reused by every rank of the node and by later runs;
 rebuilt when the dataset (paths, labels, sizes, modification times) or the stored size changes: the
-file name is a hash of all of these.
+file name is a hash of all of these (each local rank fingerprints a share of the files).
 
 A build that dies (SIGKILL, node failure) leaves its temporary file behind, but its lock dies with
 it: the next build on that folder removes every temporary file whose lock it can take.
@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,22 +39,43 @@ VERSION = 2
 SLOW_ENV = "DDP_TRAINER_TEST_SLOW_CACHE"  # test hook: "RANK:SECONDS" - that global rank sleeps per image
 TMP_GLOB = ".decoded-*.tmp-*"
 CHUNK = 64  # images per loader item when decoding
+STAT_CHUNK = 4096  # files per digest of the cache key
+
+
+def file_digests(index: FolderIndex, share: int = 0, shares: int = 1) -> dict[int, bytes]:
+    """Digests of chunks ``share, share + shares, ...`` of the files' (path, label, size, mtime).
+
+    The chunks are fixed (``STAT_CHUNK`` files), so the key does not depend on how many processes
+    share the ``stat`` calls: each local rank of a node takes some chunks (one ``stat`` per file is
+    the whole cost: about 6 us here, a network round trip on a parallel filesystem)."""
+    out = {}
+    n = len(index)
+    for c in range(share, -(-n // STAT_CHUNK), shares):
+        h = hashlib.sha256()
+        lines = []
+        for rel, label in index.samples[c * STAT_CHUNK: (c + 1) * STAT_CHUNK]:
+            try:
+                st = os.stat(os.path.join(index.root, rel))
+            except OSError as exc:
+                raise DataError(f"image {os.path.join(index.root, rel)!r} cannot be read ({exc.strerror}); it was "
+                                f"there when the folders were scanned: restore it, or start again") from None
+            lines.append(f"{rel}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n")
+        h.update("".join(lines).encode("utf-8", "surrogateescape"))
+        out[c] = h.digest()
+    return out
+
+
+def combine_key(index: FolderIndex, size: int, digests: dict[int, bytes]) -> str:
+    """The cache key from every chunk's digest: the stored size, the root and every file's fingerprint."""
+    h = hashlib.sha256(f"v{VERSION} {size} {index.root}\n".encode("utf-8", "surrogateescape"))
+    for c in range(-(-len(index) // STAT_CHUNK)):
+        h.update(digests[c])
+    return h.hexdigest()[:24]
 
 
 def cache_key(index: FolderIndex, size: int) -> str:
-    """A hash of the stored size, the root, and every file's path, label, size and modification time.
-
-    The ``stat`` calls run in a thread pool: on a parallel filesystem each is a round trip."""
-    def stat(rel: str) -> tuple[int, int]:
-        st = os.stat(os.path.join(index.root, rel))
-        return st.st_size, st.st_mtime_ns
-
-    h = hashlib.sha256(f"v{VERSION} {size} {index.root}\n".encode())
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        stats = pool.map(stat, [rel for rel, _ in index.samples], chunksize=4096)
-        for (rel, label), (nbytes, mtime) in zip(index.samples, stats):
-            h.update(f"{rel}\t{label}\t{nbytes}\t{mtime}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()[:24]
+    """:func:`combine_key` computed by this process alone."""
+    return combine_key(index, size, file_digests(index))
 
 
 def nbytes(images: int, size: int) -> int:
@@ -115,8 +135,8 @@ class _NodeBuilder:
         self.tmp: Path | None = None  # ours, until renamed
         self.target: _Target | None = None
 
-    def prepare(self) -> _Target:
-        path = self.folder / file_name(cache_key(self.index, self.size), len(self.index), self.size)
+    def prepare(self, key: str) -> _Target:
+        path = self.folder / file_name(key, len(self.index), self.size)
         if path.exists():
             self.target = _Target(path, None)
             return self.target
@@ -173,29 +193,37 @@ class _NodeBuilder:
 
 
 class _DecodeInto(torch.utils.data.Dataset):
-    """Item ``k`` decodes chunk ``k`` of this rank's share into the memory-mapped temporary file."""
+    """Item ``k`` decodes chunk ``k`` of this rank's share and writes it into the temporary file
+    (one ``pwrite`` per chunk at its offset: no shared mapping whose page faults the ranks contend on)."""
 
     def __init__(self, index: FolderIndex, size: int, tmp: Path, lo: int, hi: int, slow_s: float) -> None:
         self.index, self.size, self.tmp, self.lo, self.hi, self.slow_s = index, size, tmp, lo, hi, slow_s
         self.fit = ImageTransform(size)
-        self._arr: np.memmap | None = None
+        self._fd: int | None = None
 
     def __len__(self) -> int:
         return -(-(self.hi - self.lo) // CHUNK)
 
     def __getitem__(self, k: int) -> int:
-        if self._arr is None:
-            self._arr = np.memmap(self.tmp, dtype=np.uint8, mode="r+", shape=(len(self.index), 3, self.size, self.size))
+        if self._fd is None:
+            self._fd = os.open(self.tmp, os.O_WRONLY)
         start = self.lo + k * CHUNK
         stop = min(start + CHUNK, self.hi)
+        out = np.empty((stop - start, 3, self.size, self.size), dtype=np.uint8)
         for i in range(start, stop):
-            self._arr[i] = self.fit.fit(load_rgb(self.index.path(i))).numpy()
+            out[i - start] = self.fit.fit(load_rgb(self.index.path(i))).numpy()
             if self.slow_s:
                 time.sleep(self.slow_s)
+        os.pwrite(self._fd, out.data, start * nbytes(1, self.size))
         return stop - start
 
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arr": None}  # each worker maps the file itself
+        return {**self.__dict__, "_fd": None}  # each worker opens the file itself
 
 
 def _slow_hook(rank: int) -> float:
@@ -213,10 +241,11 @@ def _fill(index: FolderIndex, size: int, tmp: Path, share: int, shares: int, wor
     ds = _DecodeInto(index, size, tmp, lo, hi, slow_s)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     ticker = Ticker(f"data.cache: decoding {index.root}", total=n, scale=shares)
-    for count in loader:
-        ticker.tick(int(count))
-    if ds._arr is not None:
-        ds._arr.flush()
+    try:
+        for count in loader:
+            ticker.tick(int(count))
+    finally:
+        ds.close()
 
 
 def ensure(index: FolderIndex, size: int, folder: Path, dist: Any, workers: int = 0) -> Path:
@@ -225,8 +254,13 @@ def ensure(index: FolderIndex, size: int, folder: Path, dist: Any, workers: int 
     env = dist.env
     builder = _NodeBuilder(index, size, folder) if env.is_local_main else None
     try:
+        with dist.waiting("every local rank to fingerprint its share of the files (decoded cache key)"):
+            parts = dist.all_ok(lambda: file_digests(index, env.local_rank, env.local_world_size))
+            digests = {c: d for node, part in dist.all_gather_object((env.node_rank, parts))
+                       if node == env.node_rank for c, d in part.items()}
+        key = combine_key(index, size, digests)
         with dist.waiting("local rank 0 of each node to check the decoded cache"):
-            mine = dist.all_ok(lambda: builder.prepare() if builder is not None else None)
+            mine = dist.all_ok(lambda: builder.prepare(key) if builder is not None else None)
             targets = dist.all_gather_object((env.node_rank, mine))
         target = next(t for node, t in targets if node == env.node_rank and t is not None)
         if target.tmp is not None or any(t is not None and t.tmp is not None for _, t in targets):
@@ -237,12 +271,13 @@ def ensure(index: FolderIndex, size: int, folder: Path, dist: Any, workers: int 
                                               workers, _slow_hook(env.rank)))
                 else:
                     dist.all_ok(lambda: None)  # this node has its cache; join the others' collectives
+                decoded = time.monotonic() - t0
                 dist.all_ok(lambda: builder.finish() if builder is not None else None)
             if target.tmp is not None:
-                elapsed = time.monotonic() - t0
                 log.info("data.cache: decoded %d images of %s in %.1f s (%.0f images/s, %d process(es) on the "
-                         "node) into %s", len(index), index.root, elapsed, len(index) / max(elapsed, 1e-9),
-                         env.local_world_size, target.path)
+                         "node), on disk %.1f s later: %s", len(index), index.root, decoded,
+                         len(index) / max(decoded, 1e-9), env.local_world_size, time.monotonic() - t0 - decoded,
+                         target.path)
     except BaseException:
         if builder is not None:
             builder.abort()

@@ -6,6 +6,7 @@ paths and labels, is broadcast: every rank and node sees the same order.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +15,9 @@ from .errors import DataError
 from .progress import Ticker
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# a visible (no leading "." or "__") file name with one of IMAGE_EXTENSIONS, any case
+_IMAGE_NAME = re.compile(r"(?!\.|__).*(?:%s)\Z" % "|".join(re.escape(e) for e in IMAGE_EXTENSIONS),
+                         re.IGNORECASE | re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,15 @@ def _images_under(class_dir: Path, ticker: Ticker) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        rel = os.path.relpath(dirpath, class_dir)
-        for name in filenames:
-            if _visible(name) and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(name if rel == "." else os.path.join(rel, name))
+        images = filter(_IMAGE_NAME.match, filenames)  # the per-file test in C: 1.28M names in a blink
+        if dirpath == str(class_dir):
+            found.extend(images)
+        else:
+            prefix = os.path.relpath(dirpath, class_dir) + os.sep
+            found.extend(prefix + name for name in images)
         ticker.tick(len(filenames))
-    return sorted(found)
+    found.sort()
+    return found
 
 
 def scan(folder: str | Path, classes: Sequence[str] | None = None) -> FolderIndex:
@@ -96,7 +103,8 @@ def scan(folder: str | Path, classes: Sequence[str] | None = None) -> FolderInde
         if not files:
             raise DataError(f"class folder '{folder / name}' holds no images "
                             f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...); add images or remove the folder")
-        samples.extend((os.path.join(name, f), label) for f in files)
+        prefix = name + os.sep
+        samples.extend((prefix + f, label) for f in files)
     return FolderIndex(str(folder.resolve()), tuple(names), tuple(samples))
 
 

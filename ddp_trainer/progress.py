@@ -73,21 +73,25 @@ class Scalars:
             self.writer.close()
 
 
+PREPARATION_PROGRESS_S = 10.0  # seconds between progress lines of a long preparation step
+
+
 class Ticker:
     """Progress of a long preparation step (scan, verification, cache build) as a log line at most
     every ``every_s`` seconds: ``what: done/total items, rate, time left``. Cheap to call per item.
     Logs at INFO, which only global rank 0 shows."""
 
-    def __init__(self, what: str, total: int | None = None, unit: str = "images", every_s: float = 10.0,
+    def __init__(self, what: str, total: int | None = None, unit: str = "images", every_s: float | None = None,
                  scale: int = 1) -> None:
         import time
 
         self._clock = time.monotonic
-        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.what, self.total, self.unit = what, total, unit
+        self.every_s = PREPARATION_PROGRESS_S if every_s is None else every_s
         self.scale = scale  # this process does 1/scale of the work (a share of the ranks)
         self.done = 0
         self.t0 = self._clock()
-        self._next = self.t0 + every_s
+        self._next = self.t0 + self.every_s
 
     def tick(self, n: int = 1) -> None:
         self.done += n

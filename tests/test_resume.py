@@ -83,7 +83,10 @@ def test_kill_during_checkpoint_write_leaves_previous_intact(reference: Path, de
     proc = start(2, args, DDP_TRAINER_TEST_PAUSE_IN_WRITE="60@2")  # rank 0's second save pauses mid-write
 
     def writing() -> bool:
-        return any(p.stat().st_size > 0 for p in ck.glob(".*.tmp-*")) if ck.is_dir() else False
+        # the second write (the first one's temporary file also shows briefly: wait for its last.pt)
+        if not (ck / "last.pt").exists():
+            return False
+        return any(p.stat().st_size > 0 for p in ck.glob(".*.tmp-*"))
 
     kill_when(proc, writing)
     leftovers = list(ck.glob(".*.tmp-*"))
