@@ -173,7 +173,7 @@ def _timed_digests(index, share: int, shares: int):  # type: ignore[no-untyped-d
 def bench_cache_key(root: Path) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
-    from ddp_trainer.decoded_cache import cache_key, combine_key, file_digests
+    from ddp_trainer.decoded_cache import cache_key, combine_key
     from ddp_trainer.folder_index import scan
 
     index = scan(root / "train")

@@ -6,7 +6,6 @@ Nothing is trained and ``output_dir`` is not touched. With ``--verify`` every im
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import time

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .fsutil import atomic_write, publish, temp_path
 from .parallel import unwrap
 
 log = logging.getLogger("ddp_trainer")
@@ -31,7 +32,6 @@ FORMAT_VERSION = 1
 EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.pt$")
 WRAPPER_SEGMENTS = ("module", "_orig_mod")
 PAUSE_ENV = "DDP_TRAINER_TEST_PAUSE_IN_WRITE"  # test hook "S" or "S@N": pause S seconds halfway through (the N-th) write
-_writes = 0
 
 
 def canonical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -61,50 +61,23 @@ class _PausingFile(io.RawIOBase):
         return n
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, rename into place, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    global _writes
-    _writes += 1
-    pause_s, _, nth = os.environ.get(PAUSE_ENV, "").partition("@")
-    pause = float(pause_s or 0) if (not nth or int(nth) == _writes) else 0.0
-    try:
-        with open(tmp, "wb") as f:
-            if pause > 0:
-                buf = io.BytesIO()
-                torch.save(obj, buf)
-                data = buf.getvalue()
-                pf = _PausingFile(f, len(data), pause)
-                for i in range(0, len(data), 1 << 16):
-                    pf.write(data[i: i + (1 << 16)])
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+def atomic_save(obj: Any, path: Path, pause_s: float = 0.0) -> None:
+    """``torch.save`` through :func:`atomic_write`. ``pause_s`` (a test hook): sleep halfway through."""
+    with atomic_write(path) as f:
+        if pause_s > 0:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            data = buf.getvalue()
+            pf = _PausingFile(f, len(data), pause_s)
+            for i in range(0, len(data), 1 << 16):
+                pf.write(data[i: i + (1 << 16)])
+        else:
+            torch.save(obj, f)
 
 
 def atomic_link(src: Path, dst: Path) -> None:
     """Make ``dst`` name the same bytes as ``src`` (hard link, else copy), atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temp_path(dst)
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
@@ -114,8 +87,7 @@ def atomic_link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    publish(tmp, dst)
 
 
 class CheckpointWriter:
@@ -127,6 +99,9 @@ class CheckpointWriter:
     def __init__(self, folder: Path, keep_last: int) -> None:
         self.folder = Path(folder)
         self.keep_last = keep_last
+        pause_s, _, nth = os.environ.get(PAUSE_ENV, "").partition("@")  # the test hook, read once
+        self._pause_s, self._pause_nth = float(pause_s or 0), int(nth) if nth else None
+        self._writes = 0
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".*.tmp-*"):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
@@ -136,13 +111,15 @@ class CheckpointWriter:
 
         Older epoch files are removed only after the new files are in place.
         """
+        self._writes += 1
+        pause = self._pause_s if self._pause_nth in (None, self._writes) else 0.0
         if epoch_file is not None and self.keep_last > 0:
             first = self.folder / f"epoch_{epoch_file:04d}.pt"
-            atomic_save(state, first)
+            atomic_save(state, first, pause)
             atomic_link(first, self.folder / "last.pt")
         else:
             first = self.folder / "last.pt"
-            atomic_save(state, first)
+            atomic_save(state, first, pause)
         if best:
             atomic_link(first, self.folder / "best.pt")
         if epoch_file is not None:
@@ -290,6 +267,13 @@ class Loaded:
     rng: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     renamed: int = 0  # keys whose wrapper prefixes were stripped
+    entries: dict[str, Any] = field(default_factory=dict)  # the checkpoint mapping components restore from
+
+    def __post_init__(self) -> None:
+        if not self.entries:  # a foreign file: the entries its fields stand for
+            self.entries = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler,
+                            "epoch": self.epoch, "position": self.position, "epoch_complete": self.epoch_complete,
+                            "step": self.step, "best": self.best, "rng": self.rng}
 
     @property
     def start_epoch(self) -> int:
@@ -360,7 +344,8 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Loaded:
             step=int(obj["step"]), best=obj.get("best"), class_to_idx=obj.get("class_to_idx"),
             model_name=obj.get("model_name"), config=obj.get("config"), world_size=obj.get("world_size"),
             torch_version=obj.get("torch_version"), rng=obj.get("rng"),
-            extra={"scheduler": obj.get("scheduler"), "monitor": obj.get("monitor")}, renamed=renamed)
+            extra={"scheduler": obj.get("scheduler"), "monitor": obj.get("monitor")}, renamed=renamed,
+            entries={**obj, "model": sd})
     if isinstance(obj, Mapping) and "net" in obj and _is_state_dict(obj["net"]):
         sd, renamed = strip_wrapper_prefixes(obj["net"])
         epoch = obj.get("epoch")

@@ -6,14 +6,13 @@ into one line and exit code 1 (``--traceback`` shows the full traceback).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from .errors import EXIT_FAILURE, EXIT_OK, UserError, one_line
 
@@ -89,49 +88,6 @@ def _debug_config(cfg):  # type: ignore[no-untyped-def]
         "train.log_every_steps": 1, "train.compile": False})
 
 
-@contextlib.contextmanager
-def launched(mode_request: str, backend: str, timeout_s: float,
-             init_timeout_s: float | None = None) -> Iterator[tuple[Any, Any]]:
-    """Resolve the launch environment, decide the mode, log the decision, and run inside the process
-    group (always torn down). Yields ``(Dist, ModeDecision)``."""
-    import torch
-
-    from .distributed import pick_device, process_group
-    from .env import resolve
-    from .parallel import decide_mode
-    from .runlog import setup_logging
-
-    env = resolve(os.environ)
-    setup_logging(env.rank)
-    decision = decide_mode(mode_request, backend, env.world_size, env.local_world_size, torch.cuda.device_count(),
-                           launched=env.source != "single")
-    device = pick_device(env, decision.use_cuda)
-    if decision.backend is not None:
-        log.info("launch: DDP world_size=%d nodes=%d backend=%s device=%s (%s)", env.world_size, env.num_nodes,
-                 decision.backend, device.type, env.source)
-    else:
-        log.info("launch: %s device=%s (%s)", decision.describe(), device, env.source)
-    if decision.mode == "dp":
-        log.info("hint: DDP is faster than DataParallel: torchrun --standalone --nproc_per_node=%d launch.py ...",
-                 decision.gpus)
-    with process_group(env, decision.backend, device, timeout_s, init_timeout_s) as dist:
-        if dist.active:
-            with dist.waiting("every rank to start"):
-                where = dist.all_gather_object(_host_and_address())
-            log.info("ranks: %s", ", ".join(f"{r} on {h} ({a})" for r, (h, a) in enumerate(where)))
-        yield dist, decision
-
-
-def _host_and_address() -> tuple[str, str]:
-    import socket
-
-    host = socket.gethostname()
-    try:
-        return host, socket.gethostbyname(host)
-    except OSError:
-        return host, "?"
-
-
 def run_training(args: argparse.Namespace) -> int:
     import torch
 
@@ -141,6 +97,7 @@ def run_training(args: argparse.Namespace) -> int:
     from .models import check_model_name
     from .preempt import Preempted, StopRequest, parse_signals
     from .runlog import close_file_logs, setup_logging
+    from .runtime import launched
     from .trainer import Trainer
 
     env = resolve(os.environ)

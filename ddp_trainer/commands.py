@@ -157,7 +157,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from . import config as config_mod
     from .checkpoint import load_weights, read_checkpoint
-    from .cli import launched
+    from .runtime import launched
     from .data import FolderDataset, build_splits, eval_transform, make_eval_loader
     from .engine import evaluate
     from .models import build_model
@@ -167,8 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         loaded = dist.main_then_broadcast(lambda: read_checkpoint(args.checkpoint, args.trust_checkpoint))
         base = config_mod.read_yaml(args.config) if args.config else (loaded.config or {})
         base = {k: v for k, v in base.items() if k in ("data", "model", "seed", "train")}
-        cfg = config_mod.from_dict(config_mod._merge(
-            base, config_mod._nest(config_mod.parse_overrides(args.overrides), "command line")))
+        cfg = config_mod.apply_overrides(base, args.overrides)
         splits = build_splits(cfg, dist)
         if loaded.class_to_idx is not None and dict(loaded.class_to_idx) != splits.class_to_idx:
             raise CheckpointError(f"checkpoint '{args.checkpoint}' classes {list(loaded.class_to_idx)} differ "

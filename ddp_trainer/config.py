@@ -400,6 +400,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def apply_overrides(values: Mapping[str, Any], overrides: Sequence[str]) -> Config:
+    """``values`` (a nested mapping, e.g. a checkpoint's stored config) with command-line
+    ``key=value`` overrides applied on top, validated."""
+    return from_dict(_merge(dict(values), _nest(parse_overrides(overrides), source="command line")))
+
+
 def load(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults < YAML file < command-line overrides, validated."""
     values: dict[str, Any] = {}
@@ -411,8 +417,7 @@ def load(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -
             if str(config_file) in exc.message:
                 raise
             raise ConfigError(f"{config_file}: {exc.message}") from None
-    values = _merge(values, _nest(parse_overrides(overrides), source="command line"))
-    return from_dict(values)
+    return apply_overrides(values, overrides)
 
 
 def dump(config: Config) -> str:

@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -189,6 +189,46 @@ def _loader_kwargs(cfg: DataConfig, device: torch.device, workers: int,
         if cfg.prefetch_factor is not None:
             kwargs["prefetch_factor"] = cfg.prefetch_factor
     return kwargs
+
+
+class LoaderOwner:
+    """The run's DataLoaders, and the one place that reaches into torch's private DataLoader
+    internals (``DataLoader._iterator``, ``_shutdown_workers``), for which torch has no public API.
+    ``tests/test_loader_internals.py`` fails loudly when a torch upgrade changes them.
+
+    Why: loader workers ignore the stop signals (a cluster's signal must not kill them before the
+    stop checkpoint), so after an exception multiprocessing's exit-time terminate-and-join would
+    wait for them forever; :meth:`close` stops them explicitly on every exit path. And workers fork
+    from the training process: ``before_fork`` runs before each fork (a background checkpoint write
+    must not be half-way through a lock when a worker inherits the process image).
+    """
+
+    def __init__(self, before_fork: Callable[[], None]) -> None:
+        self.before_fork = before_fork
+        self._loaders: list[DataLoader] = []
+        self._forked: set[int] = set()  # ids of persistent-worker loaders whose workers exist
+        self._live: Any = None  # the iterator of the current pass (non-persistent workers)
+
+    def iterate(self, loader: DataLoader) -> Iterator[Any]:
+        """A new pass over ``loader`` (its workers forked first where needed)."""
+        if loader not in self._loaders:
+            self._loaders.append(loader)
+        if loader.num_workers > 0 and not (loader.persistent_workers and id(loader) in self._forked):
+            self._forked.add(id(loader))
+            self.before_fork()
+        self._live = iter(loader)
+        return self._live
+
+    def close(self) -> None:
+        """Stop every loader's workers now (idempotent)."""
+        for it in [self._live] + [getattr(loader, "_iterator", None) for loader in self._loaders]:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        for loader in self._loaders:
+            loader._iterator = None
+        self._live = None
+        self._forked.clear()
 
 
 def make_train_loader(dataset: FolderDataset, cfg: DataConfig, device: torch.device,

@@ -31,6 +31,7 @@ import torch
 
 from .errors import DataError
 from .folder_index import FolderIndex
+from .fsutil import atomic_write_text, publish
 from .progress import Ticker
 from .transforms import ImageTransform, load_rgb
 
@@ -175,11 +176,11 @@ class _NodeBuilder:
             return
         assert self.fd is not None
         os.fsync(self.fd)
-        os.replace(target.tmp, target.path)
+        publish(target.tmp, target.path)
         self.tmp = None
         os.close(self.fd)
         self.fd = None
-        target.path.with_suffix(".json").write_text(json.dumps(
+        atomic_write_text(target.path.with_suffix(".json"), json.dumps(
             {"root": self.index.root, "images": len(self.index), "size": self.size, "version": VERSION}))
 
     def abort(self) -> None:

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .fsutil import atomic_write_text
+
 EXIT_PREEMPTED = 3  # stopped by a signal after saving a checkpoint: run the same command to resume
 MARKER = "PREEMPTED"
 MARKER_ENV = "DDP_TRAINER_PREEMPT_MARKER"  # an extra marker path (set by the sbatch scripts)
@@ -79,12 +81,6 @@ def worker_init_ignoring(signals: Sequence[signal.Signals]) -> Callable[[int], N
     return init
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_marker(output_dir: Path | None, signal_name: str, epoch: int, step: int) -> None:
     """Say that the run stopped at a checkpoint: ``<output_dir>/PREEMPTED`` (when ``output_dir`` is
     given: global rank 0) and ``$DDP_TRAINER_PREEMPT_MARKER`` (when set: each node's local rank 0, so
@@ -92,11 +88,11 @@ def write_marker(output_dir: Path | None, signal_name: str, epoch: int, step: in
     text = json.dumps({"signal": signal_name, "epoch": epoch, "step": step, "time": time.time(),
                        "slurm_job_id": os.environ.get("SLURM_JOB_ID")}) + "\n"
     if output_dir is not None:
-        _write(Path(output_dir) / MARKER, text)
+        atomic_write_text(Path(output_dir) / MARKER, text)
     extra = os.environ.get(MARKER_ENV)
     if extra:
         Path(extra).parent.mkdir(parents=True, exist_ok=True)
-        _write(Path(extra), text)
+        atomic_write_text(Path(extra), text)
 
 
 def clear_marker(output_dir: Path) -> None:

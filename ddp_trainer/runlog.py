@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .fsutil import atomic_write_text
+
 LOGGER = "ddp_trainer"
 
 
@@ -83,7 +85,5 @@ class MetricsFile:
                 continue  # a line torn by a kill
             if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] < first_epoch_to_drop:
                 kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
         return len(kept)

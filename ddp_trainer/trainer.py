@@ -19,11 +19,12 @@ import torch.distributed as tdist
 from torch import nn
 
 from . import config as config_mod
-from .checkpoint import (FORMAT, FORMAT_VERSION, AsyncCheckpointWriter, CheckpointWriter, Loaded, canonical_state_dict,
-                         has_checkpoints, load_weights, read_checkpoint, resume_candidates)
+from .checkpoint import (FORMAT, FORMAT_VERSION, Loaded, canonical_state_dict, has_checkpoints, load_weights,
+                         read_checkpoint, resume_candidates)
+from .checkpointing import CheckpointManager
 from .config import Config
-from .data import (FolderDataset, build_splits, eval_transform, make_eval_loader, make_train_loader,
-                   train_transform, with_decoded_cache)
+from .data import (FolderDataset, LoaderOwner, Splits, build_splits, eval_transform, make_eval_loader,
+                   make_train_loader, train_transform, with_decoded_cache)
 from .distributed import Dist
 from .engine import Engine, EvalResult, evaluate
 from .errors import CheckpointError, ConfigError, DataError, UserError
@@ -33,7 +34,8 @@ from .parallel import ModeDecision, prepare, unwrap, wrap
 from .progress import Progress, Scalars, use_progress_bar
 from .preempt import Preempted, StopRequest, clear_marker, worker_init_ignoring, write_marker
 from .runlog import MetricsFile, add_file_log
-from .samplers import EpochPlan
+from .samplers import EpochPlan, PlanBatchSampler
+from .state import StateRegistry, TrainState
 from .transforms import Normalize
 
 log = logging.getLogger("ddp_trainer")
@@ -44,6 +46,19 @@ class FitResult:
     epochs_run: int
     last_val: EvalResult | None
     output_dir: Path
+
+
+@dataclass
+class EpochFigures:
+    """What one epoch's training pass measured (``_train_epoch`` -> ``_finish_epoch``)."""
+
+    epoch: int
+    train_loss: float
+    lr: float
+    images: int  # samples trained in this process's pass over the epoch (all ranks)
+    train_time_s: float
+    data_wait_s: float
+    started: float  # perf_counter at the start of the pass
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -82,7 +97,7 @@ def check_trainable(n: int, world: int, batch_size: int, model: nn.Module) -> No
 
 
 class Trainer:
-    """Build with :meth:`build`, then call :meth:`fit`."""
+    """Build with :meth:`build`, then call :meth:`fit`; :meth:`close` on every exit path."""
 
     def __init__(self, cfg: Config, dist: Dist, decision: ModeDecision, *, trust_checkpoint: bool = False,
                  max_steps_per_epoch: int | None = None, stop: StopRequest | None = None) -> None:
@@ -94,13 +109,32 @@ class Trainer:
         self.max_steps = max_steps_per_epoch
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        self.epoch = 0
-        self.position = 0
-        self.step = 0
-        self.best: float | None = None
+        self.state = TrainState()
+        self.components = StateRegistry()
         self.stop = stop or StopRequest([])
         self._stop_name = ""  # the signal the ranks agreed on
         self._preparing = True  # collectives use dist.init_timeout_s until the first optimizer step
+        self._epoch_complete = False  # what the next save records
+        self.loaders = LoaderOwner(before_fork=self._before_worker_fork)
+        self._resuming: Loaded | None = None  # the checkpoint being restored, during build()
+        # built by build():
+        self.splits: Splits | None = None
+        self.num_classes = 0
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.normalize: Normalize | None = None
+        self.schedule: LRSchedule | None = None
+        self.train_set: FolderDataset | None = None
+        self.val_set: FolderDataset | None = None
+        self.train_loader: Any = None
+        self.batches: PlanBatchSampler | None = None
+        self.val_loader: Any = None
+        self.engine: Engine | None = None
+        self.checkpoints: CheckpointManager | None = None
+        self.metrics: MetricsFile | None = None
+        self.show_bar = False
+        self.scalars: Scalars | None = None
 
     # -- building ------------------------------------------------------------------------------
 
@@ -126,47 +160,62 @@ class Trainer:
         check_trainable(len(self.splits.train), dist.world_size, cfg.data.batch_size, model)
         if init is not None:
             self._apply_init(model, init)
-        if resume is not None:
-            load_weights(model, resume.model, source=f"checkpoint '{resume.path}'")
         model = prepare(model.to(self.device), self.decision, sync_batchnorm=cfg.model.sync_batchnorm,
                         channels_last=cfg.train.channels_last)
+        self.model = model
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
-        if resume is not None:
-            self._restore_training_state(resume)
+        self.schedule = LRSchedule(cfg.optim.lr, cfg.sched, cfg.train.epochs)
+        self._register_components()
+        if resume is not None:  # before wrapping: canonical keys, CPU tensors
+            self._resuming = resume
+            self.components.load_state_dict(resume.entries)
+            self._resuming = None
+            if resume.rng is None or len(resume.rng) != dist.world_size:
+                torch.manual_seed(cfg.seed + 1000 * dist.rank + self.state.step)
         model = wrap(model, self.decision, self.device)
         if cfg.train.compile:
             model = torch.compile(model)
         self.model = model
         self.normalize = Normalize(cfg.data.mean, cfg.data.std).to(self.device)
-        self.schedule = LRSchedule(cfg.optim.lr, cfg.sched, cfg.train.epochs)
 
         seed = cfg.seed
         self.train_set = FolderDataset(self.splits.train, train_transform(cfg.data), seed,
                                        with_decoded_cache(self.splits.train, cfg.data, dist, cfg.data.train_cache_size))
         self.val_set = FolderDataset(self.splits.val, eval_transform(cfg.data), seed,
                                      with_decoded_cache(self.splits.val, cfg.data, dist, cfg.data.image_size))
-        init = worker_init_ignoring(self.stop.signals)
-        self.train_loader, self.batches = make_train_loader(self.train_set, cfg.data, self.device, worker_init_fn=init)
-        self.val_loader = make_eval_loader(self.val_set, cfg.data, dist, self.device, worker_init_fn=init)
+        init_fn = worker_init_ignoring(self.stop.signals)
+        self.train_loader, self.batches = make_train_loader(self.train_set, cfg.data, self.device, worker_init_fn=init_fn)
+        self.val_loader = make_eval_loader(self.val_set, cfg.data, dist, self.device, worker_init_fn=init_fn)
         self.engine = Engine(model, self.optimizer, self.normalize, self.device, cfg.train.precision,
                              cfg.train.clip_grad_norm, cfg.train.channels_last, self.scaler)
-        writer_cls = AsyncCheckpointWriter if cfg.checkpoint.async_ else CheckpointWriter
-        self.writer = writer_cls(self.ckpt_dir, cfg.checkpoint.keep_last) if dist.is_main else None
+        self.checkpoints = CheckpointManager(cfg.checkpoint, self.ckpt_dir, dist, self.components, cfg.train.epochs)
         self.metrics = MetricsFile(self.out / "metrics.jsonl") if dist.is_main else None
         show_bar = {"on": dist.is_main, "off": False}.get(cfg.log.progress, use_progress_bar(dist.is_main))
         self.show_bar = show_bar
         self.scalars = Scalars(cfg.log.tensorboard and dist.is_main, str(self.out / "tensorboard"))
         if self.metrics is not None:
-            kept = self.metrics.cut_back(self.epoch)
+            kept = self.metrics.cut_back(self.state.epoch)
             if resume is not None:
-                log.info("metrics.jsonl: kept %d row(s) before epoch %d", kept, self.epoch)
+                log.info("metrics.jsonl: kept %d row(s) before epoch %d", kept, self.state.epoch)
         global_batch = cfg.data.batch_size * dist.world_size * cfg.train.grad_accum_steps
         log.info("model %s (%.2fM parameters); global batch %d = %d per process x %d process(es) x %d "
                  "accumulation step(s); optimizer %s lr=%g", cfg.model.name,
                  sum(p.numel() for p in model.parameters()) / 1e6, global_batch, cfg.data.batch_size,
                  dist.world_size, cfg.train.grad_accum_steps, cfg.optim.name, cfg.optim.lr)
         return self
+
+    def _register_components(self) -> None:
+        """The checkpoint's pieces, in the order they are saved and restored (one line each)."""
+        reg = self.components
+        reg.register("meta", self._meta, flat=True)
+        reg.register("model", lambda: canonical_state_dict(self.model), self._load_model)
+        reg.register("optimizer", lambda: self.optimizer.state_dict(), self._load_optimizer)
+        reg.register("scheduler", lambda: self.schedule.state_dict())  # a function of config + progress
+        reg.register("scaler", lambda: self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                     self._load_scaler)
+        reg.register("train_state", self._train_state_entries, self.state.load_state_dict, every_rank=True, flat=True)
+        reg.register("rng", lambda: self.dist.all_gather_object(self._rng_state()), self._load_rng, every_rank=True)
 
     def _prepare_output_dir(self) -> None:
         """Rank 0: refuse to clobber a run, create the folder, save the resolved config, start train.log."""
@@ -234,30 +283,40 @@ class Trainer:
         load_weights(model, sd, skip_prefixes=skip, source=f"model.init_from '{init.path}'")
         log.info("model.init_from: weights loaded from %s", init.path)
 
-    def _restore_training_state(self, loaded: Loaded) -> None:
-        self.epoch = loaded.start_epoch
-        self.position = loaded.start_position
-        self.step = loaded.step
-        self.best = loaded.best
-        if loaded.optimizer is not None:
-            old_name = (loaded.config or {}).get("optim", {}).get("name", self.cfg.optim.name)
-            try:
-                if old_name != self.cfg.optim.name:
-                    raise ValueError(f"checkpoint optimizer {old_name!r} != optim.name {self.cfg.optim.name!r}")
-                self.optimizer.load_state_dict(loaded.optimizer)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                log.warning("resume: optimizer state skipped, it does not fit the configured optimizer (%s)", exc)
-        if loaded.scaler and self.scaler.is_enabled():
-            self.scaler.load_state_dict(loaded.scaler)
-        if loaded.rng is not None and len(loaded.rng) == self.dist.world_size:
-            mine = loaded.rng[self.dist.rank]
-            torch.set_rng_state(mine["torch"])
-            if torch.cuda.is_available() and mine.get("cuda") is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(mine["cuda"], self.device)
-        else:
-            torch.manual_seed(self.cfg.seed + 1000 * self.dist.rank + self.step)
+    # -- components' save and load -------------------------------------------------------------------
 
-    # -- state -----------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "monitor": self.cfg.checkpoint.monitor,
+                "class_to_idx": self.splits.class_to_idx, "model_name": self.cfg.model.name,
+                "config": self.cfg.to_dict(), "world_size": self.dist.world_size,
+                "torch_version": str(torch.__version__)}
+
+    def _load_model(self, sd: dict[str, torch.Tensor]) -> None:
+        load_weights(self.model, sd, source=f"checkpoint '{self._resuming.path}'")
+
+    def _load_optimizer(self, sd: dict[str, Any]) -> None:
+        old_name = (self._resuming.config or {}).get("optim", {}).get("name", self.cfg.optim.name)
+        try:
+            if old_name != self.cfg.optim.name:
+                raise ValueError(f"checkpoint optimizer {old_name!r} != optim.name {self.cfg.optim.name!r}")
+            self.optimizer.load_state_dict(sd)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            log.warning("resume: optimizer state skipped, it does not fit the configured optimizer (%s)", exc)
+
+    def _load_scaler(self, sd: dict[str, Any]) -> None:
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(sd)
+
+    def _train_state_entries(self) -> dict[str, Any]:
+        loss_sum, loss_count = self._epoch_loss_sums()
+        return self.state.state_dict(epoch_complete=self._epoch_complete, loss_sum=loss_sum, loss_count=loss_count)
+
+    def _epoch_loss_sums(self) -> tuple[float, float]:
+        """The epoch's training-loss sum and count so far, over every rank (a collective)."""
+        running = self.engine.running
+        sums = torch.stack([running.loss_sum, running.count])
+        self.dist.all_reduce_sum(sums)
+        return self.state.loss_sum + sums[0].item(), self.state.loss_count + sums[1].item()
 
     def _rng_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"torch": torch.get_rng_state()}
@@ -265,51 +324,13 @@ class Trainer:
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def state_dict(self, epoch_complete: bool) -> dict[str, Any] | None:
-        """The whole training state (rank 0 gets it; other ranks get None but must call too)."""
-        rng = self.dist.all_gather_object(self._rng_state())
-        if not self.dist.is_main:
-            return None
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": canonical_state_dict(self.model),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "epoch": self.epoch,
-            "position": self.position,
-            "epoch_complete": epoch_complete,
-            "step": self.step,
-            "best": self.best,
-            "monitor": self.cfg.checkpoint.monitor,
-            "class_to_idx": self.splits.class_to_idx,
-            "model_name": self.cfg.model.name,
-            "config": self.cfg.to_dict(),
-            "world_size": self.dist.world_size,
-            "torch_version": str(torch.__version__),
-            "rng": rng,
-        }
-
-    def _save(self, *, epoch_complete: bool, epoch_file: bool = False, best: bool = False,
-              wait: bool = False) -> None:
-        """Save on rank 0 (every rank calls this at the same point). A failed earlier background
-        write fails every rank here; ``wait`` blocks until this save is on disk."""
-        self._check_writes()
-        state = self.state_dict(epoch_complete)
-        if self.writer is not None:
-            path = self.writer.save(state, epoch_file=self.epoch if epoch_file else None, best=best)
-            log.info("checkpoint: %s (epoch %d, %s)", path.name, self.epoch,
-                     "complete" if epoch_complete else f"{self.position} samples in")
-        if wait:
-            self.finish_writes()
-
-    def _check_writes(self) -> None:
-        self.dist.main_then_broadcast(self.writer.check if self.writer is not None else lambda: None)
-
-    def finish_writes(self) -> None:
-        """Wait for the save in flight (rank 0) and fail every rank if it failed."""
-        self.dist.main_then_broadcast(self.writer.close if self.writer is not None else lambda: None)
+    def _load_rng(self, states: list[dict[str, Any]]) -> None:
+        if len(states) != self.dist.world_size:
+            return  # another world size: build() reseeds instead
+        mine = states[self.dist.rank]
+        torch.set_rng_state(mine["torch"])
+        if torch.cuda.is_available() and mine.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -320,128 +341,119 @@ class Trainer:
                 tdist.broadcast(buf, 0)
 
     def close(self) -> None:
-        """Stop the loader workers now. After an exception its traceback keeps the loaders alive
-        until interpreter exit, where multiprocessing would terminate and join workers that ignore
-        SIGTERM (they must survive a cluster's signal): that join would never return."""
-        for it in [getattr(self, "_current_batches", None)] + [
-                getattr(getattr(self, name, None), "_iterator", None) for name in ("train_loader", "val_loader")]:
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-        for name in ("train_loader", "val_loader"):
-            loader = getattr(self, name, None)
-            if loader is not None:
-                loader._iterator = None
-        self._current_batches = None
+        """Stop the loader workers now (see :class:`LoaderOwner`)."""
+        self.loaders.close()
 
-    def _before_worker_fork(self, loader: Any) -> None:
+    def _before_worker_fork(self) -> None:
         """Loader workers fork from this process: let an in-flight background save finish first, so no
-        worker inherits a half-done state (a lock held by the writer thread). Persistent workers fork
-        only once."""
-        started = getattr(self, "_forked", set())
-        self._forked = started
-        if loader.num_workers == 0 or (loader.persistent_workers and id(loader) in started):
-            return
-        started.add(id(loader))
-        if self.writer is not None:
-            self.writer.wait()
+        worker inherits a half-done state (a lock held by the writer thread)."""
+        if self.checkpoints is not None:
+            self.checkpoints.wait_local()
 
     def validate(self) -> EvalResult:
-        self._before_worker_fork(self.val_loader)
+        batches = self.loaders.iterate(self.val_loader)
         self._broadcast_buffers()
-        return evaluate(unwrap(self.model), self.val_loader, self.normalize, self.device, self.dist,
+        return evaluate(unwrap(self.model), batches, self.normalize, self.device, self.dist,
                         self.num_classes, len(self.val_set), self.cfg.train.precision)
 
     def _is_better(self, value: float) -> bool:
-        if self.best is None or math.isnan(self.best):
+        best = self.state.best
+        if best is None or math.isnan(best):
             return True
-        return value < self.best if self.cfg.checkpoint.mode == "min" else value > self.best
+        return value < best if self.cfg.checkpoint.mode == "min" else value > best
 
     def fit(self) -> FitResult:
-        cfg, dist = self.cfg, self.dist
-        n = len(self.train_set)
         last_val = None
         epochs_run = 0
-        while self.epoch < cfg.train.epochs:
-            epoch = self.epoch
-            plan = EpochPlan(n, world=dist.world_size, rank=dist.rank, batch_size=cfg.data.batch_size,
-                             accum=cfg.train.grad_accum_steps, seed=cfg.seed, epoch=epoch, start=self.position,
-                             drop_last=cfg.data.drop_last, max_steps=self.max_steps)
-            if epochs_run == 0:
-                self._log_plan(plan)
-            self.batches.set_plan(plan)
-            self.engine.running.reset()
-            self.engine.data_wait_s = 0.0
-            t0 = time.perf_counter()
-            start_pos = self.position
-            lr = self.schedule.lr(epoch + self.position / n)
-            per_step = cfg.data.batch_size * dist.world_size * cfg.train.grad_accum_steps
-            self._before_worker_fork(self.train_loader)
-            batches = iter(self.train_loader)
-            self._current_batches = batches
-
-            def lr_at(consumed: int) -> float:
-                return self.schedule.lr(epoch + consumed / n, per_step / n)
-
-            bar = Progress(self.show_bar, n, f"epoch {epoch}", initial=start_pos)
-            try:
-                for done in self.engine.train_steps(batches, plan, lr_at):
-                    bar.update(done.consumed - self.position)
-                    self.step += 1
-                    if self._preparing:
-                        dist.end_preparation()
-                        self._preparing = False
-                    self.position = done.consumed
-                    lr = done.lr
-                    if self.step % cfg.train.log_every_steps == 0:
-                        self._log_progress(epoch, n, t0, start_pos, bar)
-                    if self.step % cfg.preempt.check_every_steps == 0 and self._stop_agreed():
-                        self._save(epoch_complete=False, wait=True)
-                        self._preempted(f"epoch {epoch}, {self.position} of {n} samples")
-                    if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.position < n:
-                        self._save(epoch_complete=False)
-            finally:
-                bar.close()
-            del batches
-            train_time = time.perf_counter() - t0
-            sums = torch.stack([self.engine.running.loss_sum, self.engine.running.count])
-            dist.all_reduce_sum(sums)
-            train_loss = (sums[0] / sums[1].clamp(min=1)).item()
-            images = self.position - start_pos
-            val = self.validate()
-            last_val = val
-            epoch_time = time.perf_counter() - t0
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, "val_acc": val.acc,
-                   "val_acc5": val.acc5, "lr": lr, "images_per_s": images / max(train_time, 1e-9),
-                   "epoch_time_s": epoch_time, "data_wait_frac": self.engine.data_wait_s / max(train_time, 1e-9),
-                   "step": self.step, "val_count": val.count, "world_size": dist.world_size,
-                   "train_time_s": train_time, "peak_rss_mb": dist.max_int(_peak_rss_mb())}
-            log.info("epoch %d: train_loss=%.4f val_loss=%.4f val_acc=%.4f%s lr=%.4g %.0f img/s (%.1fs)",
-                     epoch, train_loss, val.loss, val.acc,
-                     f" val_acc5={val.acc5:.4f}" if val.acc5 is not None else "", lr,
-                     row["images_per_s"], epoch_time)
-            monitored = {"val_loss": val.loss, "val_acc": val.acc, "val_acc5": val.acc5 or 0.0,
-                         "train_loss": train_loss}[cfg.checkpoint.monitor]
-            is_best = self._is_better(monitored)
-            if is_best:
-                self.best = monitored
-            if self.metrics is not None:
-                self.metrics.append(row)
-            self.scalars.add(row, self.step)
-            final = epoch == cfg.train.epochs - 1
-            saved = bool((cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0)
-                         or final or is_best)
-            stop_now = not final and self._stop_agreed()
-            if saved or stop_now:
-                self._save(epoch_complete=True, epoch_file=True, best=is_best, wait=stop_now)
-            if stop_now:
-                self._preempted(f"end of epoch {epoch}")
-            self.epoch += 1
-            self.position = 0
+        while self.state.epoch < self.cfg.train.epochs:
+            figures = self._train_epoch(log_plan=epochs_run == 0)
+            last_val = self._finish_epoch(figures)
+            self.state.start_epoch(self.state.epoch + 1)
             epochs_run += 1
-        self.finish_writes()
+        self.checkpoints.finish()
         self.scalars.close()
         return FitResult(epochs_run, last_val, self.out)
+
+    def _train_epoch(self, log_plan: bool = False) -> EpochFigures:
+        """One pass over the rest of the epoch's plan: optimizer steps, progress, mid-epoch saves and
+        stops. Returns the figures of the pass (the epoch's train_loss over every rank)."""
+        cfg, dist, state = self.cfg, self.dist, self.state
+        n = len(self.train_set)
+        epoch = state.epoch
+        plan = EpochPlan(n, world=dist.world_size, rank=dist.rank, batch_size=cfg.data.batch_size,
+                         accum=cfg.train.grad_accum_steps, seed=cfg.seed, epoch=epoch, start=state.position,
+                         drop_last=cfg.data.drop_last, max_steps=self.max_steps)
+        if log_plan:
+            self._log_plan(plan)
+        self.batches.set_plan(plan)
+        self.engine.running.reset()
+        self.engine.data_wait_s = 0.0
+        self._epoch_complete = False
+        t0 = time.perf_counter()
+        start_pos = state.position
+        lr = self.schedule.lr(epoch + state.position / n)
+        per_step = cfg.data.batch_size * dist.world_size * cfg.train.grad_accum_steps
+        batches = self.loaders.iterate(self.train_loader)
+
+        def lr_at(consumed: int) -> float:
+            return self.schedule.lr(epoch + consumed / n, per_step / n)
+
+        bar = Progress(self.show_bar, n, f"epoch {epoch}", initial=start_pos)
+        try:
+            for done in self.engine.train_steps(batches, plan, lr_at):
+                bar.update(done.consumed - state.position)
+                state.step += 1
+                if self._preparing:
+                    dist.end_preparation()
+                    self._preparing = False
+                state.position = done.consumed
+                lr = done.lr
+                if state.step % cfg.train.log_every_steps == 0:
+                    self._log_progress(epoch, n, t0, start_pos, bar)
+                if state.step % cfg.preempt.check_every_steps == 0 and self._stop_agreed():
+                    self.checkpoints.save(epoch=epoch, what=f"{state.position} samples in", wait=True)
+                    self._preempted(f"epoch {epoch}, {state.position} of {n} samples")
+                if self.checkpoints.should_save_step(state.step, state.position, n):
+                    self.checkpoints.save(epoch=epoch, what=f"{state.position} samples in")
+        finally:
+            bar.close()
+        del batches
+        train_time = time.perf_counter() - t0
+        loss_sum, loss_count = self._epoch_loss_sums()
+        return EpochFigures(epoch, loss_sum / max(loss_count, 1.0), lr, state.position - start_pos, train_time,
+                            self.engine.data_wait_s, t0)
+
+    def _finish_epoch(self, fig: EpochFigures) -> EvalResult:
+        """Validate, write the metrics row, and save (and stop) as the policy says."""
+        cfg, dist = self.cfg, self.dist
+        epoch = fig.epoch
+        val = self.validate()
+        epoch_time = time.perf_counter() - fig.started
+        row = {"epoch": epoch, "train_loss": fig.train_loss, "val_loss": val.loss, "val_acc": val.acc,
+               "val_acc5": val.acc5, "lr": fig.lr, "images_per_s": fig.images / max(fig.train_time_s, 1e-9),
+               "epoch_time_s": epoch_time, "data_wait_frac": fig.data_wait_s / max(fig.train_time_s, 1e-9),
+               "step": self.state.step, "val_count": val.count, "world_size": dist.world_size,
+               "train_time_s": fig.train_time_s, "peak_rss_mb": dist.max_int(_peak_rss_mb())}
+        log.info("epoch %d: train_loss=%.4f val_loss=%.4f val_acc=%.4f%s lr=%.4g %.0f img/s (%.1fs)",
+                 epoch, fig.train_loss, val.loss, val.acc,
+                 f" val_acc5={val.acc5:.4f}" if val.acc5 is not None else "", fig.lr,
+                 row["images_per_s"], epoch_time)
+        monitored = {"val_loss": val.loss, "val_acc": val.acc, "val_acc5": val.acc5 or 0.0,
+                     "train_loss": fig.train_loss}[cfg.checkpoint.monitor]
+        is_best = self._is_better(monitored)
+        if is_best:
+            self.state.best = monitored
+        if self.metrics is not None:
+            self.metrics.append(row)
+        self.scalars.add(row, self.state.step)
+        final = epoch == cfg.train.epochs - 1
+        stop_now = not final and self._stop_agreed()
+        if self.checkpoints.should_save_epoch(epoch, is_best, stop_now):
+            self._epoch_complete = True
+            self.checkpoints.save(epoch=epoch, what="complete", epoch_file=True, best=is_best, wait=stop_now)
+        if stop_now:
+            self._preempted(f"end of epoch {epoch}")
+        return val
 
     def _log_plan(self, plan: EpochPlan) -> None:
         """Once per run: what the epoch plan does with the tail of the training set."""
@@ -462,17 +474,18 @@ class Trainer:
     def _preempted(self, where: str) -> None:
         name = self._stop_name
         if self.dist.env.is_local_main:
-            write_marker(self.out if self.dist.is_main else None, name, self.epoch, self.step)
+            write_marker(self.out if self.dist.is_main else None, name, self.state.epoch, self.state.step)
         raise Preempted(name, where)
 
     def _log_progress(self, epoch: int, n: int, t0: float, start_pos: int, bar: Progress) -> None:
         running = self.engine.running
         loss = (running.loss_sum / running.count.clamp(min=1)).item()  # a sync, but only every log interval
         elapsed = time.perf_counter() - t0
+        position = self.state.position
         if bar.active:
-            bar.update(0, loss=f"{loss:.4f}", img_s=f"{(self.position - start_pos) / max(elapsed, 1e-9):.0f}",
+            bar.update(0, loss=f"{loss:.4f}", img_s=f"{(position - start_pos) / max(elapsed, 1e-9):.0f}",
                        data_wait=f"{self.engine.data_wait_s / max(elapsed, 1e-9):.0%}")
             return
         log.info("epoch %d step %d: %d/%d samples, loss=%.4f (this rank), %.0f img/s, data wait %.0f%%",
-                 epoch, self.step, self.position, n, loss, (self.position - start_pos) / max(elapsed, 1e-9),
+                 epoch, self.state.step, position, n, loss, (position - start_pos) / max(elapsed, 1e-9),
                  100 * self.engine.data_wait_s / max(elapsed, 1e-9))

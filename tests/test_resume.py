@@ -74,6 +74,9 @@ def test_kill_mid_epoch_then_resume_is_bitwise_equal(reference: Path, demo_small
     assert f"{state['position']} samples into the epoch" in res.stderr
     assert_bitwise_equal(out / "checkpoints" / "last.pt", reference / "checkpoints" / "last.pt")
     assert [r["epoch"] for r in metrics(out)] == [0, 1]
+    # the interrupted epoch's train_loss covers the samples before the kill too (sums in the checkpoint)
+    for resumed, uninterrupted in zip(metrics(out), metrics(reference)):
+        assert resumed["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-9, abs=0)
 
 
 def test_kill_during_checkpoint_write_leaves_previous_intact(reference: Path, demo_small: Path, tmp_path: Path):

@@ -1,0 +1,59 @@
+"""Crash-safe file writes: a temporary file beside the target, fsynced, renamed into place, and the
+folder fsynced, so that a kill or power loss at any instant leaves either the old file or the new one.
+
+Temporary files are named ``.<name>.tmp-<pid>``; a writer of a folder may remove those left by a
+killed process (see ``CheckpointWriter``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import IO, Iterator
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (best effort: some filesystems refuse a folder fsync)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary name a write of ``path`` goes through."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a complete, fsynced ``tmp`` onto ``path`` and make the rename durable."""
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """Open a temporary file for writing; on a clean exit fsync it and :func:`publish` it as ``path``.
+    On an exception the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
