@@ -7,6 +7,7 @@ place: a kill at any instant leaves the previous file intact.
 """
 from __future__ import annotations
 
+import argparse
 import io
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from . import layouts
 from .errors import CheckpointError
 from .fsutil import atomic_write, publish, temp_path
 from .parallel import unwrap
@@ -250,7 +252,7 @@ class Loaded:
     """A checkpoint of any accepted format, normalised."""
 
     path: str
-    kind: str  # ddp_trainer | classic | state_dict | pickled_model
+    kind: str  # ddp_trainer | state_dict | pickled_model | a foreign layout (see layouts.py)
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
@@ -301,16 +303,24 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+# Plain data that other trainers pickle into their checkpoints: torchvision's references and timm
+# store their argparse.Namespace as "args". Safe to unpickle (no code runs); anything else is refused.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
 def _torch_load(path: Path, trust: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
             raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({str(exc).splitlines()[0]})") from None
         if not trust:
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = f"the Python object {found.group(1)}" if found else "pickled Python objects"
             raise CheckpointError(
-                f"checkpoint '{path}' holds pickled Python objects (e.g. torch.save(model)); loading it "
-                f"runs code from the file. Pass --trust-checkpoint if you trust its source") from None
+                f"checkpoint '{path}' holds {what}, which is code, not data: loading it runs code from the file. "
+                f"Pass --trust-checkpoint if you trust its source") from None
         log.warning("--trust-checkpoint: unpickling '%s' with weights_only=False (this runs code from the file)", path)
         return torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
@@ -346,17 +356,13 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Loaded:
             torch_version=obj.get("torch_version"), rng=obj.get("rng"),
             extra={"scheduler": obj.get("scheduler"), "monitor": obj.get("monitor")}, renamed=renamed,
             entries={**obj, "model": sd})
-    if isinstance(obj, Mapping) and "net" in obj and _is_state_dict(obj["net"]):
-        sd, renamed = strip_wrapper_prefixes(obj["net"])
-        epoch = obj.get("epoch")
-        return Loaded(str(path), "classic", sd, optimizer=obj.get("optimizer"),
-                      epoch=int(epoch) if isinstance(epoch, int) else -1, renamed=renamed)
-    for key in ("model_state_dict", "state_dict", "model"):
-        if isinstance(obj, Mapping) and key in obj and _is_state_dict(obj[key]):
-            sd, renamed = strip_wrapper_prefixes(obj[key])
-            epoch = obj.get("epoch")
-            return Loaded(str(path), "classic", sd, optimizer=obj.get("optimizer") or obj.get("optimizer_state_dict"),
-                          epoch=int(epoch) if isinstance(epoch, int) else -1, renamed=renamed)
+    layout = layouts.detect(obj)
+    if layout is not None:
+        sd, renamed = strip_wrapper_prefixes(obj[layout.weights_key])
+        return Loaded(str(path), layout.name, sd, optimizer=layout.optimizer, scaler=layout.scaler,
+                      epoch=layouts.finished_epoch(obj, layout), model_name=None, renamed=renamed,
+                      extra={"epoch_means": layout.epoch_means, "epoch_entry": obj.get("epoch"),
+                             "arch": layout.arch})
     if _is_state_dict(obj):
         sd, renamed = strip_wrapper_prefixes(obj)
         return Loaded(str(path), "state_dict", sd, renamed=renamed)
@@ -365,20 +371,54 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Loaded:
                           f"state dict, a {{'net', 'optimizer', 'epoch'}} dict or a ddp_trainer checkpoint")
 
 
+def fit_prefix(sd: Mapping[str, Any], want: Iterable[str]) -> tuple[dict[str, Any], str]:
+    """``sd`` with one leading prefix stripped when that makes its keys exactly the model's (a
+    LightningModule's ``model.``, any wrapper attribute); returns the prefix ("" when none)."""
+    want = set(want)
+    keys = list(sd)
+    if not keys or set(keys) == want:
+        return dict(sd), ""
+    first = keys[0].split(".")
+    for depth in range(1, min(4, len(first))):
+        prefix = ".".join(first[:depth]) + "."
+        if all(k.startswith(prefix) for k in keys) and {k[len(prefix):] for k in keys} == want:
+            return {k[len(prefix):]: v for k, v in sd.items()}, prefix
+    return dict(sd), ""
+
+
+def _common_prefix(keys: list[str]) -> str:
+    first = keys[0].split(".")[0] + "." if keys else ""
+    return first if first and all(k.startswith(first) for k in keys) else ""
+
+
 def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], *, skip_prefixes: Iterable[str] = (),
                  source: str = "checkpoint") -> dict[str, list[str]]:
     """Load a canonical state dict into ``model`` (any wrapper), strictly except ``skip_prefixes``.
 
-    Raises CheckpointError naming the missing / unexpected / mis-shaped keys.
+    A single leading prefix is stripped when that makes the keys fit exactly (logged). Raises
+    CheckpointError naming the missing / unexpected / mis-shaped keys, and saying so when only the
+    classifier head differs (fine-tuning: model.init_from) or the keys carry a prefix.
     """
+    from .models import classifier_head
+
     target = unwrap(model)
     skip = tuple(skip_prefixes)
     want = target.state_dict()
+    sd, prefix = fit_prefix(sd, want)
+    if prefix:
+        log.info("%s: keys carry the prefix %r (a wrapper's attribute); stripped it to fit the model", source, prefix)
     sd = {k: v for k, v in sd.items() if not k.startswith(skip)} if skip else dict(sd)
     missing = [k for k in want if k not in sd and not (skip and k.startswith(skip))]
     unexpected = [k for k in sd if k not in want]
     shapes = [k for k in sd if k in want and tuple(sd[k].shape) != tuple(want[k].shape)]
     if missing or unexpected or shapes:
+        head = tuple(classifier_head(target))
+        if not missing and not unexpected and all(k.startswith(head) for k in shapes):
+            k = next(k for k in shapes if k.endswith("weight")) if any(k.endswith("weight") for k in shapes) else shapes[0]
+            raise CheckpointError(
+                f"{source}: only the classifier head differs ({k}: {tuple(sd[k].shape)} in the checkpoint, "
+                f"{tuple(want[k].shape)} in the model: it was trained on {sd[k].shape[0]} classes, the data has "
+                f"{want[k].shape[0]}); to fine-tune from these weights use model.init_from=PATH (the head starts new)")
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
@@ -387,7 +427,10 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], *, skip_prefi
         if shapes:
             k = shapes[0]
             parts.append(f"{len(shapes)} with other shapes (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(want[k].shape)})")
-        raise CheckpointError(f"{source} does not fit model.name's model: {'; '.join(parts)}; "
-                              f"use the model.name the checkpoint was trained with")
+        theirs = _common_prefix(list(sd))
+        hint = (f"the checkpoint's keys all start with {theirs!r} and the model's do not: strip it "
+                f"(ddp-trainer convert IN OUT --strip-prefix {theirs})" if theirs and not _common_prefix(list(want))
+                else "use the model.name the checkpoint was trained with")
+        raise CheckpointError(f"{source} does not fit model.name's model: {'; '.join(parts)}; {hint}")
     target.load_state_dict(sd, strict=not skip)
     return {"missing": missing, "unexpected": unexpected}

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--prefix", default="", help="key prefix to add, e.g. 'module.' for DataParallel code")
+    p.add_argument("--strip-prefix", default="", help="key prefix to remove, e.g. 'model.' (a LightningModule attribute)")
+    p.add_argument("--model", help="model name to check the keys against (default: the one the file names)")
     _add_common(p)
     p.set_defaults(fn=cmd_convert)
 
@@ -111,7 +113,12 @@ def summary(loaded: Any) -> dict[str, Any]:
         "path": loaded.path, "format": loaded.kind, "tensors": len(loaded.model), "parameters": n_params,
         "renamed_keys": loaded.renamed, "has_optimizer": loaded.optimizer is not None,
     }
-    if loaded.kind in ("ddp_trainer", "classic"):
+    if loaded.kind != "ddp_trainer" and loaded.extra.get("epoch_means"):
+        info.update({"epoch": loaded.extra.get("epoch_entry"), "epoch_means": loaded.extra["epoch_means"],
+                     "resumes_at_epoch": loaded.start_epoch})
+        if loaded.extra.get("arch"):
+            info["arch"] = loaded.extra["arch"]
+    elif loaded.kind == "ddp_trainer":
         info.update({"epoch": loaded.epoch, "resumes_at_epoch": loaded.start_epoch})
     if loaded.kind == "ddp_trainer":
         info.update({
@@ -140,16 +147,44 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_save, read_checkpoint
+    """A plain state dict that loads with ``strict=True`` into the model (``--model``, else the one the
+    file names), or an error; without any model to check against, keys that all still carry one
+    leading prefix are refused (they would not load into the bare model)."""
+    from .checkpoint import _common_prefix, atomic_save, fit_prefix, read_checkpoint
+    from .models import build_model, check_model_name
 
     loaded = read_checkpoint(args.input, args.trust_checkpoint)
     out = Path(args.output)
     if out.resolve() == Path(args.input).resolve():
         raise CheckpointError(f"convert would overwrite its input '{args.input}'; choose another OUT")
-    sd = {f"{args.prefix}{k}": v for k, v in loaded.model.items()}
+    sd = dict(loaded.model)
+    if args.strip_prefix:
+        if not all(k.startswith(args.strip_prefix) for k in sd):
+            bad = next(k for k in sd if not k.startswith(args.strip_prefix))
+            raise CheckpointError(f"--strip-prefix {args.strip_prefix!r}: key {bad!r} does not start with it")
+        sd = {k[len(args.strip_prefix):]: v for k, v in sd.items()}
+    name = args.model or loaded.model_name or loaded.extra.get("arch")
+    checked = ""
+    if name:
+        check_model_name(name)
+        model = build_model(name, _output_count(sd))
+        sd, prefix = fit_prefix(sd, model.state_dict())
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"convert: the weights of '{args.input}' do not load into {name} "
+                                  f"({str(exc).splitlines()[0][:200]}); name the right model with --model") from None
+        checked = f", loads into {name}" + (f" (prefix {prefix!r} stripped)" if prefix else "")
+    elif _common_prefix(list(sd)) and len(sd) > 1:
+        p = _common_prefix(list(sd))
+        raise CheckpointError(f"convert: every key of '{args.input}' starts with {p!r} (a wrapper's attribute, e.g. a "
+                              f"LightningModule's self.model), so the file would not load into the bare model; pass "
+                              f"--model NAME (e.g. resnet18) to fit and check the keys, or --strip-prefix {p}")
+    sd = {f"{args.prefix}{k}": v for k, v in sd.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(sd, out)
-    print(f"wrote {len(sd)} tensors ({loaded.kind} -> plain state dict{', prefix ' + args.prefix if args.prefix else ''}) to {out}")
+    print(f"wrote {len(sd)} tensors ({loaded.kind} -> plain state dict{checked}"
+          f"{', prefix ' + args.prefix if args.prefix else ''}) to {out}")
     return EXIT_OK
 
 

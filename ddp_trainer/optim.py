@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -56,3 +56,70 @@ class LRSchedule:
         """What the schedule depends on (it has no hidden counters)."""
         return {"name": self.cfg.name, "base_lr": self.base_lr, "warmup_epochs": self.cfg.warmup_epochs,
                 "total_epochs": self.total_epochs}
+
+
+def optimizer_family(sd: Mapping[str, Any]) -> str | None:
+    """``sgd`` or ``adamw`` from an optimizer state dict's hyperparameters (Adam and AdamW keep the
+    same per-parameter state), or None when it is neither."""
+    groups = sd.get("param_groups") or []
+    if not groups or not isinstance(groups[0], Mapping):
+        return None
+    if "betas" in groups[0]:
+        return "adamw"
+    if "momentum" in groups[0]:
+        return "sgd"
+    return None
+
+
+def carry_over_state(foreign: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                     model_params: Sequence[torch.Tensor]) -> int | None:
+    """Load another trainer's per-parameter optimizer state (momentum buffers, Adam moments, step)
+    into ``optimizer``, whose groups are ours (hyperparameters stay those of the config).
+
+    The foreign parameters are matched to the model's either group by group (a group of the same
+    length and shapes, in any group order: timm's ``[no decay, decay]``), or all together in model
+    order (one group over ``model.parameters()``: pytorch/examples, torchvision, Lightning). Returns
+    the number of parameters whose state was carried, or None when nothing maps (shapes differ)."""
+    try:
+        fgroups = [list(g["params"]) for g in foreign["param_groups"]]
+        fstate = foreign["state"]
+    except (KeyError, TypeError):
+        return None
+    ours = optimizer.state_dict()
+    our_groups = [list(g["params"]) for g in ours["param_groups"]]
+    index_of = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    flat = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def shape(fidx: Any) -> tuple[int, ...] | None:
+        st = fstate.get(fidx, fstate.get(str(fidx))) if isinstance(fstate, Mapping) else None
+        for v in (st or {}).values():
+            if isinstance(v, torch.Tensor) and v.ndim > 0:
+                return tuple(v.shape)
+        return None  # no state for it (never stepped): nothing to check or carry
+
+    def fits(our_idx: list[int], f_idx: list[Any]) -> bool:
+        return len(our_idx) == len(f_idx) and all(
+            shape(f) in (None, tuple(flat[o].shape)) for o, f in zip(our_idx, f_idx))
+
+    mapping: dict[int, Any] = {}
+    free = list(range(len(fgroups)))
+    for g in our_groups:
+        match = next((k for k in free if fits(g, fgroups[k])), None)
+        if match is None:
+            mapping = {}
+            break
+        free.remove(match)
+        mapping.update(zip(g, fgroups[match]))
+    if not mapping:
+        in_model_order = [index_of[id(p)] for p in model_params if id(p) in index_of]
+        f_flat = [f for g in fgroups for f in g]
+        if len(in_model_order) != len(flat) or not fits(in_model_order, f_flat):
+            return None
+        mapping = dict(zip(in_model_order, f_flat))
+    state = {}
+    for o, f in mapping.items():
+        st = fstate.get(f, fstate.get(str(f)))
+        if st:
+            state[o] = st
+    optimizer.load_state_dict({"state": state, "param_groups": ours["param_groups"]})
+    return len(state)

@@ -29,7 +29,7 @@ from .distributed import Dist
 from .engine import Engine, EvalResult, evaluate
 from .errors import CheckpointError, ConfigError, DataError, UserError
 from .models import build_model, classifier_head
-from .optim import LRSchedule, build_optimizer
+from .optim import LRSchedule, build_optimizer, carry_over_state, optimizer_family
 from .parallel import ModeDecision, prepare, unwrap, wrap
 from .progress import Progress, Scalars, use_progress_bar
 from .preempt import Preempted, StopRequest, clear_marker, worker_init_ignoring, write_marker
@@ -295,10 +295,27 @@ class Trainer:
         load_weights(self.model, sd, source=f"checkpoint '{self._resuming.path}'")
 
     def _load_optimizer(self, sd: dict[str, Any]) -> None:
-        old_name = (self._resuming.config or {}).get("optim", {}).get("name", self.cfg.optim.name)
+        """Our own checkpoints: the whole state. Another trainer's: its per-parameter state (momentum
+        buffers, Adam moments, step) carried into our parameter groups when the optimizer type
+        matches and the parameters map (count and shapes); hyperparameters come from the config."""
+        resuming = self._resuming
+        want = self.cfg.optim.name
+        if resuming.kind != "ddp_trainer":
+            family = optimizer_family(sd)
+            carried = carry_over_state(sd, self.optimizer, list(unwrap(self.model).parameters())) \
+                if family == want else None
+            if carried is None:
+                why = (f"it is {family or 'of an unknown type'}, optim.name={want}" if family != want
+                       else "its parameters do not map onto the model's (count or shapes differ)")
+                log.warning("resume: optimizer state of the %s file skipped (%s)", resuming.kind, why)
+            else:
+                log.info("resume: %s optimizer state of the %s file carried over for %d parameter(s); "
+                         "hyperparameters from the config", want, resuming.kind, carried)
+            return
+        old_name = (resuming.config or {}).get("optim", {}).get("name", want)
         try:
-            if old_name != self.cfg.optim.name:
-                raise ValueError(f"checkpoint optimizer {old_name!r} != optim.name {self.cfg.optim.name!r}")
+            if old_name != want:
+                raise ValueError(f"checkpoint optimizer {old_name!r} != optim.name {want!r}")
             self.optimizer.load_state_dict(sd)
         except (ValueError, KeyError, RuntimeError) as exc:
             log.warning("resume: optimizer state skipped, it does not fit the configured optimizer (%s)", exc)
