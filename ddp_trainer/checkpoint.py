@@ -14,7 +14,6 @@ import os
 import pickle
 import re
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -308,13 +307,29 @@ def _is_state_dict(obj: Any) -> bool:
 SAFE_GLOBALS = [argparse.Namespace]
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def _torch_load(path: Path, trust: bool) -> Any:
     try:
+        if not _looks_like_torch_save(path):
+            raise CheckpointError(f"'{path}' is not a checkpoint (not a file written by torch.save); check the path")
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
-            raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({str(exc).splitlines()[0]})") from None
+        if "Unsupported global" not in str(exc):
+            raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({_first_line(exc)}); use another file") from None
         if not trust:
             found = re.search(r"GLOBAL ([\w.]+)", str(exc))
             what = f"the Python object {found.group(1)}" if found else "pickled Python objects"
@@ -322,10 +337,13 @@ def _torch_load(path: Path, trust: bool) -> Any:
                 f"checkpoint '{path}' holds {what}, which is code, not data: loading it runs code from the file. "
                 f"Pass --trust-checkpoint if you trust its source") from None
         log.warning("--trust-checkpoint: unpickling '%s' with weights_only=False (this runs code from the file)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated "
-                              f"({str(exc).splitlines()[0][:200]}); use another file") from None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:  # noqa: BLE001 - any failure to read is "not usable", named
+            raise CheckpointError(f"checkpoint '{path}' cannot be read ({_first_line(exc2)})") from None
+    except Exception as exc:  # noqa: BLE001 - empty, cut, overwritten: whatever torch raises, the file is unusable
+        raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({type(exc).__name__}: "
+                              f"{_first_line(exc)}); use another file") from None
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> Loaded:

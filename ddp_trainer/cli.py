@@ -97,10 +97,12 @@ def run_training(args: argparse.Namespace) -> int:
     from .models import check_model_name
     from .preempt import Preempted, StopRequest, parse_signals
     from .runlog import close_file_logs, setup_logging
-    from .runtime import launched
+    from .runtime import die_with_parent, launched
     from .trainer import Trainer
 
     env = resolve(os.environ)
+    if env.source == "torchrun":
+        die_with_parent()
     setup_logging(env.rank)
     try:  # every rank sees the same argv and files, so only rank 0 reports what is wrong with them
         cfg = config_mod.load(args.config, args.overrides)

@@ -40,12 +40,31 @@ def setup_logging(rank: int, level: str = "INFO") -> logging.Logger:
     return logger
 
 
-def add_file_log(path: Path, rank: int) -> None:
-    """Append the log to ``path`` too (call on rank 0 only)."""
+class EarlyRecords(logging.Handler):
+    """Keeps the records logged before ``train.log`` can be opened (the run decides whether it may
+    write to its output_dir first), so that :func:`add_file_log` writes them too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        logging.getLogger(LOGGER).addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def detach(self) -> list[logging.LogRecord]:
+        logging.getLogger(LOGGER).removeHandler(self)
+        return self.records
+
+
+def add_file_log(path: Path, rank: int, earlier: EarlyRecords | None = None) -> None:
+    """Append the log to ``path`` too (call on rank 0 only), starting with ``earlier`` records."""
     logger = logging.getLogger(LOGGER)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.addFilter(_RankFilter(rank))
     handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)d] %(levelname)s %(message)s"))
+    for record in earlier.detach() if earlier is not None else []:
+        handler.handle(record)
     logger.addHandler(handler)
 
 

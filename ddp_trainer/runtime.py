@@ -10,6 +10,25 @@ from typing import Any, Iterator
 log = logging.getLogger("ddp_trainer")
 
 
+def die_with_parent() -> None:
+    """A torchrun worker ends when its agent dies (Linux parent-death signal): a SIGKILLed agent must
+    not leave workers training and writing on their own."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the agent died before the call
+        os._exit(1)
+
+
 @contextlib.contextmanager
 def launched(mode_request: str, backend: str, timeout_s: float,
              init_timeout_s: float | None = None) -> Iterator[tuple[Any, Any]]:

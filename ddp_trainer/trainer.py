@@ -33,7 +33,8 @@ from .optim import LRSchedule, build_optimizer, carry_over_state, optimizer_fami
 from .parallel import ModeDecision, prepare, unwrap, wrap
 from .progress import Progress, Scalars, use_progress_bar
 from .preempt import Preempted, StopRequest, clear_marker, worker_init_ignoring, write_marker
-from .runlog import MetricsFile, add_file_log
+from .runlock import RunLock
+from .runlog import EarlyRecords, MetricsFile, add_file_log
 from .samplers import EpochPlan, PlanBatchSampler
 from .state import StateRegistry, TrainState
 from .transforms import Normalize
@@ -117,6 +118,8 @@ class Trainer:
         self._epoch_complete = False  # what the next save records
         self.loaders = LoaderOwner(before_fork=self._before_worker_fork)
         self._resuming: Loaded | None = None  # the checkpoint being restored, during build()
+        self.lock: RunLock | None = None  # rank 0: output_dir's lock, held until the process ends
+        self._early_log: EarlyRecords | None = None  # rank 0: log records before train.log opens
         # built by build():
         self.splits: Splits | None = None
         self.num_classes = 0
@@ -140,8 +143,11 @@ class Trainer:
 
     def build(self) -> "Trainer":
         cfg, dist = self.cfg, self.dist
-        with dist.waiting("rank 0 to prepare output_dir"):
-            dist.main_then_broadcast(self._prepare_output_dir)
+        # nothing in output_dir is written before the run holds its lock and has decided how it
+        # starts: a refused or mistaken run leaves the folder as it was
+        self._early_log = EarlyRecords() if dist.is_main else None
+        with dist.waiting("rank 0 to lock output_dir"):
+            dist.main_then_broadcast(self._lock_output_dir)
         self.splits = build_splits(cfg, dist)
         self.num_classes = len(self.splits.classes)
         log.info("data: %d train / %d val images, %d classes; val from %s", len(self.splits.train),
@@ -149,6 +155,8 @@ class Trainer:
         with dist.waiting("rank 0 to read the checkpoint"):
             resume = dist.main_then_broadcast(self._find_resume)
             init = dist.main_then_broadcast(self._read_init_from) if cfg.model.init_from and resume is None else None
+        with dist.waiting("rank 0 to prepare output_dir"):
+            dist.main_then_broadcast(self._prepare_output_dir)
 
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not cfg.train.deterministic  # fastest kernels unless asked not to
@@ -217,20 +225,29 @@ class Trainer:
         reg.register("train_state", self._train_state_entries, self.state.load_state_dict, every_rank=True, flat=True)
         reg.register("rng", lambda: self.dist.all_gather_object(self._rng_state()), self._load_rng, every_rank=True)
 
-    def _prepare_output_dir(self) -> None:
-        """Rank 0: refuse to clobber a run, create the folder, save the resolved config, start train.log."""
+    def _lock_output_dir(self) -> None:
+        """Rank 0: refuse to clobber a run, then hold output_dir's lock for the whole run."""
         cfg = self.cfg
         if cfg.resume == "none" and has_checkpoints(self.ckpt_dir) and not cfg.overwrite:
             raise CheckpointError(
                 f"output_dir '{self.out}' already holds checkpoints and resume=none would overwrite them; "
                 f"use resume=auto to continue that run, another output_dir, or overwrite=true")
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(self.out).acquire()
+        except OSError as exc:
+            raise UserError(f"output_dir '{self.out}' cannot be written ({exc.strerror}); choose a writable "
+                            f"output_dir") from None
+
+    def _prepare_output_dir(self) -> None:
+        """Rank 0: save the resolved config, start train.log, clear an old stop marker."""
+        cfg = self.cfg
+        try:
             (self.out / "config.yaml").write_text(config_mod.dump(cfg))
         except OSError as exc:
             raise UserError(f"output_dir '{self.out}' cannot be written ({exc.strerror}); choose a writable "
                             f"output_dir") from None
-        add_file_log(self.out / "train.log", self.dist.rank)
+        add_file_log(self.out / "train.log", self.dist.rank, self._early_log)
+        self._early_log = None
         clear_marker(self.out)
 
     def _find_resume(self) -> Loaded | None:
@@ -242,12 +259,18 @@ class Trainer:
             loaded = read_checkpoint(cfg.resume, self.trust)
         else:
             loaded = None
+            skipped = []
             for path in resume_candidates(self.ckpt_dir):
                 try:
                     loaded = read_checkpoint(path, self.trust)
                     break
                 except CheckpointError as exc:
                     log.warning("resume: skipping %s: %s", path.name, exc.message)
+                    skipped.append(f"{path.name}: {exc.message}")
+            if loaded is None and skipped:
+                raise CheckpointError(
+                    f"resume=auto: output_dir '{self.out}' holds checkpoints but none can be used "
+                    f"({'; '.join(skipped)}); nothing was changed. To start over there: resume=none overwrite=true")
             if loaded is None:
                 return None
         self._check_compatible(loaded)
@@ -358,8 +381,11 @@ class Trainer:
                 tdist.broadcast(buf, 0)
 
     def close(self) -> None:
-        """Stop the loader workers now (see :class:`LoaderOwner`)."""
+        """Stop the loader workers now (see :class:`LoaderOwner`); let go of held log records."""
         self.loaders.close()
+        if self._early_log is not None:
+            self._early_log.detach()
+            self._early_log = None
 
     def _before_worker_fork(self) -> None:
         """Loader workers fork from this process: let an in-flight background save finish first, so no

@@ -1,0 +1,129 @@
+"""Never lose a run: unreadable resumes refuse and touch nothing, damaged newest checkpoints fall back,
+one run per output_dir, and workers end with their agent."""
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PY, ROOT, TORCHRUN, launch, metrics
+from test_resume import env, resume_args, wait_for, worker_pids
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of a run folder but the lock (which names the last run that held it)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def finished(demo_small: Path, tmp_path_factory) -> Path:
+    """A 2-epoch single-process run: last.pt == epoch_0001.pt, epoch_0000.pt, best.pt."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    res = subprocess.run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={out}",
+                          "model.name=tiny_cnn_bn", "data.image_size=16", "data.batch_size=8", "data.num_workers=0",
+                          "train.epochs=2"], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=180)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def _args(demo_small: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.root={demo_small}", f"output_dir={out}", "model.name=tiny_cnn_bn", "data.image_size=16",
+            "data.batch_size=8", "data.num_workers=0", *extra]
+
+
+def test_resume_auto_refuses_when_no_checkpoint_can_be_used_and_changes_nothing(finished, demo_small, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    for p in (out / "checkpoints").glob("*.pt"):
+        state = torch.load(p, weights_only=True)
+        state["format_version"] = 99  # written by a newer ddp_trainer
+        p.unlink()  # break the hard links first
+        torch.save(state, p)
+    before = _snapshot(out)
+    res = launch(0, *_args(demo_small, out, "train.epochs=3"), timeout=120)
+    assert res.returncode == 2, res.stderr
+    (err,) = [l for l in res.stderr.splitlines() if "error:" in l]
+    assert "resume=auto: output_dir" in err and "none can be used" in err
+    assert "last.pt: checkpoint" in err and "format version 99" in err and "epoch_0000.pt" in err
+    assert "resume=none overwrite=true" in err
+    assert _snapshot(out) == before  # checkpoints, metrics.jsonl, config.yaml, train.log: all untouched
+
+
+@pytest.mark.parametrize("damage", ["empty", "text", "cut5000", "cut20000"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(finished, demo_small, tmp_path, damage):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    last = out / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    last.unlink()
+    (out / "checkpoints" / "epoch_0001.pt").unlink()  # so that the fallback is epoch_0000.pt
+    last.write_bytes({"empty": b"", "text": b"hello, I am not a checkpoint\n" * 10,
+                      "cut5000": data[:5000], "cut20000": data[:20000]}[damage])
+    res = launch(0, *_args(demo_small, out, "train.epochs=2"), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "resume: skipping last.pt" in res.stderr
+    assert "from " + str(out / "checkpoints" / "epoch_0000.pt") in res.stderr
+    assert [r["epoch"] for r in metrics(out)] == [0, 1]
+
+
+def test_resume_path_to_a_non_checkpoint_is_a_clear_error(demo_small, tmp_path):
+    jpeg = next((demo_small / "train").rglob("*.png"))
+    res = launch(0, *_args(demo_small, tmp_path / "run", f"resume={jpeg}"), timeout=120)
+    assert res.returncode == 2
+    assert f"'{jpeg}' is not a checkpoint (not a file written by torch.save)" in res.stderr
+    trusted = launch(0, *_args(demo_small, tmp_path / "run2", f"resume={jpeg}"), "--trust-checkpoint", timeout=120)
+    assert trusted.returncode == 2 and "is not a checkpoint" in trusted.stderr
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_holder(demo_small, tmp_path):
+    out = tmp_path / "run"
+    args = resume_args(demo_small, out)
+    first = subprocess.Popen([PY, str(ROOT / "launch.py"), *args], env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: (out / "train.log").exists(), proc=first)
+    second = launch(0, *args, timeout=120, env=env())
+    assert second.returncode == 2, second.stderr
+    (err,) = [l for l in second.stderr.splitlines() if "error:" in l]
+    assert f"output_dir '{out}' is in use by another run (host " in err and f"pid {first.pid}, started " in err
+    assert first.wait(180) == 0, first.stderr.read()  # the first run was not disturbed
+    assert [r["epoch"] for r in metrics(out)] == [0, 1]
+    # a killed holder leaves no stale lock: SIGKILL a run, and the next one resumes
+    third = subprocess.Popen([PY, str(ROOT / "launch.py"), *args, "train.epochs=3"], env=env(), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(5)
+    os.killpg(third.pid, signal.SIGKILL)
+    third.wait()
+    res = launch(0, *args, "train.epochs=3", timeout=180, env=env())
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_workers_end_when_their_torchrun_agent_is_killed(demo_small, tmp_path):
+    out = tmp_path / "run"
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), *resume_args(demo_small, out),
+           "train.epochs=20"]
+    agent = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    wait_for(lambda: len(worker_pids(agent.pid)) == 2 and (out / "train.log").exists())
+    workers = list(worker_pids(agent.pid).values())
+    os.kill(agent.pid, signal.SIGKILL)  # only the agent
+    agent.wait()
+    deadline = time.monotonic() + 15
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in workers if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+    assert not alive, f"workers {alive} outlived their agent"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
