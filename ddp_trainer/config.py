@@ -49,7 +49,7 @@ class DataConfig:
     cache_size: Optional[int] = None  # stored side of training images when cropping randomly; ceil(1.15 x image_size)
 
     def __post_init__(self) -> None:
-        _check(self.image_size >= 8, "data.image_size", self.image_size, "use at least 8")
+        _check(8 <= self.image_size <= 8192, "data.image_size", self.image_size, "use 8 to 8192")
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "use at least 1")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
@@ -154,6 +154,7 @@ class CheckpointConfig:
     monitor: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     async_: bool = field(default=True, metadata={"key": "async"})  # write in a background thread
+    on_data_change: Literal["restart_epoch", "error"] = "restart_epoch"  # training set changed under a mid-epoch resume
 
     def __post_init__(self) -> None:
         _check(self.every_epochs >= 0, "checkpoint.every_epochs", self.every_epochs, "use 0 or more")
@@ -208,6 +209,11 @@ class Config:
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
     log: LogConfig = field(default_factory=LogConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(str(self.output_dir).strip()), "output_dir", self.output_dir,
+               "name a folder for the run, e.g. output_dir=runs/exp1")
+        _check(0 <= self.seed < 2 ** 63, "seed", self.seed, "use a whole number from 0 to 2**63 - 1")
 
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self)
@@ -292,14 +298,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"{key}: expected a whole number, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: bad value {value!r}; use a finite number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -378,17 +389,38 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return flat
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file, or a ConfigError naming the file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {str(p)!r} not found; check the --config path") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file {str(p)!r}: {exc}; keep one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

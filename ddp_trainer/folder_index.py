@@ -5,14 +5,18 @@ paths and labels, is broadcast: every rank and node sees the same order.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import DataError
 from .progress import Ticker
+
+log = logging.getLogger("ddp_trainer")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # a visible (no leading "." or "__") file name with one of IMAGE_EXTENSIONS, any case
@@ -38,6 +42,12 @@ class FolderIndex:
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.samples[i][0])
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The count and a hash of the (path, label) list: what a mid-epoch resume must see again."""
+        h = hashlib.sha256()
+        h.update("\n".join(f"{rel}\t{label}" for rel, label in self.samples).encode("utf-8", "surrogateescape"))
+        return {"count": len(self.samples), "sha256": h.hexdigest()}
+
     def subset(self, keep: Sequence[int]) -> "FolderIndex":
         return FolderIndex(self.root, self.classes, tuple(self.samples[i] for i in keep))
 
@@ -54,10 +64,20 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and _visible(e.name))
 
 
-def _images_under(class_dir: Path, ticker: Ticker) -> list[str]:
-    """Image files below ``class_dir`` (recursively), as sorted paths relative to it."""
+def _images_under(class_dir: Path, ticker: Ticker, seen: set[tuple[int, int]]) -> list[str]:
+    """Image files below ``class_dir`` (recursively, following symlinks), as sorted paths relative to
+    it. A directory reached again within the class (a symlink loop such as ``ln -s . loop``, or a
+    second link to it) is walked once only: ``seen`` holds the (device, inode) of every directory
+    walked in this class folder."""
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            log.warning("data: skipped '%s': it is a directory already scanned (a symlink loop or a second "
+                        "link to it)", dirpath)
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if _visible(d))
         images = filter(_IMAGE_NAME.match, filenames)  # the per-file test in C: 1.28M names in a blink
         if dirpath == str(class_dir):
@@ -99,7 +119,7 @@ def scan(folder: str | Path, classes: Sequence[str] | None = None) -> FolderInde
     samples: list[tuple[str, int]] = []
     ticker = Ticker(f"data: scanning {folder}", unit="files")
     for label, name in enumerate(names):
-        files = _images_under(folder / name, ticker)
+        files = _images_under(folder / name, ticker, set())
         if not files:
             raise DataError(f"class folder '{folder / name}' holds no images "
                             f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...); add images or remove the folder")

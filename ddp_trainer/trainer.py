@@ -120,6 +120,7 @@ class Trainer:
         self._resuming: Loaded | None = None  # the checkpoint being restored, during build()
         self.lock: RunLock | None = None  # rank 0: output_dir's lock, held until the process ends
         self._early_log: EarlyRecords | None = None  # rank 0: log records before train.log opens
+        self._fingerprint: dict[str, Any] = {}  # the training index's count and hash (checked on resume)
         # built by build():
         self.splits: Splits | None = None
         self.num_classes = 0
@@ -149,6 +150,7 @@ class Trainer:
         with dist.waiting("rank 0 to lock output_dir"):
             dist.main_then_broadcast(self._lock_output_dir)
         self.splits = build_splits(cfg, dist)
+        self._fingerprint = self.splits.train.fingerprint()
         self.num_classes = len(self.splits.classes)
         log.info("data: %d train / %d val images, %d classes; val from %s", len(self.splits.train),
                  len(self.splits.val), self.num_classes, self.splits.source)
@@ -223,6 +225,7 @@ class Trainer:
         reg.register("scaler", lambda: self.scaler.state_dict() if self.scaler.is_enabled() else None,
                      self._load_scaler)
         reg.register("train_state", self._train_state_entries, self.state.load_state_dict, every_rank=True, flat=True)
+        reg.register("train_data", lambda: self._fingerprint, self._check_data)  # after train_state: needs position
         reg.register("rng", lambda: self.dist.all_gather_object(self._rng_state()), self._load_rng, every_rank=True)
 
     def _lock_output_dir(self) -> None:
@@ -357,6 +360,21 @@ class Trainer:
         sums = torch.stack([running.loss_sum, running.count])
         self.dist.all_reduce_sum(sums)
         return self.state.loss_sum + sums[0].item(), self.state.loss_count + sums[1].item()
+
+    def _check_data(self, saved: dict[str, Any]) -> None:
+        """A mid-epoch resume continues the epoch's order by position: only valid on the same
+        training set. Otherwise restart the epoch's order (or refuse, checkpoint.on_data_change)."""
+        if self.state.position == 0 or saved == self._fingerprint:
+            return
+        what = (f"the training set changed since the checkpoint ({saved.get('count')} -> "
+                f"{self._fingerprint['count']} images, or other files)")
+        if self.cfg.checkpoint.on_data_change == "error":
+            raise CheckpointError(f"resume: {what}, so the rest of epoch {self.state.epoch} cannot be continued "
+                                  f"by position; restore the data, or set checkpoint.on_data_change=restart_epoch",
+                                  shared=True)
+        log.warning("resume: %s; epoch %d restarts its order from the beginning (checkpoint.on_data_change="
+                    "restart_epoch)", what, self.state.epoch)
+        self.state.position, self.state.loss_sum, self.state.loss_count = 0, 0.0, 0.0
 
     def _rng_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"torch": torch.get_rng_state()}

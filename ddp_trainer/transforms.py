@@ -72,6 +72,8 @@ def load_rgb(path: str) -> torch.Tensor:
             raise _bad(path, why[:160]) from None
         if img.ndim == 4:  # an animated GIF: its first frame
             img = img[0]
+        if img.dtype != torch.uint8:  # a 16-bit PNG: scale to 8 bits as PIL does (not the low byte)
+            img = F.to_dtype(img, torch.uint8, scale=True)
         return img.contiguous()
     try:
         with Image.open(io.BytesIO(data)) as pil:
