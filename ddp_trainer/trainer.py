@@ -399,11 +399,15 @@ class Trainer:
                 tdist.broadcast(buf, 0)
 
     def close(self) -> None:
-        """Stop the loader workers now (see :class:`LoaderOwner`); let go of held log records."""
+        """Stop the loader workers now (see :class:`LoaderOwner`); let go of held log records and of
+        output_dir's lock (the process's end releases it too)."""
         self.loaders.close()
         if self._early_log is not None:
             self._early_log.detach()
             self._early_log = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _before_worker_fork(self) -> None:
         """Loader workers fork from this process: let an in-flight background save finish first, so no

@@ -141,6 +141,7 @@ def test_knobs_have_their_effect(tmp_path: Path, demo_small: Path):
     t = _trainer(tmp_path, demo_small, "train.channels_last=true")
     conv = unwrap(t.model).features[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    t.close()  # one run at a time per output_dir: the next build would be refused while this one holds it
     t = _trainer(tmp_path, demo_small, "train.compile=true", "overwrite=true", "resume=none")
     assert type(t.model).__name__ == "OptimizedModule" and isinstance(unwrap(t.model), TinyCNN)
 
