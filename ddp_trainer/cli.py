@@ -60,6 +60,9 @@ def guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace, r
     except KeyboardInterrupt:
         print(f"[rank {rank}] interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout piped into `head` and closed: not an error of the command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the top level turns every error into one line
         return _report(exc, rank, getattr(args, "traceback", False))
 
