@@ -90,7 +90,6 @@ class EpochPlan:
         rest = n - start
         full_step = world * batch_size * accum
         full, tail = divmod(rest, full_step)
-        self._full_step, self._accum = full_step, accum
         self.partial_only = False
         layouts = [_Layout(j * full_step, full_step, accum) for j in range(full)]
         if tail:
