@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import EXIT_OK, EXIT_USER_ERROR, DataError
+from .decoded_cache import human_bytes
 from .folder_index import FolderIndex
 
 
@@ -45,12 +46,6 @@ def _per_class(index: FolderIndex) -> list[str]:
             "    smallest: " + ", ".join(f"{name} {n}" for name, n in smallest)]
 
 
-def _human(n: float) -> str:
-    from .decoded_cache import _human as human
-
-    return human(int(n))
-
-
 def _cache_lines(splits, cfg) -> list[str]:  # type: ignore[no-untyped-def]
     from . import decoded_cache
     from .demo_data import cache_root
@@ -59,7 +54,7 @@ def _cache_lines(splits, cfg) -> list[str]:  # type: ignore[no-untyped-def]
     parts = [("train", splits.train, cfg.data.train_cache_size), ("val", splits.val, cfg.data.image_size)]
     total = sum(decoded_cache.nbytes(len(ix), size) for _, ix, size in parts)
     if cfg.data.cache != "decoded":
-        return [f"cache: data.cache=none (data.cache=decoded would need {_human(total)} in '{folder}')"]
+        return [f"cache: data.cache=none (data.cache=decoded would need {human_bytes(total)} in '{folder}')"]
     lines = [f"cache: data.cache=decoded in '{folder}'"]
     need = 0
     for split, ix, size in parts:
@@ -67,11 +62,11 @@ def _cache_lines(splits, cfg) -> list[str]:  # type: ignore[no-untyped-def]
         size_b = decoded_cache.nbytes(len(ix), size)
         state = "exists" if path.exists() else "to build"
         need += 0 if path.exists() else size_b
-        lines.append(f"    {split}: {path.name} ({len(ix)} images at {size}x{size}, {_human(size_b)}) {state}")
+        lines.append(f"    {split}: {path.name} ({len(ix)} images at {size}x{size}, {human_bytes(size_b)}) {state}")
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free
     verdict = "enough" if free >= need else "NOT enough: set data.cache_dir to a larger disk"
-    lines.append(f"    to build: {_human(need)}; free: {_human(free)} ({verdict})")
+    lines.append(f"    to build: {human_bytes(need)}; free: {human_bytes(free)} ({verdict})")
     return lines
 
 

@@ -404,7 +404,8 @@ def fit_prefix(sd: Mapping[str, Any], want: Iterable[str]) -> tuple[dict[str, An
     return dict(sd), ""
 
 
-def _common_prefix(keys: list[str]) -> str:
+def common_prefix(keys: list[str]) -> str:
+    """The first key segment (with its dot) when every key starts with it, else ""."""
     first = keys[0].split(".")[0] + "." if keys else ""
     return first if first and all(k.startswith(first) for k in keys) else ""
 
@@ -445,9 +446,9 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], *, skip_prefi
         if shapes:
             k = shapes[0]
             parts.append(f"{len(shapes)} with other shapes (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(want[k].shape)})")
-        theirs = _common_prefix(list(sd))
+        theirs = common_prefix(list(sd))
         hint = (f"the checkpoint's keys all start with {theirs!r} and the model's do not: strip it "
-                f"(ddp-trainer convert IN OUT --strip-prefix {theirs})" if theirs and not _common_prefix(list(want))
+                f"(ddp-trainer convert IN OUT --strip-prefix {theirs})" if theirs and not common_prefix(list(want))
                 else "use the model.name the checkpoint was trained with")
         raise CheckpointError(f"{source} does not fit model.name's model: {'; '.join(parts)}; {hint}")
     target.load_state_dict(sd, strict=not skip)

@@ -150,7 +150,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """A plain state dict that loads with ``strict=True`` into the model (``--model``, else the one the
     file names), or an error; without any model to check against, keys that all still carry one
     leading prefix are refused (they would not load into the bare model)."""
-    from .checkpoint import _common_prefix, atomic_save, fit_prefix, read_checkpoint
+    from .checkpoint import common_prefix, atomic_save, fit_prefix, read_checkpoint
     from .models import build_model, check_model_name
 
     loaded = read_checkpoint(args.input, args.trust_checkpoint)
@@ -175,8 +175,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise CheckpointError(f"convert: the weights of '{args.input}' do not load into {name} "
                                   f"({str(exc).splitlines()[0][:200]}); name the right model with --model") from None
         checked = f", loads into {name}" + (f" (prefix {prefix!r} stripped)" if prefix else "")
-    elif _common_prefix(list(sd)) and len(sd) > 1:
-        p = _common_prefix(list(sd))
+    elif common_prefix(list(sd)) and len(sd) > 1:
+        p = common_prefix(list(sd))
         raise CheckpointError(f"convert: every key of '{args.input}' starts with {p!r} (a wrapper's attribute, e.g. a "
                               f"LightningModule's self.model), so the file would not load into the bare model; pass "
                               f"--model NAME (e.g. resnet18) to fit and check the keys, or --strip-prefix {p}")

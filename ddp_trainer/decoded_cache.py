@@ -88,7 +88,8 @@ def file_name(key: str, images: int, size: int) -> str:
     return f"decoded-{key}-{images}x3x{size}x{size}.u8"
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """``n`` bytes as B / KB / MB / GB / TB (powers of 1000)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -113,7 +114,7 @@ def remove_dead_builds(folder: Path) -> list[Path]:
             size = os.fstat(fd).st_size
             tmp.unlink()
             removed.append(tmp)
-            log.warning("data.cache: removed %s (%s), left by a cache build that did not finish", tmp, _human(size))
+            log.warning("data.cache: removed %s (%s), left by a cache build that did not finish", tmp, human_bytes(size))
         finally:
             os.close(fd)
     return removed
@@ -162,12 +163,12 @@ class _NodeBuilder:
             raise DataError(self._no_space(need, shutil.disk_usage(self.folder).free, exc.strerror)) from None
         self.target = _Target(path, tmp)
         log.info("data.cache: building %s (%d images at %dx%d, %s)", path, len(self.index), self.size, self.size,
-                 _human(need))
+                 human_bytes(need))
         return self.target
 
     def _no_space(self, need: int, free: int, why: str | None = None) -> str:
-        return (f"data.cache=decoded needs {_human(need)} for {len(self.index)} images at {self.size}x{self.size} "
-                f"in '{self.folder}', but {_human(free)} is free there{f' ({why})' if why else ''}; set "
+        return (f"data.cache=decoded needs {human_bytes(need)} for {len(self.index)} images at {self.size}x{self.size} "
+                f"in '{self.folder}', but {human_bytes(free)} is free there{f' ({why})' if why else ''}; set "
                 f"data.cache_dir to a folder with more space, lower data.cache_size, or use data.cache=none")
 
     def finish(self) -> None:

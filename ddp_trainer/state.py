@@ -35,7 +35,7 @@ class TrainState:
     def load_state_dict(self, entries: Mapping[str, Any]) -> None:
         """Continue after the checkpoint: the next epoch after a complete one, else the same epoch at
         its position, with its loss sums. Foreign files may lack entries (a fresh start for those)."""
-        epoch = int(entries.get("epoch", -1) if entries.get("epoch") is not None else -1)
+        epoch = -1 if entries.get("epoch") is None else int(entries["epoch"])
         complete = bool(entries.get("epoch_complete", True))
         self.epoch = epoch + 1 if complete else epoch
         self.position = 0 if complete else int(entries.get("position", 0))

@@ -125,7 +125,7 @@ def test_too_little_space_is_a_clear_error_before_building(small_args, tiny_disk
                  timeout=120)
     assert res.returncode == 2, res.stderr
     line = [l for l in res.stderr.splitlines() if "error:" in l][0]
-    need = decoded_cache._human(decoded_cache.nbytes(120, 64))
+    need = decoded_cache.human_bytes(decoded_cache.nbytes(120, 64))
     assert f"data.cache=decoded needs {need} for 120 images at 64x64 in '{tiny_disk}'" in line
     assert "is free there" in line and "data.cache_dir" in line
     assert not list(tiny_disk.iterdir())  # nothing written
