@@ -12,9 +12,12 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import EXIT_FAILURE, EXIT_OK, UserError, one_line
+
+if TYPE_CHECKING:
+    from .preempt import StopRequest
 
 log = logging.getLogger("ddp_trainer")
 SHARED_ERROR_GRACE_S = 2.0
@@ -91,7 +94,9 @@ def _debug_config(cfg):  # type: ignore[no-untyped-def]
         "train.log_every_steps": 1, "train.compile": False})
 
 
-def run_training(args: argparse.Namespace) -> int:
+def run_training(args: argparse.Namespace, stop: "StopRequest | None" = None) -> int:
+    """Train as ``args`` say. ``stop``: the stop-signal handling installed at process start (see
+    :func:`train_main`); its signals become ``preempt.signals`` once the config is read."""
     import torch
 
     from . import config as config_mod
@@ -117,8 +122,8 @@ def run_training(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         exc.shared = True
         raise
-    # installed before any loader worker exists; the workers themselves ignore these signals
-    stop = StopRequest(parse_signals(cfg.preempt.signals)).install()
+    # before any loader worker exists; the workers themselves ignore these signals
+    stop = (stop or StopRequest([])).configure(parse_signals(cfg.preempt.signals))
     trainer = None
     try:
         with launched(cfg.dist.mode, cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.init_timeout_s) as (dist, decision):
@@ -138,11 +143,15 @@ def run_training(args: argparse.Namespace) -> int:
             else:
                 log.info("done: nothing left to train (train.epochs=%d reached) in %s", cfg.train.epochs,
                          result.output_dir)
+            if stop.received:
+                log.info("%s arrived after the last training step: the run is complete, nothing to stop or "
+                         "requeue", stop.received)
     except Preempted as exc:
         if env.rank == 0:
             log.warning("%s", exc)
         return exc.exit_code
     finally:
+        stop.finish()
         if trainer is not None:
             trainer.close()
         close_file_logs()
@@ -155,22 +164,27 @@ def exit_now(code: int) -> None:
     Tearing down torch and torchvision takes about a second at every exit (library finalisers, not
     our work); when only the main thread is left (no checkpoint write in flight) and the loader
     workers are gone, there is nothing it would finish: flush, then ``os._exit``. Otherwise the
-    normal exit joins what still runs."""
+    normal exit joins what still runs. (Daemon threads, such as the stop-signal watcher, hold no
+    work.)"""
     import multiprocessing
     import threading
 
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    if threading.active_count() == 1 and not multiprocessing.active_children():
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if not others and not multiprocessing.active_children():
         os._exit(code)
     sys.exit(code)
 
 
 def train_main(argv: Sequence[str] | None = None, prog: str = "launch.py") -> int:
+    from .preempt import StopRequest
+
+    stop = StopRequest.early()  # first: a stop signal during the seconds of importing torch is handled too
     args = _train_parser(prog).parse_intermixed_args(argv)  # flags anywhere among the key=value overrides
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
-    return guarded(run_training, args, rank)
+    return guarded(lambda a: run_training(a, stop), args, rank)
 
 
 # -- subcommands -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch.distributed as tdist
 
 from .env import LaunchEnv
 from .errors import PeerTimeout, UserError
+from .preempt import doing
 
 log = logging.getLogger("ddp_trainer")
 T = TypeVar("T")
@@ -54,9 +55,11 @@ class Dist:
     @contextlib.contextmanager
     def waiting(self, what: str) -> Iterator[None]:
         """Name the preparation step the collectives inside wait for: a rank whose wait runs past
-        ``dist.init_timeout_s`` says what it waited for instead of printing gloo/nccl's text."""
+        ``dist.init_timeout_s`` says what it waited for instead of printing gloo/nccl's text; a stop
+        signal meanwhile ends the process at once, naming it too (see :mod:`preempt`)."""
         try:
-            yield
+            with doing(f"waiting for {what}"):
+                yield
         except Exception as exc:  # noqa: BLE001 - only timeouts are translated, everything else re-raised
             if not (self.active and _is_timeout(exc)):
                 raise
@@ -184,9 +187,11 @@ def process_group(env: LaunchEnv, backend: str | None, device: torch.device,
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
         kwargs["device_id"] = device
-    tdist.init_process_group(
-        backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=init_timeout_s), **kwargs)
+    with doing(f"waiting for the other ranks to join the process group (world size {env.world_size}, "
+               f"{env.master_addr}:{env.master_port})"):
+        tdist.init_process_group(
+            backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=init_timeout_s), **kwargs)
     try:
         cpu_group = (tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=init_timeout_s))
                      if backend != "gloo" else None)

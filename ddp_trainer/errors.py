@@ -6,6 +6,8 @@ prints them, while every rank still exits with the same code.
 """
 from __future__ import annotations
 
+import os
+
 EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected error (a bug, a crashed peer, ...)
 EXIT_USER_ERROR = 2  # bad config, bad data, refused checkpoint: the message says what to fix
@@ -57,3 +59,16 @@ def one_line(exc: BaseException) -> str:
             return rest
         return last
     return " ".join(line.strip() for line in lines) if len(lines) <= 3 else lines[0].strip()
+
+
+def show_path(path: "str | bytes | os.PathLike[str]") -> str:
+    """``path`` for a message or a log line. A file name that is not valid UTF-8 (kept by Python as
+    surrogate escapes, which cannot be printed or logged) is shown with its raw bytes as ``\\xNN``."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "backslashreplace")
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

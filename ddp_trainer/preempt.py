@@ -1,36 +1,76 @@
-"""Graceful stops on the signals a cluster sends before it kills a job (SIGUSR1 by ``--signal``,
-SIGTERM at the time limit or on preemption, SIGINT from Ctrl-C).
+"""Stops on the signals a cluster or a user sends: SIGUSR1 (SLURM's ``--signal`` warning), SIGTERM
+(time limit, preemption, ``scancel``), SIGINT (Ctrl-C).
 
-The handler only records the signal. At step boundaries the ranks agree (one tiny all-reduce on a
-CPU group, every ``preempt.check_every_steps`` steps) that a stop was asked, save one checkpoint
-together, write ``<output_dir>/PREEMPTED`` (rank 0) and exit with :data:`EXIT_PREEMPTED`. Loader
-workers ignore these signals, so they cannot die of them before the checkpoint is written.
+While training runs, the first signal is only recorded. At step boundaries the ranks agree (one
+tiny all-reduce on a CPU group, every ``preempt.check_every_steps`` steps) that a stop was asked, save
+one checkpoint together, write ``<output_dir>/PREEMPTED`` (rank 0) and stop. Loader workers ignore
+these signals, so they cannot die of them before the checkpoint is written.
+
+Before the training loop starts there is nothing new to save: SIGTERM and SIGINT end the process at
+once, naming what it was doing (waiting for peers, scanning, building the cache); SIGUSR1, a warning
+that asks for a stop *and requeue*, is kept and the ranks stop together at the loop's start, without
+writing a checkpoint. Once training runs, a second SIGTERM/SIGINT (at least ``REPEAT_S`` after the
+first: one ``scancel`` or Ctrl-C reaches a process more than once, directly and forwarded) ends it at
+once; the last checkpoint stays as it was.
+
+Signals reach a watcher thread through :func:`signal.set_wakeup_fd`, so a main thread blocked in C
+(a rendezvous, a collective waiting for a peer, a read) cannot delay an exit at once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .fsutil import atomic_write_text
 
-EXIT_PREEMPTED = 3  # stopped by a signal after saving a checkpoint: run the same command to resume
+EXIT_PREEMPTED = 3  # stopped by a signal (after saving a checkpoint): run the same command to resume
 MARKER = "PREEMPTED"
 MARKER_ENV = "DDP_TRAINER_PREEMPT_MARKER"  # an extra marker path (set by the sbatch scripts)
+READY_SUFFIX = ".ready"  # <marker>.ready: this node's ranks handle stop signals (the batch shell waits for it)
+DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
+WARNING_SIGNALS = frozenset({"SIGUSR1"})  # a warning before the end: repeats are harmless, it never exits at once
+REPEAT_S = 2.0  # a second SIGTERM/SIGINT sooner than this is the same request arriving twice
+_CANCEL_RANK = 64  # in the rank agreement a cancel (TERM/INT) outranks a warning (USR1): encoded above 64
+
+_activity: list[str] = []  # what start-up is doing now (named when a signal ends it), innermost last
+
+
+@contextlib.contextmanager
+def doing(what: str) -> Iterator[None]:
+    """Name what start-up is busy with, for the line an exit at once prints ("waiting for ...")."""
+    _activity.append(what)
+    try:
+        yield
+    finally:
+        _activity.pop()
+
+
+def current_activity() -> str:
+    return _activity[-1] if _activity else "starting up"
+
+
+def stop_exit_code() -> int:
+    """The exit code of a stop at a checkpoint: 3, or 0 under the sbatch scripts (they set
+    ``$DDP_TRAINER_PREEMPT_MARKER``; the marker, not the exit code, tells the batch shell what happened,
+    and a non-zero task would make srun and torchrun report a crash and kill the other tasks)."""
+    return 0 if os.environ.get(MARKER_ENV) else EXIT_PREEMPTED
 
 
 class Preempted(Exception):
-    """Raised on every rank after the stop checkpoint was saved."""
+    """Raised on every rank after the ranks agreed to stop (and saved, when ``saved``)."""
 
-    exit_code = EXIT_PREEMPTED
-
-    def __init__(self, signal_name: str, where: str) -> None:
-        super().__init__(f"stopped by {signal_name} after saving a checkpoint ({where}); "
-                         f"run the same command to resume")
+    def __init__(self, signal_name: str, where: str, saved: bool = True) -> None:
+        what = "after saving a checkpoint" if saved else "before training started (nothing new to save)"
+        super().__init__(f"stopped by {signal_name} {what} ({where}); run the same command to resume")
         self.signal_name = signal_name
+        self.exit_code = stop_exit_code()
 
 
 def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
@@ -41,32 +81,145 @@ def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
     return out
 
 
+def _say(text: str) -> None:
+    """One line on stderr from rank 0, written directly (safe from any thread, any moment)."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("", "0"):
+        os.write(2, (text + "\n").encode("utf-8", "backslashreplace"))
+
+
 class StopRequest:
-    """Records the first of ``signals`` this process receives; nothing else happens in the handler."""
+    """The stop signals this process has received, and what they mean in the current phase.
+
+    :meth:`install` (main thread) replaces the signals' handlers; :meth:`arm` marks the start of the
+    training loop. ``received`` is the signal the next agreement reports: the first one, except that
+    a cancel (SIGTERM/SIGINT) replaces an earlier warning (SIGUSR1).
+    """
 
     def __init__(self, signals: Sequence[signal.Signals]) -> None:
         self.signals = list(signals)
         self.received: str | None = None
+        self.armed = False
+        self._first_at = 0.0
         self._previous: dict[signal.Signals, Any] = {}
+        self._pair: tuple[socket.socket, socket.socket] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def early(cls) -> "StopRequest":
+        """Installed first thing in the launcher (before torch is imported), with the default signals,
+        so that a signal during the slow imports is handled, not fatal; :meth:`configure` then applies
+        ``preempt.signals``."""
+        return cls(parse_signals(DEFAULT_SIGNALS)).install()
 
     def install(self) -> "StopRequest":
+        if not self.signals or threading.current_thread() is not threading.main_thread():
+            return self
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._pair = (reader, writer)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handle)
+            self._previous[s] = signal.signal(s, _no_op)
+        threading.Thread(target=self._watch, name="stop-signals", daemon=True).start()
         return self
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is None:
-            self.received = signal.Signals(signum).name
+    def configure(self, signals: Sequence[signal.Signals]) -> "StopRequest":
+        """Handle exactly ``signals`` from now on (the ones dropped get their previous handler back)."""
+        if self._pair is None:
+            self.signals = list(signals)
+            return self.install()
+        for s in [s for s in self.signals if s not in signals]:
+            signal.signal(s, self._previous.pop(s, signal.SIG_DFL))
+        for s in signals:
+            if s not in self._previous:
+                self._previous[s] = signal.signal(s, _no_op)
+        self.signals = list(signals)
+        return self
+
+    def arm(self) -> None:
+        """The training loop starts: from now on the first signal asks for a stop at a checkpoint."""
+        self.armed = True
 
     @property
     def signum(self) -> int:
-        """The received signal's number, 0 when none (what the ranks agree on)."""
-        return int(signal.Signals[self.received]) if self.received else 0
+        """What this rank contributes to the ranks' agreement (max over ranks): 0 when nothing was
+        received; a cancel outranks a warning. :func:`decode` turns the max back into a name."""
+        if not self.received:
+            return 0
+        n = int(signal.Signals[self.received])
+        return n if self.received in WARNING_SIGNALS else n + _CANCEL_RANK
+
+    @staticmethod
+    def decode(code: int) -> str:
+        return signal.Signals(code % _CANCEL_RANK if code > _CANCEL_RANK else code).name
+
+    def _watch(self) -> None:
+        assert self._pair is not None
+        names = {s.name for s in self.signals}
+        while True:
+            try:
+                data = self._pair[0].recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            for num in data:
+                try:
+                    name = signal.Signals(num).name
+                except ValueError:
+                    continue
+                if name in names:  # other Python-handled signals (SIGCHLD from torch) also arrive here
+                    self._on(name)
+
+    def _on(self, name: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if not self.armed and name not in WARNING_SIGNALS:
+                self._exit_now(name, f"stopped by {name} during start-up, while {current_activity()}; no "
+                                     f"training step ran, so there is nothing new to save (checkpoints "
+                                     f"already written are unchanged)")
+            if self.received is None:
+                self.received, self._first_at = name, now
+                return
+            if name in WARNING_SIGNALS:
+                return
+            if self.received in WARNING_SIGNALS or now - self._first_at < REPEAT_S:
+                self.received = name  # a cancel replaces a warning; a quick repeat is the same request
+                return
+            self._exit_now(name, f"second {name}: stopping at once without saving; the run resumes from "
+                                 f"its last checkpoint")
+
+    def _exit_now(self, name: str, text: str) -> None:
+        _say(f"error: {text}")
+        os._exit(128 + int(signal.Signals[name]))
+
+    def finish(self) -> None:
+        """The run's outcome is decided: a warning signal from now on is ignored, also while the
+        interpreter shuts down (which would otherwise restore the default action: death by signal,
+        and a finished run reported as failed)."""
+        for s in self.signals:
+            if s.name in WARNING_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
 
     def restore(self) -> None:
         for s, old in self._previous.items():
             signal.signal(s, old)
         self._previous.clear()
+        if self._pair is not None and threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(-1)
+
+
+def _no_op(signum: int, frame: Any) -> None:
+    """The Python-level handler: the watcher thread acts on the signal (see the module docstring)."""
+
+
+def write_ready() -> None:
+    """Tell the batch shell that this node's ranks handle stop signals now (local rank 0, after every
+    rank joined the process group): a signal it forwarded before this is forwarded once more."""
+    extra = os.environ.get(MARKER_ENV)
+    if extra:
+        Path(extra).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(extra + READY_SUFFIX), f"{os.getpid()}\n")
 
 
 def worker_init_ignoring(signals: Sequence[signal.Signals]) -> Callable[[int], None]:
@@ -75,17 +228,18 @@ def worker_init_ignoring(signals: Sequence[signal.Signals]) -> Callable[[int], N
     names = [s.name for s in signals]
 
     def init(worker_id: int) -> None:
+        signal.set_wakeup_fd(-1)  # the parent's watcher socket is not this worker's
         for name in names:
             signal.signal(signal.Signals[name], signal.SIG_IGN)
 
     return init
 
 
-def write_marker(output_dir: Path | None, signal_name: str, epoch: int, step: int) -> None:
+def write_marker(output_dir: Path | None, signal_name: str, epoch: int, step: int, saved: bool = True) -> None:
     """Say that the run stopped at a checkpoint: ``<output_dir>/PREEMPTED`` (when ``output_dir`` is
     given: global rank 0) and ``$DDP_TRAINER_PREEMPT_MARKER`` (when set: each node's local rank 0, so
     that the batch shell finds it on its own node without a shared filesystem)."""
-    text = json.dumps({"signal": signal_name, "epoch": epoch, "step": step, "time": time.time(),
+    text = json.dumps({"signal": signal_name, "epoch": epoch, "step": step, "saved": saved, "time": time.time(),
                        "slurm_job_id": os.environ.get("SLURM_JOB_ID")}) + "\n"
     if output_dir is not None:
         atomic_write_text(Path(output_dir) / MARKER, text)

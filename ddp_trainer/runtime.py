@@ -39,6 +39,7 @@ def launched(mode_request: str, backend: str, timeout_s: float,
     from .distributed import pick_device, process_group
     from .env import resolve
     from .parallel import decide_mode
+    from .preempt import write_ready
     from .runlog import setup_logging
 
     env = resolve(os.environ)
@@ -47,8 +48,8 @@ def launched(mode_request: str, backend: str, timeout_s: float,
                            launched=env.source != "single")
     device = pick_device(env, decision.use_cuda)
     if decision.backend is not None:
-        log.info("launch: DDP world_size=%d nodes=%d backend=%s device=%s (%s)", env.world_size, env.num_nodes,
-                 decision.backend, device.type, env.source)
+        log.info("launch: DDP world_size=%d nodes=%d backend=%s device=%s (%s), %d CPU thread(s) per process",
+                 env.world_size, env.num_nodes, decision.backend, device.type, env.source, torch.get_num_threads())
     else:
         log.info("launch: %s device=%s (%s)", decision.describe(), device, env.source)
     if decision.mode == "dp":
@@ -59,6 +60,8 @@ def launched(mode_request: str, backend: str, timeout_s: float,
             with dist.waiting("every rank to start"):
                 where = dist.all_gather_object(_host_and_address())
             log.info("ranks: %s", ", ".join(f"{r} on {h} ({a})" for r, (h, a) in enumerate(where)))
+        if env.is_local_main:  # every rank of this node has joined, so each handles stop signals now
+            write_ready()
         yield dist, decision
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,6 +429,10 @@ class Trainer:
     def fit(self) -> FitResult:
         last_val = None
         epochs_run = 0
+        self.stop.arm()
+        if self.state.epoch < self.cfg.train.epochs and self._stop_agreed():
+            # a warning signal (SIGUSR1) during start-up: stop together before the first step
+            self._preempted("before the first step", saved=False)
         while self.state.epoch < self.cfg.train.epochs:
             figures = self._train_epoch(log_plan=epochs_run == 0)
             last_val = self._finish_epoch(figures)
@@ -531,16 +534,16 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Every rank learns whether any rank received a stop signal (and which one)."""
-        signum = self.dist.max_int(self.stop.signum)
-        if signum:
-            self._stop_name = signal.Signals(signum).name
-        return bool(signum)
+        code = self.dist.max_int(self.stop.signum)
+        if code:
+            self._stop_name = StopRequest.decode(code)
+        return bool(code)
 
-    def _preempted(self, where: str) -> None:
+    def _preempted(self, where: str, saved: bool = True) -> None:
         name = self._stop_name
         if self.dist.env.is_local_main:
-            write_marker(self.out if self.dist.is_main else None, name, self.state.epoch, self.state.step)
-        raise Preempted(name, where)
+            write_marker(self.out if self.dist.is_main else None, name, self.state.epoch, self.state.step, saved)
+        raise Preempted(name, where, saved)
 
     def _log_progress(self, epoch: int, n: int, t0: float, start_pos: int, bar: Progress) -> None:
         running = self.engine.running

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -19,7 +21,7 @@ import torch
 from PIL import Image, ImageFile
 from torchvision.transforms.v2 import functional as F
 
-from .errors import DataError
+from .errors import DataError, show_path
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 # torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they are still the fast path here
@@ -46,8 +48,34 @@ def _decode_with_torchvision(data: bytes) -> bool:
 
 
 def _bad(path: str, why: str) -> DataError:
-    return DataError(f"cannot decode image '{path}' ({why}); replace or delete the file, "
+    return DataError(f"cannot decode image '{show_path(path)}' ({why}); replace or delete the file, "
                      f"or set data.bad_images=skip")
+
+
+def read_regular_file(path: str) -> bytes:
+    """The bytes of ``path``; DataError naming it when it cannot be read or is not a regular file.
+
+    Opened non-blocking and checked before reading: a FIFO, socket or device named like an image
+    would otherwise block the read forever (or never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise _bad(path, exc.strerror or str(exc)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+            raise DataError(f"'{show_path(path)}' is not a regular file ({kind}); only image files belong in "
+                            f"the class folders: remove it, or set data.bad_images=skip")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            return f.read()
+    except OSError as exc:
+        raise _bad(path, exc.strerror or str(exc)) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def load_rgb(path: str) -> torch.Tensor:
@@ -57,11 +85,7 @@ def load_rgb(path: str) -> torch.Tensor:
     and strict about truncated files); other formats by PIL. Raises DataError naming the file when it
     cannot be decoded (corrupt or truncated).
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise _bad(path, exc.strerror or str(exc)) from None
+    data = read_regular_file(path)
     if _decode_with_torchvision(data):
         from torchvision.io import ImageReadMode, decode_image
 
