@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import EXIT_OK, EXIT_USER_ERROR, DataError
-from .decoded_cache import human_bytes
+from .errors import DataError, EXIT_OK, EXIT_USER_ERROR, show_path
+from .fsutil import human_bytes
 from .folder_index import FolderIndex
 
 
@@ -137,7 +137,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     n = len(splits.train) + len(splits.val)
     print(f"images: decoded {n} in {time.monotonic() - t1:.1f} s; {len(bad)} unreadable")
     for split, rel, why in bad[:50]:
-        print(f"  {split}: {rel!r}: {why}")
+        print(f"  {split}: '{show_path(rel)}': {why}")
     if len(bad) > 50:
         print(f"  ... and {len(bad) - 50} more")
     if bad and cfg.data.bad_images == "error":

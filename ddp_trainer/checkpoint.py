@@ -8,11 +8,14 @@ place: a kill at any instant leaves the previous file intact.
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import io
 import logging
 import os
 import pickle
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +26,7 @@ from torch import nn
 
 from . import layouts
 from .errors import CheckpointError
-from .fsutil import atomic_write, publish, temp_path
+from .fsutil import atomic_write, human_bytes, publish, temp_path
 from .parallel import unwrap
 
 log = logging.getLogger("ddp_trainer")
@@ -76,6 +79,67 @@ def atomic_save(obj: Any, path: Path, pause_s: float = 0.0) -> None:
             torch.save(obj, f)
 
 
+CHECKSUM_KEY = "payload_sha256"  # in our checkpoints: a digest of everything else in the file
+
+
+def payload_digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes, every other value's
+    repr, in key order. Written with each checkpoint and checked on reading, so that corruption that
+    still unpickles (zeroed or flipped bytes inside a tensor) is caught, not trained on."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(f"M{len(obj)}".encode())
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode("utf-8", "backslashreplace"))
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for item in obj:
+            _feed(h, item)
+    else:
+        h.update(repr(obj).encode("utf-8", "backslashreplace"))
+
+
+def state_nbytes(obj: Any) -> int:
+    """About what ``torch.save(obj)`` writes: the bytes of every tensor in it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v) for v in obj)
+    return 0
+
+
+def write_failure(target: Path, exc: BaseException, needed: int) -> str:
+    """One line for a failed checkpoint write. torch.save reports a full disk as
+    ``[enforce fail at inline_container.cc] unexpected pos``; name the device's lack of space instead."""
+    folder = target.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = -1
+    errno_ = getattr(exc, "errno", None)
+    if errno_ == errno.ENOSPC or "unexpected pos" in str(exc) or 0 <= free < needed:
+        where = f"{human_bytes(free)} free there" if free >= 0 else "free space unknown"
+        return (f"no space left on the device holding '{folder}' to write {target.name} (needed about "
+                f"{human_bytes(needed)}, {where}); the previous checkpoints are intact: free space or choose "
+                f"another output_dir, then resume")
+    why = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1][:200]
+    return (f"checkpoint write to '{target}' failed ({type(exc).__name__}: {why}); the previous checkpoints in "
+            f"'{folder}' are intact; fix the cause (permissions, the filesystem), then resume")
+
+
 def atomic_link(src: Path, dst: Path) -> None:
     """Make ``dst`` name the same bytes as ``src`` (hard link, else copy), atomically."""
     tmp = temp_path(dst)
@@ -114,15 +178,18 @@ class CheckpointWriter:
         """
         self._writes += 1
         pause = self._pause_s if self._pause_nth in (None, self._writes) else 0.0
-        if epoch_file is not None and self.keep_last > 0:
-            first = self.folder / f"epoch_{epoch_file:04d}.pt"
+        first = self.folder / (f"epoch_{epoch_file:04d}.pt" if epoch_file is not None and self.keep_last > 0
+                               else "last.pt")
+        if state.get("format") == FORMAT:
+            state = {**state, CHECKSUM_KEY: payload_digest(state)}
+        try:
             atomic_save(state, first, pause)
-            atomic_link(first, self.folder / "last.pt")
-        else:
-            first = self.folder / "last.pt"
-            atomic_save(state, first, pause)
-        if best:
-            atomic_link(first, self.folder / "best.pt")
+            if first.name != "last.pt":
+                atomic_link(first, self.folder / "last.pt")
+            if best:
+                atomic_link(first, self.folder / "best.pt")
+        except Exception as exc:  # noqa: BLE001 - every write failure becomes one message naming the file
+            raise CheckpointError(write_failure(first, exc, state_nbytes(state))) from None
         if epoch_file is not None:
             self._prune()
         return first
@@ -199,11 +266,15 @@ class AsyncCheckpointWriter:
         try:
             path = self.sync.save(state, **kwargs)
             log.info("checkpoint: %s written", path.name)
-        except BaseException as exc:  # noqa: BLE001 - reported on the training thread
-            target = self.folder / (f"epoch_{kwargs['epoch_file']:04d}.pt" if kwargs.get("epoch_file") is not None
-                                    else "last.pt")
-            self._error = (f"checkpoint write to '{target}' failed ({type(exc).__name__}: {exc}); the previous "
-                           f"checkpoints in '{self.folder}' are intact; free space or fix permissions, then resume")
+        except CheckpointError as exc:  # reported on the training thread, at the next step
+            self._error = exc.message
+        except BaseException as exc:  # noqa: BLE001 - reported on the training thread, at the next step
+            self._error = f"checkpoint write in '{self.folder}' failed ({type(exc).__name__}: {exc})"
+
+    @property
+    def failed(self) -> bool:
+        """A finished background write failed (no waiting, no collective)."""
+        return self._error is not None
 
     def wait(self) -> None:
         if self._thread is not None:
@@ -365,6 +436,10 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Loaded:
         if version != FORMAT_VERSION:
             raise CheckpointError(f"checkpoint '{path}' has format version {version}; this ddp_trainer reads "
                                   f"version {FORMAT_VERSION}")
+        saved_digest = obj.get(CHECKSUM_KEY)
+        if saved_digest is not None and payload_digest({k: v for k, v in obj.items() if k != CHECKSUM_KEY}) != saved_digest:
+            raise CheckpointError(f"checkpoint '{path}' is damaged: its content does not match the checksum "
+                                  f"written with it (corrupted on disk or in a copy); use an older checkpoint")
         sd, renamed = strip_wrapper_prefixes(obj["model"])
         return Loaded(
             str(path), "ddp_trainer", sd, optimizer=obj.get("optimizer"), scaler=obj.get("scaler"),

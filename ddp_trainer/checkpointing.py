@@ -26,6 +26,7 @@ class CheckpointManager:
         self.total_epochs = total_epochs
         writer_cls = AsyncCheckpointWriter if cfg.async_ else CheckpointWriter
         self.writer = writer_cls(folder, cfg.keep_last) if dist.is_main else None
+        self.last_saved: str | None = None  # what this run's last save held ("epoch 1, 64 samples in")
 
     # -- policy ------------------------------------------------------------------------------------
 
@@ -51,6 +52,7 @@ class CheckpointManager:
             assert state is not None
             path = self.writer.save(state, epoch_file=epoch if epoch_file else None, best=best)
             log.info("checkpoint: %s (epoch %d, %s)", path.name, epoch, what)
+        self.last_saved = f"epoch {epoch}, {what}"
         if wait:
             self.finish()
 
@@ -61,6 +63,10 @@ class CheckpointManager:
     def finish(self) -> None:
         """Wait for the save in flight (rank 0) and fail every rank if it failed."""
         self.dist.main_then_broadcast(self.writer.close if self.writer is not None else lambda: None)
+
+    def failed_locally(self) -> bool:
+        """Rank 0: its last background write has failed (no wait, no collective)."""
+        return self.writer is not None and bool(getattr(self.writer, "failed", False))
 
     def wait_local(self) -> None:
         """Rank 0: let the save in flight finish (no collective)."""

@@ -58,6 +58,9 @@ def _peer_lost(exc: BaseException) -> bool:
 
 
 def guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace, rank: int = 0) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 prints as \xNN, never fails
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return fn(args)
     except KeyboardInterrupt:
@@ -136,7 +139,8 @@ def run_training(args: argparse.Namespace, stop: "StopRequest | None" = None) ->
                               max_steps_per_epoch=cfg.debug.steps_per_epoch if args.debug else None,
                               stop=stop)
             trainer.build()
-            result = trainer.fit()
+            with dist.training():
+                result = trainer.fit()
             if result.last_val is not None:
                 log.info("done: val_loss=%.4f val_acc=%.4f in %s", result.last_val.loss, result.last_val.acc,
                          result.output_dir)

@@ -122,6 +122,7 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     log_every_steps: int = 50
+    stop_on_nonfinite: bool = True  # a nan/inf training loss stops the run, keeping the last good checkpoint
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "use at least 1")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import demo_data
 from .config import Config, DataConfig
 from .distributed import Dist
-from .errors import DataError
+from .errors import DataError, show_path
 from .folder_index import FolderIndex, check_same_classes, scan, split_holdout
 from .progress import Ticker
 from .samplers import ExactEvalSampler, PlanBatchSampler, SampleKey
@@ -124,7 +124,7 @@ def _unreadable(index: FolderIndex, dist: Dist) -> set[str]:
 def _drop_unreadable(index: FolderIndex, dist: Dist, split: str) -> FolderIndex:
     bad = _unreadable(index, dist)
     if bad:
-        shown = ", ".join(sorted(bad)[:3]) + (" ..." if len(bad) > 3 else "")
+        shown = ", ".join(show_path(b) for b in sorted(bad)[:3]) + (" ..." if len(bad) > 3 else "")
         log.warning("data.bad_images=skip: skipped %d unreadable %s image(s) under %s: %s",
                     len(bad), split, index.root, shown)
         index = index.without(bad)

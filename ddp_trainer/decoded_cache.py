@@ -31,7 +31,7 @@ import torch
 
 from .errors import DataError
 from .folder_index import FolderIndex
-from .fsutil import atomic_write_text, publish
+from .fsutil import atomic_write_text, human_bytes, publish
 from .progress import Ticker
 from .transforms import ImageTransform, load_rgb
 
@@ -86,15 +86,6 @@ def nbytes(images: int, size: int) -> int:
 
 def file_name(key: str, images: int, size: int) -> str:
     return f"decoded-{key}-{images}x3x{size}x{size}.u8"
-
-
-def human_bytes(n: int) -> str:
-    """``n`` bytes as B / KB / MB / GB / TB (powers of 1000)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    raise AssertionError
 
 
 def remove_dead_builds(folder: Path) -> list[Path]:

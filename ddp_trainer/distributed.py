@@ -67,6 +67,21 @@ class Dist:
                               f"(dist.init_timeout_s={self.init_timeout_s:g}); if that step is just slow, raise "
                               f"dist.init_timeout_s, else look for the rank that stopped") from None
 
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Around the training loop: a collective that times out (a peer stalled, hung, was stopped,
+        or its host became unreachable) reads as which rank did not answer within which setting,
+        not as gloo/nccl's text."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - only timeouts are translated, everything else re-raised
+            if not (self.active and _is_timeout(exc)):
+                raise
+            who = f"rank {1 - self.rank}" if self.world_size == 2 else "another rank"
+            raise PeerTimeout(f"{who} did not answer within dist.timeout_s={self.timeout_s:g} s (it stalled, "
+                              f"hangs, was stopped, or its host became unreachable); find what stopped it, or "
+                              f"raise dist.timeout_s if a step can take that long") from None
+
     def end_preparation(self) -> None:
         """Lower the collectives' timeout from ``init_timeout_s`` to ``timeout_s`` (after the first
         optimizer step: from then on a long wait means a stalled or dead peer)."""

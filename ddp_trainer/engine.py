@@ -64,6 +64,9 @@ class Engine:
         # gradient sync is skipped on accumulation micro-steps (DDP only has no_sync)
         self.no_sync: Callable[[], Any] = getattr(model, "no_sync", contextlib.nullcontext)
         self.running = RunningLoss(device)
+        # the first optimizer step (global number) whose loss was nan/inf, -1 if none; on the device,
+        # read only when asked (no sync per step)
+        self.nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.data_wait_s = 0.0
         self.non_blocking = device.type == "cuda"
 
@@ -75,10 +78,11 @@ class Engine:
                 weights.to(self.device, non_blocking=self.non_blocking))
 
     def train_steps(self, batches: Iterator[Any], plan: EpochPlan,
-                    lr_at: Callable[[int], float]) -> Iterator[StepDone]:
+                    lr_at: Callable[[int], float], first_step: int = 1) -> Iterator[StepDone]:
         """Run the plan's optimizer steps, pulling micro-batches from ``batches``.
 
-        ``lr_at(consumed_before_step)`` gives the learning rate of each step.
+        ``lr_at(consumed_before_step)`` gives the learning rate of each step; ``first_step`` is the
+        global number of the first one (recorded in ``nonfinite_step``).
         """
         self.model.train()
         consumed = plan.start
@@ -87,6 +91,7 @@ class Engine:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             last = plan.micro_count(j) - 1
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
             for m in range(last + 1):
                 t0 = time.perf_counter()
                 batch = next(batches)
@@ -99,6 +104,7 @@ class Engine:
                     losses = F.cross_entropy(logits.float(), labels, reduction="none")
                     self.scaler.scale((losses * weights).sum()).backward()
                 real = weights > 0
+                finite &= torch.isfinite(losses.detach()).all()
                 self.running.loss_sum += (losses.detach() * real).sum()
                 self.running.count += real.sum()
             if self.clip is not None:
@@ -107,6 +113,8 @@ class Engine:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_step = torch.where(finite | (self.nonfinite_step >= 0), self.nonfinite_step,
+                                              first_step + j)
             consumed = plan.consumed_after(j)
             yield StepDone(j, consumed, lr)
 

@@ -42,6 +42,12 @@ class PeerTimeout(UserError):
     exit_code = EXIT_FAILURE
 
 
+class NonFiniteLoss(UserError):
+    """The training loss became nan/inf (train.stop_on_nonfinite); the message names the step."""
+
+    exit_code = EXIT_FAILURE
+
+
 def one_line(exc: BaseException) -> str:
     """The user-facing one-line text of ``exc``.
 

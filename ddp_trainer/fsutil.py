@@ -57,3 +57,12 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes as B / KB / MB / GB / TB (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    raise AssertionError

@@ -60,7 +60,8 @@ class EarlyRecords(logging.Handler):
 def add_file_log(path: Path, rank: int, earlier: EarlyRecords | None = None) -> None:
     """Append the log to ``path`` too (call on rank 0 only), starting with ``earlier`` records."""
     logger = logging.getLogger(LOGGER)
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    # a file name that is not valid UTF-8 is logged with \xNN escapes, never as a logging error
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
     handler.addFilter(_RankFilter(rank))
     handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)d] %(levelname)s %(message)s"))
     for record in earlier.detach() if earlier is not None else []:
@@ -84,7 +85,7 @@ class MetricsFile:
 
     def append(self, row: dict[str, Any]) -> None:
         line = json.dumps(row, sort_keys=False) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
+        with open(self.path, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

@@ -26,7 +26,7 @@ from .data import (FolderDataset, LoaderOwner, Splits, build_splits, eval_transf
                    make_train_loader, train_transform, with_decoded_cache)
 from .distributed import Dist
 from .engine import Engine, EvalResult, evaluate
-from .errors import CheckpointError, ConfigError, DataError, UserError
+from .errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, UserError
 from .models import build_model, classifier_head
 from .optim import LRSchedule, build_optimizer, carry_over_state, optimizer_family
 from .parallel import ModeDecision, prepare, unwrap, wrap
@@ -94,6 +94,27 @@ def check_trainable(n: int, world: int, batch_size: int, model: nn.Module) -> No
     if batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ConfigError("data.batch_size=1 with a model that has BatchNorm layers: BatchNorm cannot train on "
                           "one sample; use data.batch_size=2 or more", shared=True)
+
+
+_WRITE_FAILED = 1 << 20  # in the stop agreement: rank 0's last background checkpoint write failed
+_NEVER = 1 << 62  # the non-finite agreement sends NEVER - step, so the max over ranks is the earliest step
+
+# what a run writes in output_dir, and whether each is a folder
+OUTPUT_ENTRIES = {"checkpoints": True, "tensorboard": True, "train.log": False, "metrics.jsonl": False,
+                  "config.yaml": False, "PREEMPTED": False, ".lock": False}
+
+
+def check_output_layout(out: Path) -> None:
+    """Refuse (exit 2, before anything is written) an output_dir where a name the run writes is taken
+    by the wrong kind of entry: ``checkpoints`` a file, ``train.log`` a folder, output_dir a file."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir '{out}' is a file, not a folder; choose another output_dir", shared=True)
+    for name, folder in OUTPUT_ENTRIES.items():
+        path = out / name
+        if path.exists() and path.is_dir() != folder:
+            want, found = ("a folder", "a file") if folder else ("a file", "a folder")
+            raise ConfigError(f"'{path}' is {found}, but the run writes {want} there; move it out of "
+                              f"output_dir '{out}' or choose another output_dir", shared=True)
 
 
 class Trainer:
@@ -230,6 +251,7 @@ class Trainer:
     def _lock_output_dir(self) -> None:
         """Rank 0: refuse to clobber a run, then hold output_dir's lock for the whole run."""
         cfg = self.cfg
+        check_output_layout(self.out)
         if cfg.resume == "none" and has_checkpoints(self.ckpt_dir) and not cfg.overwrite:
             raise CheckpointError(
                 f"output_dir '{self.out}' already holds checkpoints and resume=none would overwrite them; "
@@ -468,7 +490,7 @@ class Trainer:
 
         bar = Progress(self.show_bar, n, f"epoch {epoch}", initial=start_pos)
         try:
-            for done in self.engine.train_steps(batches, plan, lr_at):
+            for done in self.engine.train_steps(batches, plan, lr_at, first_step=state.step + 1):
                 bar.update(done.consumed - state.position)
                 state.step += 1
                 if self._preparing:
@@ -477,11 +499,14 @@ class Trainer:
                 state.position = done.consumed
                 lr = done.lr
                 if state.step % cfg.train.log_every_steps == 0:
+                    self._check_finite()
                     self._log_progress(epoch, n, t0, start_pos, bar)
                 if state.step % cfg.preempt.check_every_steps == 0 and self._stop_agreed():
+                    self._check_finite()
                     self.checkpoints.save(epoch=epoch, what=f"{state.position} samples in", wait=True)
                     self._preempted(f"epoch {epoch}, {state.position} of {n} samples")
                 if self.checkpoints.should_save_step(state.step, state.position, n):
+                    self._check_finite()
                     self.checkpoints.save(epoch=epoch, what=f"{state.position} samples in")
         finally:
             bar.close()
@@ -495,6 +520,7 @@ class Trainer:
         """Validate, write the metrics row, and save (and stop) as the policy says."""
         cfg, dist = self.cfg, self.dist
         epoch = fig.epoch
+        self._check_finite()
         val = self.validate()
         epoch_time = time.perf_counter() - fig.started
         row = {"epoch": epoch, "train_loss": fig.train_loss, "val_loss": val.loss, "val_acc": val.acc,
@@ -532,9 +558,32 @@ class Trainer:
             log.info("data.drop_last: the last %d sample(s) of each epoch's order are left out (a different "
                      "tail every epoch); data.drop_last=false trains them in the epoch's last step", plan.dropped)
 
+    def _check_finite(self) -> None:
+        """With train.stop_on_nonfinite, stop every rank (before anything is saved) once a training
+        loss was nan/inf on any rank, naming the first such step. Called where the loop syncs anyway
+        (log lines, saves, epoch end), so the check costs no extra device sync per step."""
+        if not self.cfg.train.stop_on_nonfinite:
+            return
+        first = int(self.engine.nonfinite_step.item())
+        earliest = self.dist.max_int(_NEVER - first if first >= 0 else 0)  # max of (NEVER - step): the earliest
+        if not earliest:
+            return
+        step = _NEVER - earliest
+        last = self.ckpt_dir / "last.pt"
+        kept = (f"the last good checkpoint stays: '{last}' ({self.checkpoints.last_saved or 'from before this run'})"
+                if last.exists() else "no checkpoint was written")
+        raise NonFiniteLoss(f"the training loss became nan/inf at step {step} (epoch {self.state.epoch}); stopped "
+                            f"without saving, {kept}. Lower optim.lr, set train.clip_grad_norm, or use "
+                            f"train.precision=bf16 (train.stop_on_nonfinite=false trains on)", shared=True)
+
     def _stop_agreed(self) -> bool:
         """Every rank learns whether any rank received a stop signal (and which one)."""
-        code = self.dist.max_int(self.stop.signum)
+        # rank 0's failed background write rides on the same all-reduce: every rank stops at the
+        # next step with its message, not at the next save (an epoch later)
+        failed = self.checkpoints is not None and self.checkpoints.failed_locally()
+        code = self.dist.max_int(self.stop.signum | (_WRITE_FAILED if failed else 0))
+        if code & _WRITE_FAILED:
+            self.checkpoints.check()  # raises on every rank
         if code:
             self._stop_name = StopRequest.decode(code)
         return bool(code)

@@ -105,7 +105,7 @@ def load_rgb(path: str) -> torch.Tensor:
             rgb = pil.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # PIL names the in-memory buffer it was given; the file is named by _bad already
-        raise _bad(path, re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file", str(exc))) from None
+        raise _bad(path, re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))) from None
     arr = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 

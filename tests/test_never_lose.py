@@ -127,3 +127,78 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_a_stalled_peer_is_named_with_the_timeout_setting(demo_small: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    from test_resume import steps_logged
+    proc = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
+                             *resume_args(demo_small, out), "train.log_every_steps=1", "dist.timeout_s=4"],
+                            env=env(SLOW_MODEL_SLEEP="0.2"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(steps_logged(out, 3), proc=proc)
+        os.kill(worker_pids(proc.pid)[1], signal.SIGSTOP)  # rank 1 stalls (a hung host, a stopped job)
+        t0 = time.monotonic()
+        line = ""
+        while "error:" not in line:
+            line = proc.stderr.readline()
+            assert line and time.monotonic() - t0 < 60, "rank 0 never reported the stall"
+        # was: RuntimeError: [.../gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 4000ms ...
+        assert line.startswith("[rank 0] error: rank 1 did not answer within dist.timeout_s=4 s"), line
+    finally:
+        workers = list(worker_pids(proc.pid).values())
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in workers:
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def test_a_full_disk_is_named_and_a_failed_background_write_stops_at_the_next_step(demo_small: Path, tmp_path: Path,
+                                                                                   require_root):
+    small = tmp_path / "small"
+    small.mkdir()
+    # a real filesystem that fills up: room for one checkpoint of this model (about 300 KB), not two
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=450k", "tmpfs", str(small)], check=True)
+    try:
+        out = small / "run"
+        args = [f"data.root={demo_small}", f"output_dir={out}", "model.name=tiny_cnn", "data.image_size=16",
+                "data.batch_size=8", "data.num_workers=0", "train.epochs=3", "checkpoint.every_steps=9",
+                "train.log_every_steps=1"]
+        res = launch(2, *args, timeout=180, env=env())
+        assert res.returncode != 0
+        (line,) = [l for l in res.stderr.splitlines() if "error:" in l]
+        # was: RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos ..., an epoch later
+        assert f"no space left on the device holding '{out / 'checkpoints'}'" in line and "needed about" in line
+        steps = [int(m) for m in __import__("re").findall(r"epoch \d+ step (\d+):", res.stderr)]
+        # saves: step 7 (epoch 0's end) fits; step 9 (every_steps) fails in the background, and every
+        # rank stops within a step or two, not at the next save (epoch 1's end, step 14)
+        assert 9 < max(steps) <= 11, res.stderr
+        state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+        assert state["step"] == 7  # the one that fitted, intact
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_silent_corruption_inside_a_tensor_is_caught_by_the_checksum_and_skipped(finished, demo_small, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    last = out / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert len(state["payload_sha256"]) == 64
+    moments = next(v["exp_avg"] for v in state["optimizer"]["state"].values() if v["exp_avg"].numel() >= 64)
+    data = bytearray(last.read_bytes())
+    at = data.find(moments.numpy().tobytes()[:256])
+    assert at > 0
+    data[at + 64: at + 128] = bytes(64)  # 64 zeroed bytes in an optimizer tensor: the file still loads
+    last.unlink()
+    last.write_bytes(bytes(data))
+    torch.load(last, weights_only=True)  # unpickles without complaint...
+    shown = subprocess.run([PY, "-m", "ddp_trainer", "inspect", str(last)], capture_output=True, text=True,
+                           env=env(), cwd=ROOT, timeout=120)
+    assert shown.returncode == 2 and "is damaged" in shown.stderr, shown.stderr
+    res = launch(0, *_args(demo_small, out, "train.epochs=3"), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "resume: skipping last.pt" in res.stderr and "does not match the checksum" in res.stderr
+    assert "from " + str(out / "checkpoints" / "epoch_0001.pt") in res.stderr  # ... but is not trained on

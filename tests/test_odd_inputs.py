@@ -90,3 +90,75 @@ def test_duplicate_keys_and_non_utf8_config_files_are_named(tmp_path: Path):
     (tmp_path / "latin1.yaml").write_bytes("train:\n  epochs: 3  # caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1\.yaml' is not UTF-8 text"):
         config.load(tmp_path / "latin1.yaml")
+
+
+def _with_undecodable_names(demo_small: Path, tmp_path: Path) -> tuple[Path, bytes]:
+    """demo_small plus, in the first class, a good image and a broken one whose names are not UTF-8."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_small, data)
+    cls = os.fsencode(sorted((data / "train").iterdir())[0])
+    good = sorted(os.listdir(cls))[0]
+    shutil.copy(os.path.join(cls, good), os.path.join(cls, b"caf\xe9 photo.png"))  # Latin-1 name
+    broken = os.path.join(cls, b"broken\xfe.jpg")
+    with open(broken, "wb") as f:
+        f.write(b"not an image")
+    return data, broken
+
+
+def test_file_names_that_are_not_utf8_train_and_are_named_with_escapes(demo_small: Path, tmp_path: Path):
+    data, broken = _with_undecodable_names(demo_small, tmp_path)
+    shown = broken.decode("utf-8", "backslashreplace")  # .../broken\xfe.jpg
+    base = [PY, str(ROOT / "launch.py"), f"data.root={data}", "model.name=tiny_cnn", "data.image_size=16",
+            "data.num_workers=0", "train.epochs=1"]
+    skipped = run([*base, f"output_dir={tmp_path / 'a'}", "data.bad_images=skip", "data.cache=decoded",
+                   f"data.cache_dir={tmp_path / 'cache'}"], env=env())
+    assert skipped.returncode == 0, skipped.stderr  # was: UnicodeEncodeError / "--- Logging error ---"
+    assert "Logging error" not in skipped.stderr and "Traceback" not in skipped.stderr
+    assert "skipped 1 unreadable train image(s)" in skipped.stderr and "broken\\xfe.jpg" in skipped.stderr
+    assert "broken\\xfe.jpg" in (tmp_path / "a" / "train.log").read_text()
+    stopped = run([*base, f"output_dir={tmp_path / 'b'}", "data.cache=decoded",
+                   f"data.cache_dir={tmp_path / 'cache'}"], env=env())
+    assert stopped.returncode == 2, stopped.stderr
+    (line,) = [l for l in stopped.stderr.splitlines() if "error:" in l]
+    assert f"cannot decode image '{shown}'" in line and "data.bad_images=skip" in line
+
+
+def test_a_loss_that_becomes_nan_stops_every_rank_and_keeps_the_last_good_checkpoint(demo_small: Path,
+                                                                                    tmp_path: Path):
+    out = tmp_path / "run"
+    args = [f"data.root={demo_small}", f"output_dir={out}", "model.name=tiny_cnn", "data.image_size=16",
+            "data.batch_size=8", "data.num_workers=0", "train.epochs=2", "optim.name=sgd", "optim.lr=1e7",
+            "checkpoint.every_steps=1", "train.log_every_steps=1000"]
+    res = run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
+               *args], env=env())
+    assert res.returncode != 0
+    lines = [l for l in res.stderr.splitlines() if "became nan/inf" in l]
+    assert len(lines) == 1, res.stderr  # one line, from rank 0
+    step = int(lines[0].split("at step ")[1].split()[0])
+    assert step >= 2 and "the last good checkpoint stays" in lines[0], lines[0]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == step - 1  # saved after the step before, never after the bad one
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (out / "metrics.jsonl").exists() or not metrics(out)  # no row of nan figures
+    off = run([PY, str(ROOT / "launch.py"), *args[:-2], f"output_dir={tmp_path / 'off'}",
+               "train.stop_on_nonfinite=false"], env=env())
+    assert off.returncode == 0, off.stderr  # the old behaviour on request
+
+
+@pytest.mark.parametrize("name, make", [("checkpoints", "file"), ("train.log", "folder"), ("metrics.jsonl", "folder")])
+def test_an_output_dir_entry_of_the_wrong_kind_is_refused_before_anything_is_written(demo_small: Path,
+                                                                                   tmp_path: Path, name, make):
+    out = tmp_path / "run"
+    out.mkdir()
+    if make == "file":
+        (out / name).write_text("mine")
+    else:
+        (out / name).mkdir()
+    res = run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={out}", "model.name=tiny_cnn",
+               "data.image_size=16", "data.num_workers=0", "train.epochs=1"], env=env())
+    assert res.returncode == 2, res.stderr  # was: FileExistsError / IsADirectoryError, exit 1
+    (line,) = [l for l in res.stderr.splitlines() if "error:" in l]
+    assert f"'{out / name}' is a {make}" in line and "choose another output_dir" in line
+    assert sorted(p.name for p in out.iterdir()) == [name]  # nothing else written
+    if make == "file":
+        assert (out / name).read_text() == "mine"
