@@ -92,11 +92,19 @@ class OptimConfig:
     lr: float = 0.002  # not rescaled with the global batch: set it for yours
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.05
+    nesterov: bool = False  # sgd only: Nesterov momentum
+    lr_scale: Literal["none", "linear"] = "none"  # linear: lr x global batch / 256 (Goyal et al.)
+    norm_weight_decay: Optional[float] = None  # null: no decay on biases and norm weights; a number: that decay
+    #                                            on normalisation layers, weight_decay on everything else
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "use a positive learning rate")
         _check(self.momentum >= 0, "optim.momentum", self.momentum, "use 0 or more")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use 0 or more")
+        _check(self.norm_weight_decay is None or self.norm_weight_decay >= 0, "optim.norm_weight_decay",
+               self.norm_weight_decay, "use 0 or more, or null")
+        _check(not self.nesterov or (self.name == "sgd" and self.momentum > 0), "optim.nesterov", self.nesterov,
+               "Nesterov momentum needs optim.name=sgd and optim.momentum > 0")
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,7 @@ class TrainConfig:
     deterministic: bool = False
     log_every_steps: int = 50
     stop_on_nonfinite: bool = True  # a nan/inf training loss stops the run, keeping the last good checkpoint
+    label_smoothing: float = 0.0  # training loss only; validation loss stays plain cross-entropy
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "use at least 1")
@@ -132,6 +141,8 @@ class TrainConfig:
                self.clip_grad_norm, "use a positive number, or null")
         _check(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps,
                "use at least 1")
+        _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
+               "use a number in [0, 1), e.g. 0.1")
 
 
 @dataclass(frozen=True)

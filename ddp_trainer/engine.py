@@ -50,12 +50,14 @@ class Engine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, normalize: nn.Module,
                  device: torch.device, precision: str = "fp32", clip_grad_norm: float | None = None,
-                 channels_last: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
+                 channels_last: bool = False, scaler: torch.amp.GradScaler | None = None,
+                 label_smoothing: float = 0.0) -> None:
         self.model = model
         self.optimizer = optimizer
         self.normalize = normalize
         self.device = device
         self.clip = clip_grad_norm
+        self.label_smoothing = label_smoothing  # the training loss only (evaluate() uses plain cross-entropy)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         dtype = AUTOCAST_DTYPES.get(precision)
         self.autocast: Callable[[], Any] = (
@@ -101,7 +103,8 @@ class Engine:
                 with sync:
                     with self.autocast():
                         logits = self.model(images)
-                    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+                    losses = F.cross_entropy(logits.float(), labels, reduction="none",
+                                             label_smoothing=self.label_smoothing)
                     self.scaler.scale((losses * weights).sum()).backward()
                 real = weights > 0
                 finite &= torch.isfinite(losses.detach()).all()

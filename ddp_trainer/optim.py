@@ -16,17 +16,46 @@ from torch import nn
 from .config import OptimConfig, SchedConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD (with momentum) or AdamW; no weight decay on biases and normalisation weights."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm,
+               nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Two groups, always in this order (resume and carried-over state rely on it).
+
+    ``optim.norm_weight_decay`` null (default): [weights of rank >= 2: weight_decay, biases and norm
+    weights: 0]. A number: [everything outside normalisation layers, biases included: weight_decay,
+    normalisation layers' parameters: norm_weight_decay] (torchvision's ``--norm-weight-decay``)."""
+    first, second = [], []
+    if cfg.norm_weight_decay is None:
+        for p in model.parameters():
+            if p.requires_grad:
+                (second if p.ndim <= 1 else first).append(p)
+        return [{"params": first, "weight_decay": cfg.weight_decay}, {"params": second, "weight_decay": 0.0}]
+    seen: set[int] = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                (second if isinstance(module, NORM_LAYERS) else first).append(p)
+    return [{"params": first, "weight_decay": cfg.weight_decay},
+            {"params": second, "weight_decay": cfg.norm_weight_decay}]
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The base learning rate the run uses: ``optim.lr``, or with ``optim.lr_scale=linear``
+    ``optim.lr x global batch / 256``."""
+    return cfg.lr * global_batch / 256 if cfg.lr_scale == "linear" else cfg.lr
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """SGD (with momentum, optionally Nesterov) or AdamW over :func:`parameter_groups`, at ``lr``
+    (default ``optim.lr``)."""
+    groups = parameter_groups(model, cfg)
+    lr = cfg.lr if lr is None else lr
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 @dataclass(frozen=True)

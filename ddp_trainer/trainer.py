@@ -28,7 +28,7 @@ from .distributed import Dist
 from .engine import Engine, EvalResult, evaluate
 from .errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, UserError
 from .models import build_model, classifier_head
-from .optim import LRSchedule, build_optimizer, carry_over_state, optimizer_family
+from .optim import LRSchedule, build_optimizer, carry_over_state, optimizer_family, scaled_lr
 from .parallel import ModeDecision, prepare, unwrap, wrap
 from .progress import Progress, Scalars, use_progress_bar
 from .preempt import Preempted, StopRequest, clear_marker, worker_init_ignoring, write_marker
@@ -193,9 +193,13 @@ class Trainer:
         model = prepare(model.to(self.device), self.decision, sync_batchnorm=cfg.model.sync_batchnorm,
                         channels_last=cfg.train.channels_last)
         self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim)
+        global_batch = cfg.data.batch_size * dist.world_size * cfg.train.grad_accum_steps
+        base_lr = scaled_lr(cfg.optim, global_batch)
+        if cfg.optim.lr_scale == "linear":
+            log.info("optim.lr_scale=linear: lr %g x global batch %d / 256 = %g", cfg.optim.lr, global_batch, base_lr)
+        self.optimizer = build_optimizer(model, cfg.optim, base_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
-        self.schedule = LRSchedule(cfg.optim.lr, cfg.sched, cfg.train.epochs)
+        self.schedule = LRSchedule(base_lr, cfg.sched, cfg.train.epochs)
         self._register_components()
         if resume is not None:  # before wrapping: canonical keys, CPU tensors
             self._resuming = resume
@@ -218,7 +222,8 @@ class Trainer:
         self.train_loader, self.batches = make_train_loader(self.train_set, cfg.data, self.device, worker_init_fn=init_fn)
         self.val_loader = make_eval_loader(self.val_set, cfg.data, dist, self.device, worker_init_fn=init_fn)
         self.engine = Engine(model, self.optimizer, self.normalize, self.device, cfg.train.precision,
-                             cfg.train.clip_grad_norm, cfg.train.channels_last, self.scaler)
+                             cfg.train.clip_grad_norm, cfg.train.channels_last, self.scaler,
+                             label_smoothing=cfg.train.label_smoothing)
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.ckpt_dir, dist, self.components, cfg.train.epochs)
         self.metrics = MetricsFile(self.out / "metrics.jsonl") if dist.is_main else None
         show_bar = {"on": dist.is_main, "off": False}.get(cfg.log.progress, use_progress_bar(dist.is_main))
@@ -228,11 +233,10 @@ class Trainer:
             kept = self.metrics.cut_back(self.state.epoch)
             if resume is not None:
                 log.info("metrics.jsonl: kept %d row(s) before epoch %d", kept, self.state.epoch)
-        global_batch = cfg.data.batch_size * dist.world_size * cfg.train.grad_accum_steps
         log.info("model %s (%.2fM parameters); global batch %d = %d per process x %d process(es) x %d "
                  "accumulation step(s); optimizer %s lr=%g", cfg.model.name,
                  sum(p.numel() for p in model.parameters()) / 1e6, global_batch, cfg.data.batch_size,
-                 dist.world_size, cfg.train.grad_accum_steps, cfg.optim.name, cfg.optim.lr)
+                 dist.world_size, cfg.train.grad_accum_steps, cfg.optim.name, base_lr)
         return self
 
     def _register_components(self) -> None:

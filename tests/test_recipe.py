@@ -1,0 +1,96 @@
+"""The training recipe's optimizer and loss keys (issue 12, part 2), each against torch's own result:
+train.label_smoothing, optim.nesterov, optim.lr_scale, optim.norm_weight_decay."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import PY, ROOT, run
+from ddp_trainer.config import OptimConfig, TrainConfig
+from ddp_trainer.distributed import Dist
+from ddp_trainer.engine import Engine, evaluate
+from ddp_trainer.env import LaunchEnv
+from ddp_trainer.errors import ConfigError
+from ddp_trainer.models import build_model
+from ddp_trainer.optim import build_optimizer, parameter_groups, scaled_lr
+from ddp_trainer.samplers import EpochPlan
+from ddp_trainer.transforms import Normalize
+from test_resume import env
+
+
+def _batch(n: int = 8, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    return images, labels, torch.ones(n)
+
+
+def test_label_smoothing_applies_to_the_training_loss_only():
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", 10)
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    images, labels, weights = _batch()
+    with torch.no_grad():
+        logits = model(norm(images))
+    expect_train = F.cross_entropy(logits, labels, label_smoothing=0.1, reduction="sum").item()
+    expect_eval = F.cross_entropy(logits, labels, reduction="sum").item()
+    assert abs(expect_train - expect_eval) > 1e-3  # the two differ, so the test can tell them apart
+
+    dist = Dist(env=LaunchEnv(), backend=None, device=torch.device("cpu"))
+    result = evaluate(model, [(images, labels, weights)], norm, torch.device("cpu"), dist, 10, len(labels))
+    assert result.loss == pytest.approx(expect_eval / len(labels), rel=1e-6)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine = Engine(model, optimizer, norm, torch.device("cpu"), label_smoothing=0.1)
+    plan = EpochPlan(8, world=1, rank=0, batch_size=8, accum=1, seed=0, epoch=0, start=0, drop_last=True)
+    list(engine.train_steps(iter([(images, labels, weights)]), plan, lambda consumed: 0.0))
+    assert engine.running.loss_sum.item() == pytest.approx(expect_train, rel=1e-6)
+
+
+def test_nesterov_and_its_refusals():
+    model = build_model("tiny_cnn", 10)
+    opt = build_optimizer(model, OptimConfig(name="sgd", nesterov=True))
+    assert isinstance(opt, torch.optim.SGD) and all(g["nesterov"] for g in opt.param_groups)
+    assert not any(g["nesterov"] for g in build_optimizer(model, OptimConfig(name="sgd")).param_groups)
+    with pytest.raises(ConfigError, match="optim.nesterov"):
+        OptimConfig(name="adamw", nesterov=True)
+    with pytest.raises(ConfigError, match="optim.nesterov"):
+        OptimConfig(name="sgd", momentum=0.0, nesterov=True)
+    with pytest.raises(ConfigError, match="train.label_smoothing"):
+        TrainConfig(label_smoothing=1.0)
+
+
+def test_linear_lr_scaling():
+    assert scaled_lr(OptimConfig(lr=0.1), 1024) == 0.1
+    assert scaled_lr(OptimConfig(lr=0.1, lr_scale="linear"), 1024) == pytest.approx(0.4)
+    assert scaled_lr(OptimConfig(lr=0.1, lr_scale="linear"), 64) == pytest.approx(0.025)
+
+
+def test_norm_weight_decay_groups_match_torchvisions_split():
+    model = build_model("tiny_cnn_bn", 10)
+    norms = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters(recurse=False)]
+    biases = [p for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None
+              for p in [m.bias]]
+    assert norms and biases
+    default = parameter_groups(model, OptimConfig(weight_decay=0.05))
+    assert {id(p) for p in default[1]["params"]} == {id(p) for p in norms + biases}  # today: no decay on 1-D
+    assert default[1]["weight_decay"] == 0.0
+    tv = parameter_groups(model, OptimConfig(weight_decay=0.05, norm_weight_decay=0.0))
+    assert {id(p) for p in tv[1]["params"]} == {id(p) for p in norms} and tv[1]["weight_decay"] == 0.0
+    assert {id(p) for p in biases} <= {id(p) for p in tv[0]["params"]} and tv[0]["weight_decay"] == 0.05
+    assert len(tv[0]["params"]) + len(tv[1]["params"]) == len(list(model.parameters()))
+
+
+def test_a_run_with_the_recipe_keys_trains_and_saves_them(demo_small: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    res = run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={out}", "model.name=tiny_cnn_bn",
+               "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=1", "optim.name=sgd",
+               "optim.lr=0.1", "optim.lr_scale=linear", "optim.nesterov=true", "optim.norm_weight_decay=0.0",
+               "train.label_smoothing=0.1"], env=env())
+    assert res.returncode == 0, res.stderr
+    assert "optim.lr_scale=linear: lr 0.1 x global batch 8 / 256 = 0.003125" in res.stderr
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert all(g["nesterov"] for g in groups) and [g["weight_decay"] for g in groups] == [0.05, 0.0]
