@@ -51,14 +51,16 @@ def _cache_lines(splits, cfg) -> list[str]:  # type: ignore[no-untyped-def]
     from .demo_data import cache_root
 
     folder = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else cache_root() / "decoded"
-    parts = [("train", splits.train, cfg.data.train_cache_size), ("val", splits.val, cfg.data.image_size)]
-    total = sum(decoded_cache.nbytes(len(ix), size) for _, ix, size in parts)
+    parts = [("train", splits.train, cfg.data.train_cache_size, None),
+             ("val", splits.val, cfg.data.image_size, cfg.data.val_resize)]
+    total = sum(decoded_cache.nbytes(len(ix), size) for _, ix, size, _ in parts)
     if cfg.data.cache != "decoded":
         return [f"cache: data.cache=none (data.cache=decoded would need {human_bytes(total)} in '{folder}')"]
     lines = [f"cache: data.cache=decoded in '{folder}'"]
     need = 0
-    for split, ix, size in parts:
-        path = folder / decoded_cache.file_name(decoded_cache.cache_key(ix, size), len(ix), size)
+    for split, ix, size, resize in parts:
+        key = decoded_cache.cache_key(ix, size, resize, cfg.data.interpolation)
+        path = folder / decoded_cache.file_name(key, len(ix), size)
         size_b = decoded_cache.nbytes(len(ix), size)
         state = "exists" if path.exists() else "to build"
         need += 0 if path.exists() else size_b

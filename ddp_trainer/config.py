@@ -47,9 +47,19 @@ class DataConfig:
     cache: Literal["none", "decoded"] = "none"  # decoded: one memory-mapped uint8 file per split and size
     cache_dir: Optional[str] = None  # where decoded caches live; default: <cache root>/decoded
     cache_size: Optional[int] = None  # stored side of training images when cropping randomly; ceil(1.15 x image_size)
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random_resized_crop: area fraction range
+    rrc_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])  # random_resized_crop: aspect ratio range
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # every resize (antialiased)
+    val_crop_pct: float = 1.0  # validation: shorter side to image_size / val_crop_pct, centre crop image_size
 
     def __post_init__(self) -> None:
         _check(8 <= self.image_size <= 8192, "data.image_size", self.image_size, "use 8 to 8192")
+        _check(len(self.rrc_scale) == 2 and 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1, "data.rrc_scale",
+               self.rrc_scale, "give [min, max] area fractions with 0 < min <= max <= 1, e.g. [0.08, 1.0]")
+        _check(len(self.rrc_ratio) == 2 and 0 < self.rrc_ratio[0] <= self.rrc_ratio[1], "data.rrc_ratio",
+               self.rrc_ratio, "give [min, max] aspect ratios with 0 < min <= max, e.g. [0.75, 1.3333]")
+        _check(0 < self.val_crop_pct <= 1, "data.val_crop_pct", self.val_crop_pct,
+               "use a fraction in (0, 1], e.g. 0.875 (224 of 256)")
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "use at least 1")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
@@ -69,6 +79,11 @@ class DataConfig:
                self.prefetch_factor, "use at least 1, or null")
         _check(self.cache_size is None or self.cache_size >= self.image_size, "data.cache_size", self.cache_size,
                f"use at least data.image_size ({self.image_size}), or null")
+
+    @property
+    def val_resize(self) -> Optional[int]:
+        """The shorter side validation images are resized to before the centre crop (None: image_size)."""
+        return None if self.val_crop_pct == 1.0 else int(self.image_size / self.val_crop_pct)
 
     @property
     def train_cache_size(self) -> int:

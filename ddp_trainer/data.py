@@ -148,25 +148,33 @@ def build_splits(cfg: Config, dist: Dist) -> Splits:
     return splits
 
 
-def with_decoded_cache(index: FolderIndex, cfg: DataConfig, dist: Dist, size: int) -> Any:
-    """For ``data.cache: decoded``: this node's cache of ``index`` at ``size`` (built first if missing,
-    by every local rank) as a CachedImages; else None."""
+def with_decoded_cache(index: FolderIndex, cfg: DataConfig, dist: Dist, size: int,
+                       resize: int | None = None) -> Any:
+    """For ``data.cache: decoded``: this node's cache of ``index`` at ``size`` (shorter side first
+    resized to ``resize``, then centre-cropped; built first if missing, by every local rank) as a
+    CachedImages; else None."""
     if cfg.cache != "decoded":
         return None
     from . import decoded_cache
     from .demo_data import cache_root
 
     folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "decoded"
-    path = decoded_cache.ensure(index, size, folder, dist, workers=cfg.num_workers)
+    path = decoded_cache.ensure(index, size, folder, dist, workers=cfg.num_workers, resize=resize,
+                                interpolation=cfg.interpolation)
     return decoded_cache.CachedImages(path, len(index), size)
 
 
 def train_transform(cfg: DataConfig) -> ImageTransform:
-    return ImageTransform(cfg.image_size, tuple(cfg.augment))
+    return ImageTransform(cfg.image_size, tuple(cfg.augment), tuple(cfg.rrc_scale), tuple(cfg.rrc_ratio),
+                          interpolation=cfg.interpolation)
 
 
-def eval_transform(cfg: DataConfig) -> ImageTransform:
-    return ImageTransform(cfg.image_size, ())
+def eval_transform(cfg: DataConfig, cached: bool = False) -> ImageTransform:
+    """Validation geometry (``data.val_crop_pct``); ``cached``: the decoded cache stores it already,
+    so the transform leaves the stored squares as they are."""
+    if cached:
+        return ImageTransform(cfg.image_size)
+    return ImageTransform(cfg.image_size, (), resize=cfg.val_resize, interpolation=cfg.interpolation)
 
 
 def _collate(items: list[tuple[torch.Tensor, int, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -66,17 +66,26 @@ def file_digests(index: FolderIndex, share: int = 0, shares: int = 1) -> dict[in
     return out
 
 
-def combine_key(index: FolderIndex, size: int, digests: dict[int, bytes]) -> str:
-    """The cache key from every chunk's digest: the stored size, the root and every file's fingerprint."""
-    h = hashlib.sha256(f"v{VERSION} {size} {index.root}\n".encode("utf-8", "surrogateescape"))
+def _geometry(size: int, resize: int | None, interpolation: str) -> str:
+    """What the stored squares are, beyond their side (empty for the default: the keys stay as before)."""
+    parts = ([f"resize={resize}"] if resize not in (None, size) else []) + (
+        [f"interpolation={interpolation}"] if interpolation != "bilinear" else [])
+    return (" " + " ".join(parts)) if parts else ""
+
+
+def combine_key(index: FolderIndex, size: int, digests: dict[int, bytes], resize: int | None = None,
+                interpolation: str = "bilinear") -> str:
+    """The cache key from every chunk's digest: the stored geometry, the root and every file's fingerprint."""
+    geometry = _geometry(size, resize, interpolation)
+    h = hashlib.sha256(f"v{VERSION} {size}{geometry} {index.root}\n".encode("utf-8", "surrogateescape"))
     for c in range(-(-len(index) // STAT_CHUNK)):
         h.update(digests[c])
     return h.hexdigest()[:24]
 
 
-def cache_key(index: FolderIndex, size: int) -> str:
+def cache_key(index: FolderIndex, size: int, resize: int | None = None, interpolation: str = "bilinear") -> str:
     """:func:`combine_key` computed by this process alone."""
-    return combine_key(index, size, file_digests(index))
+    return combine_key(index, size, file_digests(index), resize, interpolation)
 
 
 def nbytes(images: int, size: int) -> int:
@@ -189,9 +198,9 @@ class _DecodeInto(torch.utils.data.Dataset):
     """Item ``k`` decodes chunk ``k`` of this rank's share and writes it into the temporary file
     (one ``pwrite`` per chunk at its offset: no shared mapping whose page faults the ranks contend on)."""
 
-    def __init__(self, index: FolderIndex, size: int, tmp: Path, lo: int, hi: int, slow_s: float) -> None:
-        self.index, self.size, self.tmp, self.lo, self.hi, self.slow_s = index, size, tmp, lo, hi, slow_s
-        self.fit = ImageTransform(size)
+    def __init__(self, index: FolderIndex, fit: ImageTransform, tmp: Path, lo: int, hi: int, slow_s: float) -> None:
+        self.index, self.size, self.tmp, self.lo, self.hi, self.slow_s = index, fit.size, tmp, lo, hi, slow_s
+        self.fit = fit
         self._fd: int | None = None
 
     def __len__(self) -> int:
@@ -225,13 +234,14 @@ def _slow_hook(rank: int) -> float:
     return float(seconds) if raw and int(who) == rank else 0.0
 
 
-def _fill(index: FolderIndex, size: int, tmp: Path, share: int, shares: int, workers: int, slow_s: float) -> None:
+def _fill(index: FolderIndex, fit: ImageTransform, tmp: Path, share: int, shares: int, workers: int,
+          slow_s: float) -> None:
     """Decode this process's contiguous share of the images into ``tmp``."""
     n = len(index)
     lo, hi = n * share // shares, n * (share + 1) // shares
     if hi <= lo:
         return
-    ds = _DecodeInto(index, size, tmp, lo, hi, slow_s)
+    ds = _DecodeInto(index, fit, tmp, lo, hi, slow_s)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     ticker = Ticker(f"data.cache: decoding {index.root}", total=n, scale=shares)
     try:
@@ -241,9 +251,12 @@ def _fill(index: FolderIndex, size: int, tmp: Path, share: int, shares: int, wor
         ds.close()
 
 
-def ensure(index: FolderIndex, size: int, folder: Path, dist: Any, workers: int = 0) -> Path:
-    """This node's cache of ``index`` at ``size``, built first if missing. Every rank calls this;
-    every local rank of a node that builds decodes a share. A failure on any rank fails all."""
+def ensure(index: FolderIndex, size: int, folder: Path, dist: Any, workers: int = 0, resize: int | None = None,
+           interpolation: str = "bilinear") -> Path:
+    """This node's cache of ``index`` at ``size`` (shorter side resized to ``resize``, default
+    ``size``, then centre-cropped), built first if missing. Every rank calls this; every local rank of
+    a node that builds decodes a share. A failure on any rank fails all."""
+    fit = ImageTransform(size, resize=resize, interpolation=interpolation)
     env = dist.env
     builder = _NodeBuilder(index, size, folder) if env.is_local_main else None
     try:
@@ -251,7 +264,7 @@ def ensure(index: FolderIndex, size: int, folder: Path, dist: Any, workers: int 
             parts = dist.all_ok(lambda: file_digests(index, env.local_rank, env.local_world_size))
             digests = {c: d for node, part in dist.all_gather_object((env.node_rank, parts))
                        if node == env.node_rank for c, d in part.items()}
-        key = combine_key(index, size, digests)
+        key = combine_key(index, size, digests, resize, interpolation)
         with dist.waiting("local rank 0 of each node to check the decoded cache"):
             mine = dist.all_ok(lambda: builder.prepare(key) if builder is not None else None)
             targets = dist.all_gather_object((env.node_rank, mine))
@@ -260,7 +273,7 @@ def ensure(index: FolderIndex, size: int, folder: Path, dist: Any, workers: int 
             t0 = time.monotonic()
             with dist.waiting("the decoded cache build (every local rank decodes a share)"):
                 if target.tmp is not None:
-                    dist.all_ok(lambda: _fill(index, size, target.tmp, env.local_rank, env.local_world_size,
+                    dist.all_ok(lambda: _fill(index, fit, target.tmp, env.local_rank, env.local_world_size,
                                               workers, _slow_hook(env.rank)))
                 else:
                     dist.all_ok(lambda: None)  # this node has its cache; join the others' collectives
@@ -295,9 +308,11 @@ class CachedImages:
         return {**self.__dict__, "_arr": None}  # workers reopen the map instead of pickling it
 
 
-def build(index: FolderIndex, size: int, folder: Path, workers: int = 0) -> Path:
+def build(index: FolderIndex, size: int, folder: Path, workers: int = 0, resize: int | None = None,
+          interpolation: str = "bilinear") -> Path:
     """:func:`ensure` in one process without a process group (tools, tests, benchmarks)."""
     from .distributed import Dist
     from .env import LaunchEnv
 
-    return ensure(index, size, folder, Dist(env=LaunchEnv(), backend=None, device=torch.device("cpu")), workers)
+    return ensure(index, size, folder, Dist(env=LaunchEnv(), backend=None, device=torch.device("cpu")), workers,
+                  resize, interpolation)

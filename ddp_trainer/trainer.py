@@ -216,8 +216,9 @@ class Trainer:
         seed = cfg.seed
         self.train_set = FolderDataset(self.splits.train, train_transform(cfg.data), seed,
                                        with_decoded_cache(self.splits.train, cfg.data, dist, cfg.data.train_cache_size))
-        self.val_set = FolderDataset(self.splits.val, eval_transform(cfg.data), seed,
-                                     with_decoded_cache(self.splits.val, cfg.data, dist, cfg.data.image_size))
+        val_cache = with_decoded_cache(self.splits.val, cfg.data, dist, cfg.data.image_size, cfg.data.val_resize)
+        self.val_set = FolderDataset(self.splits.val, eval_transform(cfg.data, cached=val_cache is not None), seed,
+                                     val_cache)
         init_fn = worker_init_ignoring(self.stop.signals)
         self.train_loader, self.batches = make_train_loader(self.train_set, cfg.data, self.device, worker_init_fn=init_fn)
         self.val_loader = make_eval_loader(self.val_set, cfg.data, dist, self.device, worker_init_fn=init_fn)

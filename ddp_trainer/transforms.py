@@ -118,6 +118,8 @@ class ImageTransform:
     augment: tuple[str, ...] = ()
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    resize: int | None = None  # the deterministic geometry's shorter side before the centre crop (None: size)
+    interpolation: str = "bilinear"
 
     @property
     def random(self) -> bool:
@@ -126,7 +128,8 @@ class ImageTransform:
     def __call__(self, img: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         if "random_resized_crop" in self.augment and gen is not None:
             top, left, h, w = self._crop_params(img, gen)
-            img = F.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+            img = F.resized_crop(img, top, left, h, w, [self.size, self.size], interpolation=self._mode,
+                                 antialias=True)
         else:
             img = self._fit(img)
         if "flip" in self.augment and gen is not None:
@@ -138,11 +141,18 @@ class ImageTransform:
         """The deterministic geometry (what the decoded cache stores)."""
         return self._fit(img)
 
+    @property
+    def _mode(self) -> F.InterpolationMode:
+        return F.InterpolationMode(self.interpolation)
+
     def _fit(self, img: torch.Tensor) -> torch.Tensor:
-        """Resize the shorter side to ``size`` and centre-crop a square (no-op when already there)."""
+        """Resize the shorter side to ``resize`` (default ``size``) and centre-crop a ``size`` square;
+        a no-op on an image that is already ``size`` square when ``resize`` is ``size``. With
+        ``resize = int(size / crop_pct)`` this is torchvision's ``Resize(resize)`` + ``CenterCrop(size)``."""
         h, w = img.shape[-2:]
-        if (h, w) != (self.size, self.size):
-            img = F.resize(img, [self.size], antialias=True)
+        target = self.resize or self.size
+        if (h, w) != (self.size, self.size) or target != self.size:
+            img = F.resize(img, [target], interpolation=self._mode, antialias=True)
             img = F.center_crop(img, [self.size, self.size])
         return img
 

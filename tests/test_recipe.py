@@ -94,3 +94,61 @@ def test_a_run_with_the_recipe_keys_trains_and_saves_them(demo_small: Path, tmp_
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert all(g["nesterov"] for g in groups) and [g["weight_decay"] for g in groups] == [0.05, 0.0]
+
+
+# -- geometry: data.val_crop_pct, data.interpolation, data.rrc_scale / rrc_ratio ----------------------
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_val_crop_pct_equals_torchvisions_resize_then_center_crop(mode):
+    from torchvision.transforms import v2
+
+    from ddp_trainer.config import DataConfig
+    from ddp_trainer.data import eval_transform
+
+    g = torch.Generator().manual_seed(1)
+    img = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=g)  # odd, non-square
+    cfg = DataConfig(image_size=24, val_crop_pct=0.875, interpolation=mode)
+    assert cfg.val_resize == int(24 / 0.875) == 27
+    ref = v2.Compose([v2.Resize(27, interpolation=v2.InterpolationMode(mode), antialias=True), v2.CenterCrop(24)])
+    assert torch.equal(eval_transform(cfg)(img, None), ref(img))
+    plain = DataConfig(image_size=24, interpolation=mode)  # 1.0: today's geometry, Resize(24) + CenterCrop(24)
+    ref_plain = v2.Compose([v2.Resize(24, interpolation=v2.InterpolationMode(mode), antialias=True), v2.CenterCrop(24)])
+    assert torch.equal(eval_transform(plain)(img, None), ref_plain(img))
+    square = torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8, generator=g)
+    assert not torch.equal(eval_transform(cfg)(square, None), square)  # cropped even when already 24 square
+    assert torch.equal(eval_transform(plain)(square, None), square)
+
+
+def test_rrc_scale_and_ratio_bound_the_crops():
+    from ddp_trainer.config import DataConfig
+    from ddp_trainer.data import train_transform
+
+    tf = train_transform(DataConfig(image_size=16, augment=["random_resized_crop"], rrc_scale=[0.3, 0.4],
+                                    rrc_ratio=[0.9, 1.1]))
+    img = torch.zeros(3, 200, 200, dtype=torch.uint8)
+    for seed in range(100):
+        top, left, h, w = tf._crop_params(img, torch.Generator().manual_seed(seed))
+        assert 0.3 - 0.01 <= h * w / 200 ** 2 <= 0.4 + 0.01
+        assert 0.9 - 0.02 <= w / h <= 1.1 + 0.02
+    with pytest.raises(ConfigError, match="data.rrc_scale"):
+        DataConfig(rrc_scale=[0.5, 0.2])
+    with pytest.raises(ConfigError, match="data.val_crop_pct"):
+        DataConfig(val_crop_pct=1.5)
+
+
+def test_val_crop_pct_with_the_decoded_cache_validates_the_same_images(demo_small: Path, tmp_path: Path):
+    base = [PY, str(ROOT / "launch.py"), f"data.root={demo_small}", "model.name=tiny_cnn", "data.image_size=16",
+            "data.batch_size=8", "data.num_workers=0", "train.epochs=1", "data.val_crop_pct=0.8",
+            "data.interpolation=bicubic"]
+    rows = []
+    for cache in ("none", "decoded"):
+        res = run([*base, f"output_dir={tmp_path / cache}", f"data.cache={cache}",
+                   f"data.cache_dir={tmp_path / 'cache'}"], env=env())
+        assert res.returncode == 0, res.stderr
+        rows.append(__import__("json").loads((tmp_path / cache / "metrics.jsonl").read_text().splitlines()[-1]))
+    assert rows[0]["val_loss"] == rows[1]["val_loss"] and rows[0]["val_acc"] == rows[1]["val_acc"]
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    plain = run([*base[:-2], f"output_dir={tmp_path / 'plain'}", "data.cache=decoded",
+                 f"data.cache_dir={tmp_path / 'cache'}"], env=env())
+    assert plain.returncode == 0, plain.stderr
+    assert len(list((tmp_path / "cache").iterdir())) > len(names)  # another geometry: other cache files
