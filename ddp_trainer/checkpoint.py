@@ -464,6 +464,18 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Loaded:
                           f"state dict, a {{'net', 'optimizer', 'epoch'}} dict or a ddp_trainer checkpoint")
 
 
+def chosen_weights(loaded: Loaded, ema: bool) -> dict[str, torch.Tensor]:
+    """The model weights of ``loaded``, or with ``ema`` its EMA weights (``train.ema_decay`` runs)."""
+    if not ema:
+        return loaded.model
+    entry = (loaded.entries or {}).get("model_ema")
+    if not entry:
+        raise CheckpointError(f"checkpoint '{loaded.path}' holds no EMA weights (it was trained without "
+                              f"train.ema_decay); leave out --ema")
+    sd, _ = strip_wrapper_prefixes(entry["weights"])
+    return sd
+
+
 def fit_prefix(sd: Mapping[str, Any], want: Iterable[str]) -> tuple[dict[str, Any], str]:
     """``sd`` with one leading prefix stripped when that makes its keys exactly the model's (a
     LightningModule's ``model.``, any wrapper attribute); returns the prefix ("" when none)."""

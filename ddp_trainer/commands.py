@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", default="", help="key prefix to add, e.g. 'module.' for DataParallel code")
     p.add_argument("--strip-prefix", default="", help="key prefix to remove, e.g. 'model.' (a LightningModule attribute)")
     p.add_argument("--model", help="model name to check the keys against (default: the one the file names)")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights (runs with train.ema_decay)")
     _add_common(p)
     p.set_defaults(fn=cmd_convert)
 
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML config (default: the config stored in the checkpoint)")
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights (runs with train.ema_decay)")
     _add_common(p)
     p.set_defaults(fn=cmd_evaluate)
 
@@ -48,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=3)
     p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's data.image_size")
     p.add_argument("images", nargs="+")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights (runs with train.ema_decay)")
     _add_common(p)
     p.set_defaults(fn=cmd_predict)
 
@@ -150,14 +153,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """A plain state dict that loads with ``strict=True`` into the model (``--model``, else the one the
     file names), or an error; without any model to check against, keys that all still carry one
     leading prefix are refused (they would not load into the bare model)."""
-    from .checkpoint import common_prefix, atomic_save, fit_prefix, read_checkpoint
+    from .checkpoint import atomic_save, chosen_weights, common_prefix, fit_prefix, read_checkpoint
     from .models import build_model, check_model_name
 
     loaded = read_checkpoint(args.input, args.trust_checkpoint)
     out = Path(args.output)
     if out.resolve() == Path(args.input).resolve():
         raise CheckpointError(f"convert would overwrite its input '{args.input}'; choose another OUT")
-    sd = dict(loaded.model)
+    sd = dict(chosen_weights(loaded, args.ema))
     if args.strip_prefix:
         if not all(k.startswith(args.strip_prefix) for k in sd):
             bad = next(k for k in sd if not k.startswith(args.strip_prefix))
@@ -191,7 +194,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from . import config as config_mod
-    from .checkpoint import load_weights, read_checkpoint
+    from .checkpoint import chosen_weights, load_weights, read_checkpoint
     from .runtime import launched
     from .data import FolderDataset, build_splits, eval_transform, make_eval_loader
     from .engine import evaluate
@@ -208,7 +211,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise CheckpointError(f"checkpoint '{args.checkpoint}' classes {list(loaded.class_to_idx)} differ "
                                   f"from the data's {list(splits.classes)}; point data.root at its dataset")
         model = build_model(loaded.model_name or cfg.model.name, len(splits.classes))
-        load_weights(model, loaded.model, source=f"checkpoint '{args.checkpoint}'")
+        load_weights(model, chosen_weights(loaded, args.ema), source=f"checkpoint '{args.checkpoint}'")
         model.to(dist.device)
         val = FolderDataset(splits.val, eval_transform(cfg.data), cfg.seed)
         loader = make_eval_loader(val, cfg.data, dist, dist.device)
@@ -232,7 +235,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_weights, read_checkpoint
+    from .checkpoint import chosen_weights, load_weights, read_checkpoint
     from .models import build_model
     from .transforms import ImageTransform, Normalize, load_rgb
 
@@ -242,13 +245,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if loaded.class_to_idx:
         classes = list(loaded.class_to_idx)
     else:
-        classes = [str(i) for i in range(_output_count(loaded.model))]
+        classes = [str(i) for i in range(_output_count(chosen_weights(loaded, args.ema)))]
     name = loaded.model_name or cfg.get("model", {}).get("name")
     if not name:
         raise CheckpointError(f"checkpoint '{args.checkpoint}' does not name its model; predict needs a "
                               f"ddp_trainer checkpoint")
     model = build_model(name, len(classes))
-    load_weights(model, loaded.model, source=f"checkpoint '{args.checkpoint}'")
+    load_weights(model, chosen_weights(loaded, args.ema), source=f"checkpoint '{args.checkpoint}'")
     model.eval()
     size = args.image_size or data.get("image_size", 224)
     tf = ImageTransform(size, ())

@@ -147,6 +147,7 @@ class TrainConfig:
     log_every_steps: int = 50
     stop_on_nonfinite: bool = True  # a nan/inf training loss stops the run, keeping the last good checkpoint
     label_smoothing: float = 0.0  # training loss only; validation loss stays plain cross-entropy
+    ema_decay: Optional[float] = None  # an EMA of the weights (e.g. 0.9998), validated each epoch; null: off
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "use at least 1")
@@ -156,6 +157,8 @@ class TrainConfig:
                self.clip_grad_norm, "use a positive number, or null")
         _check(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps,
                "use at least 1")
+        _check(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "train.ema_decay", self.ema_decay,
+               "use a number in (0, 1), e.g. 0.9998, or null")
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
                "use a number in [0, 1), e.g. 0.1")
 
@@ -187,7 +190,7 @@ class CheckpointConfig:
         _check(self.every_epochs >= 0, "checkpoint.every_epochs", self.every_epochs, "use 0 or more")
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")
         _check(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "use 0 or more")
-        metrics = ("val_loss", "val_acc", "val_acc5", "train_loss")
+        metrics = ("val_loss", "val_acc", "val_acc5", "train_loss", "val_loss_ema", "val_acc_ema")
         _check(self.monitor in metrics, "checkpoint.monitor", self.monitor,
                f"choose one of {', '.join(metrics)}")
 
@@ -241,6 +244,8 @@ class Config:
         _check(bool(str(self.output_dir).strip()), "output_dir", self.output_dir,
                "name a folder for the run, e.g. output_dir=runs/exp1")
         _check(0 <= self.seed < 2 ** 63, "seed", self.seed, "use a whole number from 0 to 2**63 - 1")
+        _check(not self.checkpoint.monitor.endswith("_ema") or self.train.ema_decay is not None,
+               "checkpoint.monitor", self.checkpoint.monitor, "set train.ema_decay too (the EMA is off)")
 
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self)

@@ -25,6 +25,7 @@ from .config import Config
 from .data import (FolderDataset, LoaderOwner, Splits, build_splits, eval_transform, make_eval_loader,
                    make_train_loader, train_transform, with_decoded_cache)
 from .distributed import Dist
+from .ema import WeightEMA
 from .engine import Engine, EvalResult, evaluate
 from .errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, UserError
 from .models import build_model, classifier_head
@@ -200,6 +201,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim, base_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.schedule = LRSchedule(base_lr, cfg.sched, cfg.train.epochs)
+        self.ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
         self._register_components()
         if resume is not None:  # before wrapping: canonical keys, CPU tensors
             self._resuming = resume
@@ -252,6 +254,8 @@ class Trainer:
         reg.register("train_state", self._train_state_entries, self.state.load_state_dict, every_rank=True, flat=True)
         reg.register("train_data", lambda: self._fingerprint, self._check_data)  # after train_state: needs position
         reg.register("rng", lambda: self.dist.all_gather_object(self._rng_state()), self._load_rng, every_rank=True)
+        if self.ema is not None:
+            reg.register("model_ema", self.ema.state_dict, self.ema.load_state_dict)
 
     def _lock_output_dir(self) -> None:
         """Rank 0: refuse to clobber a run, then hold output_dir's lock for the whole run."""
@@ -418,10 +422,10 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def _broadcast_buffers(self) -> None:
+    def _broadcast_buffers(self, model: nn.Module | None = None) -> None:
         """Give every rank rank 0's BatchNorm statistics, so that validation matches the checkpoint."""
         if self.dist.active:
-            for buf in unwrap(self.model).buffers():
+            for buf in (model if model is not None else unwrap(self.model)).buffers():
                 tdist.broadcast(buf, 0)
 
     def close(self) -> None:
@@ -441,10 +445,12 @@ class Trainer:
         if self.checkpoints is not None:
             self.checkpoints.wait_local()
 
-    def validate(self) -> EvalResult:
+    def validate(self, model: nn.Module | None = None) -> EvalResult:
+        """Exact validation of the model (or ``model``: the EMA)."""
+        model = model if model is not None else unwrap(self.model)
         batches = self.loaders.iterate(self.val_loader)
-        self._broadcast_buffers()
-        return evaluate(unwrap(self.model), batches, self.normalize, self.device, self.dist,
+        self._broadcast_buffers(model)
+        return evaluate(model, batches, self.normalize, self.device, self.dist,
                         self.num_classes, len(self.val_set), self.cfg.train.precision)
 
     def _is_better(self, value: float) -> bool:
@@ -498,6 +504,8 @@ class Trainer:
             for done in self.engine.train_steps(batches, plan, lr_at, first_step=state.step + 1):
                 bar.update(done.consumed - state.position)
                 state.step += 1
+                if self.ema is not None:
+                    self.ema.update(unwrap(self.model))
                 if self._preparing:
                     dist.end_preparation()
                     self._preparing = False
@@ -527,18 +535,23 @@ class Trainer:
         epoch = fig.epoch
         self._check_finite()
         val = self.validate()
+        val_ema = self.validate(self.ema.module) if self.ema is not None else None
         epoch_time = time.perf_counter() - fig.started
         row = {"epoch": epoch, "train_loss": fig.train_loss, "val_loss": val.loss, "val_acc": val.acc,
                "val_acc5": val.acc5, "lr": fig.lr, "images_per_s": fig.images / max(fig.train_time_s, 1e-9),
                "epoch_time_s": epoch_time, "data_wait_frac": fig.data_wait_s / max(fig.train_time_s, 1e-9),
                "step": self.state.step, "val_count": val.count, "world_size": dist.world_size,
                "train_time_s": fig.train_time_s, "peak_rss_mb": dist.max_int(_peak_rss_mb())}
+        if val_ema is not None:
+            row.update(val_loss_ema=val_ema.loss, val_acc_ema=val_ema.acc)
         log.info("epoch %d: train_loss=%.4f val_loss=%.4f val_acc=%.4f%s lr=%.4g %.0f img/s (%.1fs)",
                  epoch, fig.train_loss, val.loss, val.acc,
-                 f" val_acc5={val.acc5:.4f}" if val.acc5 is not None else "", fig.lr,
-                 row["images_per_s"], epoch_time)
+                 (f" val_acc5={val.acc5:.4f}" if val.acc5 is not None else "")
+                 + (f" val_loss_ema={val_ema.loss:.4f} val_acc_ema={val_ema.acc:.4f}" if val_ema is not None else ""),
+                 fig.lr, row["images_per_s"], epoch_time)
         monitored = {"val_loss": val.loss, "val_acc": val.acc, "val_acc5": val.acc5 or 0.0,
-                     "train_loss": fig.train_loss}[cfg.checkpoint.monitor]
+                     "train_loss": fig.train_loss, **({"val_loss_ema": val_ema.loss, "val_acc_ema": val_ema.acc}
+                                                      if val_ema is not None else {})}[cfg.checkpoint.monitor]
         is_best = self._is_better(monitored)
         if is_best:
             self.state.best = monitored

@@ -152,3 +152,87 @@ def test_val_crop_pct_with_the_decoded_cache_validates_the_same_images(demo_smal
                  f"data.cache_dir={tmp_path / 'cache'}"], env=env())
     assert plain.returncode == 0, plain.stderr
     assert len(list((tmp_path / "cache").iterdir())) > len(names)  # another geometry: other cache files
+
+
+# -- train.ema_decay ----------------------------------------------------------------------------------
+
+def test_ema_follows_the_formula_of_an_averaged_model_updated_by_hand():
+    from ddp_trainer.ema import WeightEMA
+
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn_bn", 10)
+    ema = WeightEMA(model, 0.9)
+    by_hand = None
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    for step in range(4):
+        images, labels, _ = _batch()
+        opt.zero_grad()
+        F.cross_entropy(model(norm(images)), labels).backward()
+        opt.step()
+        ema.update(model)
+        now = {k: v.detach().clone().double() for k, v in model.state_dict().items()}
+        by_hand = now if by_hand is None else {k: 0.9 * by_hand[k] + 0.1 * now[k] for k in now}
+    got = ema.module.state_dict()
+    for k, v in by_hand.items():
+        if v.is_floating_point() and "num_batches" not in k:
+            assert torch.allclose(got[k].double(), v, rtol=1e-5, atol=1e-6), k
+    assert ema.state_dict()["n_averaged"] == 4
+
+
+def test_ema_is_validated_saved_monitored_and_evaluated(demo_small: Path, tmp_path: Path):
+    import json
+
+    out = tmp_path / "run"
+    res = run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={out}", "model.name=tiny_cnn_bn",
+               "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=2",
+               "train.ema_decay=0.9", "checkpoint.monitor=val_acc_ema", "checkpoint.mode=max"], env=env())
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("val_loss_ema" in r and "val_acc_ema" in r for r in rows)
+    assert rows[-1]["val_loss_ema"] != rows[-1]["val_loss"]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["model_ema"]["n_averaged"] == state["step"]
+
+    def evaluate(*extra: str) -> dict:
+        r = run([PY, "-m", "ddp_trainer", "evaluate", "--checkpoint", str(out / "checkpoints" / "last.pt"),
+                 "--json", *extra], env=env())
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    assert evaluate("--ema")["val_loss"] == pytest.approx(rows[-1]["val_loss_ema"], rel=1e-9)
+    assert evaluate()["val_loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-9)
+    plain = tmp_path / "plain.pt"
+    conv = run([PY, "-m", "ddp_trainer", "convert", str(out / "checkpoints" / "last.pt"), str(plain), "--ema"],
+               env=env())
+    assert conv.returncode == 0, conv.stderr
+    weights = torch.load(plain, weights_only=True)
+    assert all(torch.equal(weights[k], v) for k, v in state["model_ema"]["weights"].items())
+
+    refused = run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={tmp_path / 'x'}",
+                   "checkpoint.monitor=val_acc_ema"], env=env())
+    assert refused.returncode == 2 and "set train.ema_decay too" in refused.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_with_the_recipe_on_resumes_model_and_ema_bitwise(demo_small: Path, tmp_path: Path):
+    from conftest import kill_when
+    from test_resume import mid_epoch_checkpoint, resume_args, start
+
+    recipe = ["train.ema_decay=0.8", "train.label_smoothing=0.1", "optim.name=sgd", "optim.nesterov=true",
+              "optim.lr_scale=linear", "optim.norm_weight_decay=0.0", "data.val_crop_pct=0.875",
+              "data.interpolation=bicubic", "data.rrc_scale=[0.3,1.0]"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    res = run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
+               *resume_args(demo_small, ref), *recipe], env=env())
+    assert res.returncode == 0, res.stderr
+    kill_when(start(2, [*resume_args(demo_small, out), *recipe]), mid_epoch_checkpoint(out / "checkpoints"))
+    res = run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
+               *resume_args(demo_small, out), *recipe], env=env())
+    assert res.returncode == 0, res.stderr
+    a = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)
+    for part in ("model", ):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in b[part]), part
+    assert all(torch.equal(a["model_ema"]["weights"][k], b["model_ema"]["weights"][k]) for k in b["model_ema"]["weights"])
+    assert a["model_ema"]["n_averaged"] == b["model_ema"]["n_averaged"]
