@@ -54,6 +54,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.set_defaults(fn=cmd_predict)
 
+    p = sub.add_parser("weights", help="the file and URL of torchvision pretrained weights (model.weights)")
+    p.add_argument("model", help="a torchvision classifier, e.g. resnet18")
+    p.add_argument("weights", nargs="?", default="DEFAULT", help="DEFAULT (default), IMAGENET1K_V1, ...")
+    p.add_argument("--traceback", action="store_true")
+    p.set_defaults(fn=cmd_weights)
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """Where ``model.weights`` looks for a file, and where to get it."""
+    from .pretrained import resolve
+
+    found = resolve(args.model, args.weights)
+    print(f"weights: {found.weights}")
+    print(f"file:    {found.path.name}")
+    print(f"folder:  {found.path.parent} ({'present' if found.present else 'missing'})")
+    print(f"url:     {found.url}")
+    return EXIT_OK
+
 
 def _register_pictures(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grid", help="save a grid of one batch after augmentation, with class names")

@@ -98,7 +98,12 @@ class DataConfig:
 class ModelConfig:
     name: str = "resnet18"  # torchvision builder, tiny_cnn / tiny_cnn_bn, or package.module:callable
     init_from: Optional[str] = None  # weights-only start (fine-tuning)
+    weights: Optional[str] = None  # torchvision pretrained weights (DEFAULT, IMAGENET1K_V1, ...) from torch's hub cache
     sync_batchnorm: bool = False
+
+    def __post_init__(self) -> None:
+        _check(not (self.init_from and self.weights), "model.weights", self.weights,
+               "give model.weights or model.init_from, not both")
 
 
 @dataclass(frozen=True)

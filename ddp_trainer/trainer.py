@@ -18,6 +18,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from . import config as config_mod
+from . import pretrained
 from .checkpoint import (FORMAT, FORMAT_VERSION, Loaded, canonical_state_dict, has_checkpoints, load_weights,
                          read_checkpoint, resume_candidates)
 from .checkpointing import CheckpointManager
@@ -177,7 +178,8 @@ class Trainer:
                  len(self.splits.val), self.num_classes, self.splits.source)
         with dist.waiting("rank 0 to read the checkpoint"):
             resume = dist.main_then_broadcast(self._find_resume)
-            init = dist.main_then_broadcast(self._read_init_from) if cfg.model.init_from and resume is None else None
+            starts_from = cfg.model.init_from or cfg.model.weights
+            init = dist.main_then_broadcast(self._read_init_from) if starts_from and resume is None else None
         with dist.waiting("rank 0 to prepare output_dir"):
             dist.main_then_broadcast(self._prepare_output_dir)
 
@@ -326,7 +328,13 @@ class Trainer:
                                   f"model.name={self.cfg.model.name!r}; set model.name={loaded.model_name}")
 
     def _read_init_from(self) -> Loaded:
-        return read_checkpoint(self.cfg.model.init_from, self.trust)  # type: ignore[arg-type]
+        """Rank 0: the weights to start from (``model.init_from``, or ``model.weights`` from the hub cache)."""
+        model = self.cfg.model
+        if model.weights:
+            found = pretrained.require(model.name, model.weights)
+            log.info("model.weights=%s: %s from %s", model.weights, found.weights, found.path)
+            return read_checkpoint(found.path)
+        return read_checkpoint(model.init_from, self.trust)  # type: ignore[arg-type]
 
     def _apply_init(self, model: nn.Module, init: Loaded) -> None:
         head = classifier_head(model)

@@ -236,3 +236,36 @@ def test_sigkill_mid_epoch_with_the_recipe_on_resumes_model_and_ema_bitwise(demo
         assert all(torch.equal(a[part][k], b[part][k]) for k in b[part]), part
     assert all(torch.equal(a["model_ema"]["weights"][k], b["model_ema"]["weights"][k]) for k in b["model_ema"]["weights"])
     assert a["model_ema"]["n_averaged"] == b["model_ema"]["n_averaged"]
+
+
+# -- model.weights ------------------------------------------------------------------------------------
+
+def test_pretrained_weights_come_from_the_hub_cache_or_a_message_saying_how(demo_small: Path, tmp_path: Path):
+    import torchvision
+
+    home = tmp_path / "torch_home"
+    args = [PY, str(ROOT / "launch.py"), f"data.root={demo_small}", "model.name=resnet18", "model.weights=DEFAULT",
+            "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=1", "optim.lr=1e-9"]
+    missing = run([*args, f"output_dir={tmp_path / 'a'}"], env=env(TORCH_HOME=str(home)))
+    assert missing.returncode == 2, missing.stderr
+    (line,) = [l for l in missing.stderr.splitlines() if "error:" in l]
+    assert "'resnet18-f37072fd.pth' (ResNet18_Weights.IMAGENET1K_V1)" in line and str(home / "hub" / "checkpoints") in line
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in line and "never downloads" in line
+    shown = run([PY, "-m", "ddp_trainer", "weights", "resnet18"], env=env(TORCH_HOME=str(home)))
+    assert shown.returncode == 0 and "resnet18-f37072fd.pth" in shown.stdout and "(missing)" in shown.stdout
+
+    # the file torchvision would have downloaded: a 1000-class resnet18 state dict under that name
+    torch.manual_seed(5)
+    imagenet = torchvision.models.resnet18(weights=None).state_dict()
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(imagenet, home / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    res = run([*args, f"output_dir={tmp_path / 'b'}", "optim.name=sgd", "optim.momentum=0", "optim.weight_decay=0"],
+              env=env(TORCH_HOME=str(home)))
+    assert res.returncode == 0, res.stderr
+    assert "model.weights=DEFAULT: ResNet18_Weights.IMAGENET1K_V1 from" in res.stderr
+    assert "classifier head fc. left new" in res.stderr
+    trained = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert trained["fc.weight"].shape == (10, 512)
+    conv = trained["conv1.weight"]
+    assert torch.allclose(conv, imagenet["conv1.weight"], atol=1e-6)  # lr 1e-9: still the loaded weights
+    assert not torch.equal(torchvision.models.resnet18(weights=None).state_dict()["conv1.weight"], conv)
