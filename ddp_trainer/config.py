@@ -21,7 +21,8 @@ from .errors import ConfigError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-AUGMENTATIONS = ("flip", "random_resized_crop")
+AUGMENTATIONS = ("flip", "random_resized_crop", "trivialaugment", "randaugment", "autoaugment", "random_erasing")
+POLICIES = ("trivialaugment", "randaugment", "autoaugment")  # at most one of these per run
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class DataConfig:
     rrc_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])  # random_resized_crop: aspect ratio range
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # every resize (antialiased)
     val_crop_pct: float = 1.0  # validation: shorter side to image_size / val_crop_pct, centre crop image_size
+    random_erasing_p: float = 0.1  # data.augment random_erasing: the chance per image (torchvision's recipe: 0.1)
 
     def __post_init__(self) -> None:
         _check(8 <= self.image_size <= 8192, "data.image_size", self.image_size, "use 8 to 8192")
@@ -71,6 +73,10 @@ class DataConfig:
             if name not in AUGMENTATIONS:
                 raise ConfigError(f"data.augment: unknown augmentation {name!r}; "
                                   f"choose from {', '.join(AUGMENTATIONS)} or none{_hint(name, AUGMENTATIONS)}")
+        policies = [a for a in self.augment if a in POLICIES]
+        _check(len(policies) <= 1, "data.augment", self.augment, f"use at most one of {', '.join(POLICIES)}")
+        _check(0.0 <= self.random_erasing_p <= 1.0, "data.random_erasing_p", self.random_erasing_p,
+               "use a probability in [0, 1]")
         if self.classes is not None:
             _check(len(self.classes) >= 2, "data.classes", self.classes, "name at least two classes")
             _check(len(set(self.classes)) == len(self.classes), "data.classes", self.classes,

@@ -7,6 +7,7 @@ float and normalisation happen on the training device (:class:`Normalize`).
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -14,7 +15,7 @@ import re
 import stat
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +28,16 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a g
 # torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they are still the fast path here
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
+
+
+def _seeded(transform: Any, img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Run a torchvision transform (which draws from torch's global generator) on numbers drawn from
+    the sample's own generator: the result depends on (seed, epoch, sample) only, never on the
+    worker, the order, or what ran before; the global generator is left as it was."""
+    child = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(child)
+        return transform(img)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -120,6 +131,8 @@ class ImageTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     resize: int | None = None  # the deterministic geometry's shorter side before the centre crop (None: size)
     interpolation: str = "bilinear"
+    erasing_p: float = 0.1  # random_erasing: the chance per image
+    erase_value: tuple[int, int, int] = (124, 116, 104)  # the data mean as uint8: erased areas normalise to 0
 
     @property
     def random(self) -> bool:
@@ -135,7 +148,30 @@ class ImageTransform:
         if "flip" in self.augment and gen is not None:
             if torch.rand(1, generator=gen).item() < 0.5:
                 img = F.horizontal_flip(img)
+        if gen is not None and self._policy is not None:
+            img = _seeded(self._policy, img, gen)
+        if gen is not None and "random_erasing" in self.augment:
+            img = _seeded(self._erasing, img, gen)
         return img
+
+    @functools.cached_property
+    def _policy(self) -> Any:
+        """The torchvision.transforms.v2 policy named in ``augment`` (on uint8 tensors), or None."""
+        from torchvision.transforms import v2
+
+        mode = self._mode
+        for name, build in (("trivialaugment", lambda: v2.TrivialAugmentWide(interpolation=mode)),
+                            ("randaugment", lambda: v2.RandAugment(interpolation=mode)),
+                            ("autoaugment", lambda: v2.AutoAugment(interpolation=mode))):
+            if name in self.augment:
+                return build()
+        return None
+
+    @functools.cached_property
+    def _erasing(self) -> Any:
+        from torchvision.transforms import v2
+
+        return v2.RandomErasing(p=self.erasing_p, value=list(self.erase_value))
 
     def fit(self, img: torch.Tensor) -> torch.Tensor:
         """The deterministic geometry (what the decoded cache stores)."""

@@ -269,3 +269,53 @@ def test_pretrained_weights_come_from_the_hub_cache_or_a_message_saying_how(demo
     conv = trained["conv1.weight"]
     assert torch.allclose(conv, imagenet["conv1.weight"], atol=1e-6)  # lr 1e-9: still the loaded weights
     assert not torch.equal(torchvision.models.resnet18(weights=None).state_dict()["conv1.weight"], conv)
+
+
+# -- augmentation policies ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["trivialaugment", "randaugment", "autoaugment"])
+def test_policies_are_torchvisions_on_the_samples_own_numbers(policy):
+    from torchvision.transforms import v2
+
+    from ddp_trainer.config import DataConfig
+    from ddp_trainer.data import train_transform
+
+    tf = train_transform(DataConfig(image_size=24, augment=[policy, "random_erasing"], random_erasing_p=0.5,
+                                    mean=[0.5, 0.25, 0.0]))
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8, generator=g)
+    outs = []
+    for global_seed in (1, 2):  # the global generator's state does not matter...
+        torch.manual_seed(global_seed)
+        outs.append(tf(img, torch.Generator().manual_seed(11)))
+        after = torch.rand(1)
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(1))  # ... and is left as it was
+    assert torch.equal(outs[0], outs[1])
+    assert any(not torch.equal(tf(img, torch.Generator().manual_seed(s)), outs[0]) for s in range(12, 20))
+    # the same as torchvision's transforms, run by hand on the numbers the sample's generator gives
+    sample = torch.Generator().manual_seed(11)
+    ref = {"trivialaugment": v2.TrivialAugmentWide(), "randaugment": v2.RandAugment(),
+           "autoaugment": v2.AutoAugment()}[policy]
+    x = img
+    for t in (ref, v2.RandomErasing(p=0.5, value=[128, 64, 0])):
+        child = int(torch.randint(0, 2 ** 62, (1,), generator=sample))
+        torch.manual_seed(child)
+        x = t(x)
+    assert torch.equal(x, outs[0])
+    with pytest.raises(ConfigError, match="at most one"):
+        DataConfig(augment=["trivialaugment", "autoaugment"])
+
+
+def test_a_run_with_a_policy_is_the_same_for_any_num_workers(demo_small: Path, tmp_path: Path):
+    import json
+
+    rows = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        res = run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={out}", "model.name=tiny_cnn",
+                   "data.image_size=16", "data.batch_size=8", f"data.num_workers={workers}", "train.epochs=1",
+                   "data.augment=[random_resized_crop,flip,trivialaugment,random_erasing]"], env=env())
+        assert res.returncode == 0, res.stderr
+        rows.append(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1]))
+    assert rows[0]["train_loss"] == rows[1]["train_loss"] and rows[0]["val_loss"] == rows[1]["val_loss"]
