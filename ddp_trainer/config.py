@@ -53,6 +53,8 @@ class DataConfig:
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # every resize (antialiased)
     val_crop_pct: float = 1.0  # validation: shorter side to image_size / val_crop_pct, centre crop image_size
     random_erasing_p: float = 0.1  # data.augment random_erasing: the chance per image (torchvision's recipe: 0.1)
+    mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) (torchvision's recipe: 0.2); 0: off
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha) (torchvision's recipe: 1.0); 0: off
 
     def __post_init__(self) -> None:
         _check(8 <= self.image_size <= 8192, "data.image_size", self.image_size, "use 8 to 8192")
@@ -75,6 +77,8 @@ class DataConfig:
                                   f"choose from {', '.join(AUGMENTATIONS)} or none{_hint(name, AUGMENTATIONS)}")
         policies = [a for a in self.augment if a in POLICIES]
         _check(len(policies) <= 1, "data.augment", self.augment, f"use at most one of {', '.join(POLICIES)}")
+        _check(self.mixup_alpha >= 0, "data.mixup_alpha", self.mixup_alpha, "use 0 (off) or a positive number")
+        _check(self.cutmix_alpha >= 0, "data.cutmix_alpha", self.cutmix_alpha, "use 0 (off) or a positive number")
         _check(0.0 <= self.random_erasing_p <= 1.0, "data.random_erasing_p", self.random_erasing_p,
                "use a probability in [0, 1]")
         if self.classes is not None:

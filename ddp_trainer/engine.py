@@ -51,13 +51,14 @@ class Engine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, normalize: nn.Module,
                  device: torch.device, precision: str = "fp32", clip_grad_norm: float | None = None,
                  channels_last: bool = False, scaler: torch.amp.GradScaler | None = None,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, mixer: Any = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.normalize = normalize
         self.device = device
         self.clip = clip_grad_norm
         self.label_smoothing = label_smoothing  # the training loss only (evaluate() uses plain cross-entropy)
+        self.mixer = mixer  # mixing.BatchMixer: mixed images and soft targets (None: plain labels)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         dtype = AUTOCAST_DTYPES.get(precision)
         self.autocast: Callable[[], Any] = (
@@ -99,11 +100,14 @@ class Engine:
                 batch = next(batches)
                 self.data_wait_s += time.perf_counter() - t0
                 images, labels, weights = self._to_device(batch)
+                targets = labels
+                if self.mixer is not None:  # soft targets; the seed follows the step, so resume is exact
+                    images, targets = self.mixer(images, labels, first_step + j, m)
                 sync = contextlib.nullcontext() if m == last else self.no_sync()
                 with sync:
                     with self.autocast():
                         logits = self.model(images)
-                    losses = F.cross_entropy(logits.float(), labels, reduction="none",
+                    losses = F.cross_entropy(logits.float(), targets, reduction="none",
                                              label_smoothing=self.label_smoothing)
                     self.scaler.scale((losses * weights).sum()).backward()
                 real = weights > 0

@@ -27,6 +27,7 @@ from .data import (FolderDataset, LoaderOwner, Splits, build_splits, eval_transf
                    make_train_loader, train_transform, with_decoded_cache)
 from .distributed import Dist
 from .ema import WeightEMA
+from .mixing import BatchMixer
 from .engine import Engine, EvalResult, evaluate
 from .errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, UserError
 from .models import build_model, classifier_head
@@ -228,7 +229,7 @@ class Trainer:
         self.val_loader = make_eval_loader(self.val_set, cfg.data, dist, self.device, worker_init_fn=init_fn)
         self.engine = Engine(model, self.optimizer, self.normalize, self.device, cfg.train.precision,
                              cfg.train.clip_grad_norm, cfg.train.channels_last, self.scaler,
-                             label_smoothing=cfg.train.label_smoothing)
+                             label_smoothing=cfg.train.label_smoothing, mixer=self._mixer())
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.ckpt_dir, dist, self.components, cfg.train.epochs)
         self.metrics = MetricsFile(self.out / "metrics.jsonl") if dist.is_main else None
         show_bar = {"on": dist.is_main, "off": False}.get(cfg.log.progress, use_progress_bar(dist.is_main))
@@ -243,6 +244,12 @@ class Trainer:
                  sum(p.numel() for p in model.parameters()) / 1e6, global_batch, cfg.data.batch_size,
                  dist.world_size, cfg.train.grad_accum_steps, cfg.optim.name, base_lr)
         return self
+
+    def _mixer(self) -> BatchMixer | None:
+        data = self.cfg.data
+        if not (data.mixup_alpha or data.cutmix_alpha):
+            return None
+        return BatchMixer(self.num_classes, data.mixup_alpha, data.cutmix_alpha, self.cfg.seed, self.dist.rank)
 
     def _register_components(self) -> None:
         """The checkpoint's pieces, in the order they are saved and restored (one line each)."""

@@ -159,7 +159,9 @@ class ImageTransform:
         """The torchvision.transforms.v2 policy named in ``augment`` (on uint8 tensors), or None."""
         from torchvision.transforms import v2
 
-        mode = self._mode
+        # the policies' rotations and shears on tensors support nearest and bilinear only (as torchvision's
+        # recipe, bilinear; bicubic applies to the resizes)
+        mode = F.InterpolationMode.BILINEAR
         for name, build in (("trivialaugment", lambda: v2.TrivialAugmentWide(interpolation=mode)),
                             ("randaugment", lambda: v2.RandAugment(interpolation=mode)),
                             ("autoaugment", lambda: v2.AutoAugment(interpolation=mode))):

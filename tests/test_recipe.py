@@ -221,7 +221,9 @@ def test_sigkill_mid_epoch_with_the_recipe_on_resumes_model_and_ema_bitwise(demo
 
     recipe = ["train.ema_decay=0.8", "train.label_smoothing=0.1", "optim.name=sgd", "optim.nesterov=true",
               "optim.lr_scale=linear", "optim.norm_weight_decay=0.0", "data.val_crop_pct=0.875",
-              "data.interpolation=bicubic", "data.rrc_scale=[0.3,1.0]"]
+              "data.interpolation=bicubic", "data.rrc_scale=[0.3,1.0]",
+              "data.augment=[flip,random_resized_crop,trivialaugment,random_erasing]", "data.mixup_alpha=0.2",
+              "data.cutmix_alpha=1.0", "model.weights=null"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     res = run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
                *resume_args(demo_small, ref), *recipe], env=env())
@@ -295,8 +297,9 @@ def test_policies_are_torchvisions_on_the_samples_own_numbers(policy):
     assert any(not torch.equal(tf(img, torch.Generator().manual_seed(s)), outs[0]) for s in range(12, 20))
     # the same as torchvision's transforms, run by hand on the numbers the sample's generator gives
     sample = torch.Generator().manual_seed(11)
-    ref = {"trivialaugment": v2.TrivialAugmentWide(), "randaugment": v2.RandAugment(),
-           "autoaugment": v2.AutoAugment()}[policy]
+    bilinear = v2.InterpolationMode.BILINEAR
+    ref = {"trivialaugment": v2.TrivialAugmentWide(interpolation=bilinear),
+           "randaugment": v2.RandAugment(interpolation=bilinear), "autoaugment": v2.AutoAugment(interpolation=bilinear)}[policy]
     x = img
     for t in (ref, v2.RandomErasing(p=0.5, value=[128, 64, 0])):
         child = int(torch.randint(0, 2 ** 62, (1,), generator=sample))
@@ -319,3 +322,47 @@ def test_a_run_with_a_policy_is_the_same_for_any_num_workers(demo_small: Path, t
         assert res.returncode == 0, res.stderr
         rows.append(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1]))
     assert rows[0]["train_loss"] == rows[1]["train_loss"] and rows[0]["val_loss"] == rows[1]["val_loss"]
+
+
+# -- mixup / cutmix -----------------------------------------------------------------------------------
+
+def test_mixed_batches_have_soft_targets_reproducible_from_the_seed():
+    from torchvision.transforms import v2
+
+    from ddp_trainer.mixing import BatchMixer
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 16, 16, generator=g)
+    labels = torch.randint(0, 10, (8,), generator=g)
+    mixer = BatchMixer(10, mixup_alpha=0.2, cutmix_alpha=1.0, seed=3, rank=0)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    x, soft = mixer(images, labels, step=5, micro=0)
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator is untouched
+    assert soft.shape == (8, 10) and torch.allclose(soft.sum(1), torch.ones(8))
+    assert not torch.equal(x, images)
+    again = mixer(images, labels, step=5, micro=0)
+    assert torch.equal(again[0], x) and torch.equal(again[1], soft)
+    assert not torch.equal(mixer(images, labels, step=6, micro=0)[1], soft)
+    assert not torch.equal(BatchMixer(10, 0.2, 1.0, seed=3, rank=1)(images, labels, 5, 0)[1], soft)
+    torch.manual_seed(mixer.seed_of(5, 0))  # torchvision's own transforms, by hand, on the same numbers
+    ref = v2.RandomChoice([v2.MixUp(alpha=0.2, num_classes=10), v2.CutMix(alpha=1.0, num_classes=10)])
+    rx, rsoft = ref(images, labels)
+    assert torch.equal(rx, x) and torch.equal(rsoft, soft)
+
+
+def test_a_run_with_mixup_and_cutmix_trains_on_soft_targets(demo_small: Path, tmp_path: Path):
+    import json
+
+    out = tmp_path / "run"
+    res = run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={out}", "model.name=tiny_cnn",
+               "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=1",
+               "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "train.label_smoothing=0.1"], env=env())
+    assert res.returncode == 0, res.stderr
+    plain = run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={tmp_path / 'plain'}",
+                 "model.name=tiny_cnn", "data.image_size=16", "data.batch_size=8", "data.num_workers=0",
+                 "train.epochs=1", "train.label_smoothing=0.1"], env=env())
+    assert plain.returncode == 0, plain.stderr
+    mixed = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    unmixed = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert mixed["train_loss"] != unmixed["train_loss"]  # the mixed batches reached the loss
