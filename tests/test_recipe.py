@@ -27,6 +27,17 @@ def _batch(n: int = 8, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor, t
     return images, labels, torch.ones(n)
 
 
+def train(demo_small: Path, out: Path, *overrides: str, model: str = "tiny_cnn", epochs: int = 1) -> dict:
+    """A one-process run on the small demo set; returns its last metrics row."""
+    import json
+
+    res = run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={out}", f"model.name={model}",
+               "data.image_size=16", "data.batch_size=8", "data.num_workers=0", f"train.epochs={epochs}",
+               *overrides], env=env())
+    assert res.returncode == 0, res.stderr
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def test_label_smoothing_applies_to_the_training_loss_only():
     torch.manual_seed(0)
     model = build_model("tiny_cnn", 10)
@@ -184,10 +195,8 @@ def test_ema_is_validated_saved_monitored_and_evaluated(demo_small: Path, tmp_pa
     import json
 
     out = tmp_path / "run"
-    res = run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={out}", "model.name=tiny_cnn_bn",
-               "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=2",
-               "train.ema_decay=0.9", "checkpoint.monitor=val_acc_ema", "checkpoint.mode=max"], env=env())
-    assert res.returncode == 0, res.stderr
+    train(demo_small, out, "train.ema_decay=0.9", "checkpoint.monitor=val_acc_ema", "checkpoint.mode=max",
+          model="tiny_cnn_bn", epochs=2)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("val_loss_ema" in r and "val_acc_ema" in r for r in rows)
     assert rows[-1]["val_loss_ema"] != rows[-1]["val_loss"]
@@ -311,16 +320,8 @@ def test_policies_are_torchvisions_on_the_samples_own_numbers(policy):
 
 
 def test_a_run_with_a_policy_is_the_same_for_any_num_workers(demo_small: Path, tmp_path: Path):
-    import json
-
-    rows = []
-    for workers in (0, 2):
-        out = tmp_path / f"w{workers}"
-        res = run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={out}", "model.name=tiny_cnn",
-                   "data.image_size=16", "data.batch_size=8", f"data.num_workers={workers}", "train.epochs=1",
-                   "data.augment=[random_resized_crop,flip,trivialaugment,random_erasing]"], env=env())
-        assert res.returncode == 0, res.stderr
-        rows.append(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1]))
+    policy = "data.augment=[random_resized_crop,flip,trivialaugment,random_erasing]"
+    rows = [train(demo_small, tmp_path / f"w{w}", policy, f"data.num_workers={w}") for w in (0, 2)]
     assert rows[0]["train_loss"] == rows[1]["train_loss"] and rows[0]["val_loss"] == rows[1]["val_loss"]
 
 
@@ -352,17 +353,7 @@ def test_mixed_batches_have_soft_targets_reproducible_from_the_seed():
 
 
 def test_a_run_with_mixup_and_cutmix_trains_on_soft_targets(demo_small: Path, tmp_path: Path):
-    import json
-
-    out = tmp_path / "run"
-    res = run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={out}", "model.name=tiny_cnn",
-               "data.image_size=16", "data.batch_size=8", "data.num_workers=0", "train.epochs=1",
-               "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "train.label_smoothing=0.1"], env=env())
-    assert res.returncode == 0, res.stderr
-    plain = run([PY, str(ROOT / "launch.py"), f"data.root={demo_small}", f"output_dir={tmp_path / 'plain'}",
-                 "model.name=tiny_cnn", "data.image_size=16", "data.batch_size=8", "data.num_workers=0",
-                 "train.epochs=1", "train.label_smoothing=0.1"], env=env())
-    assert plain.returncode == 0, plain.stderr
-    mixed = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    unmixed = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[-1])
+    mixed = train(demo_small, tmp_path / "run", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
+                  "train.label_smoothing=0.1")
+    unmixed = train(demo_small, tmp_path / "plain", "train.label_smoothing=0.1")
     assert mixed["train_loss"] != unmixed["train_loss"]  # the mixed batches reached the loss
