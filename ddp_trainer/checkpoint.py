@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -171,10 +171,11 @@ class CheckpointWriter:
         for stale in self.folder.glob(".*.tmp-*"):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
 
-    def save(self, state: Mapping[str, Any], *, epoch_file: int | None = None, best: bool = False) -> Path:
-        """Write ``state`` once and name it last.pt (+ epoch_NNNN.pt, + best.pt).
+    def save(self, state: Mapping[str, Any], *, epoch_file: int | None = None, best: bool = False,
+             also: Sequence[str] = (), remove: Sequence[str] = ()) -> Path:
+        """Write ``state`` once and name it last.pt (+ epoch_NNNN.pt, + best.pt, + the names in ``also``).
 
-        Older epoch files are removed only after the new files are in place.
+        Older epoch files, and the names in ``remove``, are removed only after the new files are in place.
         """
         self._writes += 1
         pause = self._pause_s if self._pause_nth in (None, self._writes) else 0.0
@@ -188,8 +189,12 @@ class CheckpointWriter:
                 atomic_link(first, self.folder / "last.pt")
             if best:
                 atomic_link(first, self.folder / "best.pt")
+            for name in also:
+                atomic_link(first, self.folder / name)
         except Exception as exc:  # noqa: BLE001 - every write failure becomes one message naming the file
             raise CheckpointError(write_failure(first, exc, state_nbytes(state))) from None
+        for name in remove:
+            (self.folder / name).unlink(missing_ok=True)
         if epoch_file is not None:
             self._prune()
         return first
@@ -286,12 +291,14 @@ class AsyncCheckpointWriter:
         if self._error is not None:
             raise CheckpointError(self._error)
 
-    def save(self, state: Mapping[str, Any], *, epoch_file: int | None = None, best: bool = False) -> Path:
+    def save(self, state: Mapping[str, Any], *, epoch_file: int | None = None, best: bool = False,
+             also: Sequence[str] = (), remove: Sequence[str] = ()) -> Path:
         self.wait()
         self.check()
         snapshot = cpu_snapshot(dict(state), self._staging)
+        kwargs = {"epoch_file": epoch_file, "best": best, "also": tuple(also), "remove": tuple(remove)}
         self._thread = self._threading.Thread(target=self._run, name="checkpoint-writer", daemon=False,
-                                              args=(snapshot, {"epoch_file": epoch_file, "best": best}))
+                                              args=(snapshot, kwargs))
         self._thread.start()
         return self.folder / ("last.pt" if epoch_file is None or self.sync.keep_last == 0 else f"epoch_{epoch_file:04d}.pt")
 

@@ -43,14 +43,16 @@ class CheckpointManager:
     # -- writes ------------------------------------------------------------------------------------
 
     def save(self, *, epoch: int, what: str, epoch_file: bool = False, best: bool = False,
-             wait: bool = False) -> None:
+             wait: bool = False, also: tuple[str, ...] = (), remove: tuple[str, ...] = ()) -> None:
         """Assemble the state (every rank) and write it (rank 0). A failed earlier background write
-        fails every rank here; ``wait`` blocks until this save is on disk."""
+        fails every rank here; ``wait`` blocks until this save is on disk. ``also`` / ``remove``: more
+        names for this file, and names to remove once it is in place (``checkpoint.keep_best``)."""
         self.check()
         state = self.registry.state_dict(self.dist.is_main)
         if self.writer is not None:
             assert state is not None
-            path = self.writer.save(state, epoch_file=epoch if epoch_file else None, best=best)
+            path = self.writer.save(state, epoch_file=epoch if epoch_file else None, best=best, also=also,
+                                    remove=remove)
             log.info("checkpoint: %s (epoch %d, %s)", path.name, epoch, what)
         self.last_saved = f"epoch {epoch}, {what}"
         if wait:

@@ -196,6 +196,7 @@ class CheckpointConfig:
     every_epochs: int = 1  # 0: no per-epoch saves
     every_steps: int = 0  # 0: no mid-epoch saves
     keep_last: int = 3  # epoch_NNNN.pt files kept
+    keep_best: int = 1  # best.pt; more: also best_epoch_NNNN.pt for each of the K best epochs by monitor
     monitor: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     async_: bool = field(default=True, metadata={"key": "async"})  # write in a background thread
@@ -205,6 +206,7 @@ class CheckpointConfig:
         _check(self.every_epochs >= 0, "checkpoint.every_epochs", self.every_epochs, "use 0 or more")
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")
         _check(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "use 0 or more")
+        _check(self.keep_best >= 1, "checkpoint.keep_best", self.keep_best, "use 1 or more")
         metrics = ("val_loss", "val_acc", "val_acc5", "train_loss", "val_loss_ema", "val_acc_ema")
         _check(self.monitor in metrics, "checkpoint.monitor", self.monitor,
                f"choose one of {', '.join(metrics)}")

@@ -8,7 +8,7 @@ connector pattern: adding a component is one ``register`` call.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 
@@ -23,6 +23,7 @@ class TrainState:
     position: int = 0
     step: int = 0
     best: float | None = None
+    best_k: list = field(default_factory=list)  # checkpoint.keep_best > 1: [[value, epoch], ...], best first
     loss_sum: float = 0.0
     loss_count: float = 0.0
 
@@ -30,7 +31,7 @@ class TrainState:
         """The checkpoint's loop entries (top-level keys: the file format of version 1).
         ``loss_sum`` / ``loss_count``: the epoch's sums up to ``position``, over every rank."""
         return {"epoch": self.epoch, "position": self.position, "epoch_complete": epoch_complete,
-                "step": self.step, "best": self.best, "train_loss_sum": loss_sum, "train_loss_count": loss_count}
+                "step": self.step, "best": self.best, "best_k": [list(e) for e in self.best_k], "train_loss_sum": loss_sum, "train_loss_count": loss_count}
 
     def load_state_dict(self, entries: Mapping[str, Any]) -> None:
         """Continue after the checkpoint: the next epoch after a complete one, else the same epoch at
@@ -41,6 +42,7 @@ class TrainState:
         self.position = 0 if complete else int(entries.get("position", 0))
         self.step = int(entries.get("step", 0) or 0)
         self.best = entries.get("best")
+        self.best_k = [list(e) for e in entries.get("best_k") or []]
         self.loss_sum = 0.0 if complete else float(entries.get("train_loss_sum") or 0.0)
         self.loss_count = 0.0 if complete else float(entries.get("train_loss_count") or 0.0)
 

@@ -468,6 +468,21 @@ class Trainer:
         return evaluate(model, batches, self.normalize, self.device, self.dist,
                         self.num_classes, len(self.val_set), self.cfg.train.precision)
 
+    def _rank_best(self, value: float, epoch: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``checkpoint.keep_best`` > 1: keep the K best epochs' files as ``best_epoch_NNNN.pt``. Returns
+        (names this epoch's file gets, names of files that left the K best)."""
+        keep = self.cfg.checkpoint.keep_best
+        if keep <= 1 or math.isnan(value):
+            return (), ()
+        kept = [list(e) for e in self.state.best_k]
+        ranked = sorted(kept + [[value, epoch]], key=lambda e: e[0],
+                        reverse=self.cfg.checkpoint.mode == "max")[:keep]  # stable: on a tie the older stays
+        self.state.best_k = ranked
+        if [value, epoch] not in ranked:
+            return (), ()
+        gone = tuple(f"best_epoch_{e:04d}.pt" for v, e in kept if [v, e] not in ranked)
+        return (f"best_epoch_{epoch:04d}.pt",), gone
+
     def _is_better(self, value: float) -> bool:
         best = self.state.best
         if best is None or math.isnan(best):
@@ -570,14 +585,16 @@ class Trainer:
         is_best = self._is_better(monitored)
         if is_best:
             self.state.best = monitored
+        also, remove = self._rank_best(monitored, epoch)
         if self.metrics is not None:
             self.metrics.append(row)
         self.scalars.add(row, self.state.step)
         final = epoch == cfg.train.epochs - 1
         stop_now = not final and self._stop_agreed()
-        if self.checkpoints.should_save_epoch(epoch, is_best, stop_now):
+        if self.checkpoints.should_save_epoch(epoch, is_best or bool(also), stop_now):
             self._epoch_complete = True
-            self.checkpoints.save(epoch=epoch, what="complete", epoch_file=True, best=is_best, wait=stop_now)
+            self.checkpoints.save(epoch=epoch, what="complete", epoch_file=True, best=is_best, wait=stop_now,
+                                  also=also, remove=remove)
         if stop_now:
             self._preempted(f"end of epoch {epoch}")
         return val

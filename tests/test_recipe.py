@@ -357,3 +357,52 @@ def test_a_run_with_mixup_and_cutmix_trains_on_soft_targets(demo_small: Path, tm
                   "train.label_smoothing=0.1")
     unmixed = train(demo_small, tmp_path / "plain", "train.label_smoothing=0.1")
     assert mixed["train_loss"] != unmixed["train_loss"]  # the mixed batches reached the loss
+
+
+# -- checkpoint.keep_best -----------------------------------------------------------------------------
+
+def test_keep_best_keeps_the_k_best_epochs_across_a_resume(demo_small: Path, tmp_path: Path):
+    import json
+
+    out = tmp_path / "run"
+    ck = out / "checkpoints"
+
+    def check(epochs: int) -> None:
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == list(range(epochs))
+        best3 = sorted(rows, key=lambda r: r["val_loss"])[:3]
+        assert sorted(p.name for p in ck.glob("best_epoch_*.pt")) == sorted(
+            f"best_epoch_{r['epoch']:04d}.pt" for r in best3)
+        for r in best3:
+            state = torch.load(ck / f"best_epoch_{r['epoch']:04d}.pt", weights_only=True)
+            assert state["epoch"] == r["epoch"] and state["best_k"][0][0] <= r["val_loss"]
+        assert torch.load(ck / "best.pt", weights_only=True)["epoch"] == best3[0]["epoch"]
+
+    keys = ["checkpoint.keep_best=3", "checkpoint.keep_last=1", "optim.lr=0.01"]
+    train(demo_small, out, *keys, epochs=5)
+    check(5)
+    train(demo_small, out, *keys, epochs=9)  # resume=auto: the ranking continues from the checkpoint
+    check(9)
+
+
+# -- configs/recipes ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["torchvision_resnet50", "finetune_small"])
+def test_recipe_configs_load_and_run_a_debug_pass(recipe: str, demo_small: Path, tmp_path: Path):
+    import torchvision
+
+    from ddp_trainer import config
+
+    path = ROOT / "configs" / "recipes" / f"{recipe}.yaml"
+    cfg = config.load(str(path), [])
+    assert cfg.data.augment and cfg.optim.norm_weight_decay == 0.0 and cfg.train.label_smoothing == 0.1
+    home = tmp_path / "torch_home"
+    if cfg.model.weights:  # the pretrained file, as the hub cache would hold it
+        (home / "hub" / "checkpoints").mkdir(parents=True)
+        torch.save(torchvision.models.get_model(cfg.model.name, weights=None).state_dict(),
+                   home / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    res = run([PY, str(ROOT / "launch.py"), "--debug", "--config", str(path), f"data.root={demo_small}",
+               f"output_dir={tmp_path / 'run'}", "data.image_size=32", "data.batch_size=4", "debug.epochs=1"],
+              env=env(TORCH_HOME=str(home)), timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "done: val_loss=" in res.stderr
