@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import PY, ROOT, run
+from conftest import PY, ROOT, TORCHRUN, run
 from ddp_trainer.config import OptimConfig, TrainConfig
 from ddp_trainer.distributed import Dist
 from ddp_trainer.engine import Engine, evaluate
@@ -406,3 +406,28 @@ def test_recipe_configs_load_and_run_a_debug_pass(recipe: str, demo_small: Path,
               env=env(TORCH_HOME=str(home)), timeout=600)
     assert res.returncode == 0, res.stderr
     assert "done: val_loss=" in res.stderr
+
+
+def test_two_processes_equal_one_with_the_double_batch_with_the_recipe_on(demo_small: Path, tmp_path: Path):
+    """Every recipe key but mixup/cutmix (they pair samples within a rank's batch): per-sample
+    augmentation seeds, the EMA, label smoothing and the optimizer keys leave DDP equal to one process."""
+    keys = [f"data.root={demo_small}", "model.name=tiny_cnn", "data.image_size=16", "data.num_workers=0",
+            "train.epochs=2", "optim.name=sgd", "optim.lr=0.5", "optim.nesterov=true", "optim.lr_scale=linear",
+            "optim.norm_weight_decay=0.0", "train.label_smoothing=0.1", "train.ema_decay=0.8",
+            "data.augment=[random_resized_crop,flip,trivialaugment,random_erasing]", "data.random_erasing_p=0.5",
+            "data.val_crop_pct=0.875", "seed=4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = run([PY, str(ROOT / "launch.py"), *keys, f"output_dir={one}", "data.batch_size=16"], env=env())
+    assert res.returncode == 0, res.stderr
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), *keys, f"output_dir={two}",
+               "data.batch_size=8"], env=env())
+    assert res.returncode == 0, res.stderr
+    a = torch.load(one / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(two / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] > 0
+    for part in (a["model"], a["model_ema"]["weights"]):
+        other = b["model"] if part is a["model"] else b["model_ema"]["weights"]
+        for k in part:
+            assert torch.allclose(part[k], other[k], rtol=1e-4, atol=1e-5), k
+    init = build_model("tiny_cnn", 10)
+    assert not torch.allclose(a["model"]["fc.weight"], init.state_dict()["fc.weight"])
