@@ -1,6 +1,7 @@
 """Benchmarks on the reference workload. Prints every figure and the ratios; asserts nothing.
 
-    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint] [--data DIR]
+    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy] [--data DIR]
+                              [--seeds 5] [--setting reference|long]
 
 Reference workload: 10 classes of 64x64 JPEG images (quality 90), 256 train + 64 val per class;
 torchvision resnet18; SGD lr 0.1, momentum 0.9, weight decay 5e-4; batch 64 per process; 1 loader
@@ -9,6 +10,10 @@ checkpoint every epoch; 2 processes with OMP_NUM_THREADS=1.
 
 train:      the project (torchrun launch.py) and bench/plain_ddp.py, alternately, --repeats times each:
             median train images/s, ratio, peak RSS per process.
+accuracy:   both sides at identical settings (the project with weight decay on every parameter, as the
+            plain loop; no warmup) for --seeds seeds: mean, spread and standard deviation of the final
+            val_acc and val_loss, and the difference of the means. --setting reference (the workload
+            above) or long (10 epochs, cosine per step).
 loader:     decode paths, one process and one thread: images/s per core.
 checkpoint: time the training loop is blocked per save, synchronous torch.save vs async, resnet18/50.
 """
@@ -53,12 +58,12 @@ def _env() -> dict:
     return env
 
 
-def run_project(data: Path, out: Path) -> dict:
+def run_project(data: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
     args = [f"data.root={data}", f"output_dir={out}", "resume=none", "overwrite=true", "model.name=resnet18",
             "data.image_size=64", "data.batch_size=64", "data.num_workers=1", "data.augment=[flip]",
             "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.weight_decay=5e-4", "sched.name=none",
             "sched.warmup_epochs=0", "train.epochs=3", "checkpoint.every_epochs=1", "log.progress=off",
-            "train.log_every_steps=100000"]
+            "train.log_every_steps=100000", *extra]
     t0 = time.perf_counter()
     res = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(ROOT / "launch.py"), *args], capture_output=True, text=True, env=_env())
@@ -68,20 +73,49 @@ def run_project(data: Path, out: Path) -> dict:
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     images = sum(r["images_per_s"] * r["train_time_s"] for r in rows)
     return {"images_per_s": images / sum(r["train_time_s"] for r in rows), "wall_s": wall,
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows), "val_acc": rows[-1]["val_acc"]}
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows), "val_acc": rows[-1]["val_acc"],
+            "val_loss": rows[-1]["val_loss"]}
 
 
-def run_plain(data: Path, out: Path) -> dict:
+def run_plain(data: Path, out: Path, epochs: int = 3, seed: int = 0, sched: str = "none") -> dict:
     t0 = time.perf_counter()
     res = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "bench" / "plain_ddp.py"), str(data), str(out), "3"],
+                          str(ROOT / "bench" / "plain_ddp.py"), str(data), str(out), str(epochs), str(seed), sched],
                          capture_output=True, text=True, env=_env())
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(f"plain run failed:\n{res.stderr[-3000:]}")
     r = json.loads([l for l in res.stdout.splitlines() if l.startswith("{")][-1])
     return {"images_per_s": r["images_per_s"], "wall_s": wall, "peak_rss_mb": max(r["peak_rss_mb"]),
-            "val_acc": r["val_acc"]}
+            "val_acc": r["val_acc"], "val_loss": r["val_loss"]}
+
+
+SETTINGS = {"reference": (3, "none"), "long": (10, "cosine")}
+
+
+def _describe(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"mean {statistics.mean(values):.4f} sd {sd:.4f} range {min(values):.4f}..{max(values):.4f}"
+
+
+def bench_accuracy(data: Path, seeds: int, setting: str, work: Path) -> None:
+    epochs, sched = SETTINGS[setting]
+    same = ("optim.norm_weight_decay=5e-4", f"train.epochs={epochs}", f"sched.name={sched}",
+            "sched.warmup_epochs=0", "data.drop_last=false")
+    results: dict[str, list[dict]] = {"project": [], "plain": []}
+    for seed in range(seeds):
+        for name in ("project", "plain"):
+            out = work / f"acc-{name}-{seed}"
+            r = (run_project(data, out, (*same, f"seed={seed}")) if name == "project"
+                 else run_plain(data, out, epochs, seed, sched))
+            results[name].append(r)
+            print(f"accuracy {setting} seed {seed} {name:>7}: val_acc {r['val_acc']:.4f} val_loss {r['val_loss']:.4f}",
+                  flush=True)
+    for key in ("val_acc", "val_loss"):
+        p = [r[key] for r in results["project"]]
+        q = [r[key] for r in results["plain"]]
+        print(f"accuracy {setting} {key} over {seeds} seeds: project {_describe(p)}; plain loop {_describe(q)}; "
+              f"difference of means {statistics.mean(p) - statistics.mean(q):+.4f}")
 
 
 def bench_train(data: Path, repeats: int, work: Path) -> None:
@@ -177,6 +211,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--what", default="train,loader,checkpoint")
     p.add_argument("--data", default=str(ROOT / "bench" / ".data" / "reference"))
+    p.add_argument("--seeds", type=int, default=5, help="accuracy: seeds per side")
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="reference", help="accuracy: the workload")
     args = p.parse_args()
     import platform
 
@@ -194,6 +230,8 @@ def main() -> None:
             bench_loader(data, work)
         if "train" in what:
             bench_train(data, args.repeats, work)
+        if "accuracy" in what:
+            bench_accuracy(data, args.seeds, args.setting, work)
 
 
 if __name__ == "__main__":
