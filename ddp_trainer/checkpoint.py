@@ -96,7 +96,7 @@ def _feed(h: Any, obj: Any) -> None:
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     elif isinstance(obj, Mapping):
         h.update(f"M{len(obj)}".encode())
         for key in sorted(obj, key=repr):

@@ -201,13 +201,6 @@ class StopRequest:
             if s.name in WARNING_SIGNALS:
                 signal.signal(s, signal.SIG_IGN)
 
-    def restore(self) -> None:
-        for s, old in self._previous.items():
-            signal.signal(s, old)
-        self._previous.clear()
-        if self._pair is not None and threading.current_thread() is threading.main_thread():
-            signal.set_wakeup_fd(-1)
-
 
 def _no_op(signum: int, frame: Any) -> None:
     """The Python-level handler: the watcher thread acts on the signal (see the module docstring)."""
@@ -216,10 +209,7 @@ def _no_op(signum: int, frame: Any) -> None:
 def write_ready() -> None:
     """Tell the batch shell that this node's ranks handle stop signals now (local rank 0, after every
     rank joined the process group): a signal it forwarded before this is forwarded once more."""
-    extra = os.environ.get(MARKER_ENV)
-    if extra:
-        Path(extra).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(extra + READY_SUFFIX), f"{os.getpid()}\n")
+    _write_node_marker(READY_SUFFIX, f"{os.getpid()}\n")
 
 
 def worker_init_ignoring(signals: Sequence[signal.Signals]) -> Callable[[int], None]:
@@ -243,10 +233,15 @@ def write_marker(output_dir: Path | None, signal_name: str, epoch: int, step: in
                        "slurm_job_id": os.environ.get("SLURM_JOB_ID")}) + "\n"
     if output_dir is not None:
         atomic_write_text(Path(output_dir) / MARKER, text)
+    _write_node_marker("", text)
+
+
+def _write_node_marker(suffix: str, text: str) -> None:
+    """Write ``$DDP_TRAINER_PREEMPT_MARKER`` + ``suffix`` when the sbatch scripts set the variable."""
     extra = os.environ.get(MARKER_ENV)
     if extra:
         Path(extra).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(extra), text)
+        atomic_write_text(Path(extra + suffix), text)
 
 
 def clear_marker(output_dir: Path) -> None:
