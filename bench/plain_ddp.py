@@ -1,15 +1,22 @@
 """The hand-written DDP loop the project is measured against (what a user would write by hand).
 
 torchrun --standalone --nproc_per_node=2 bench/plain_ddp.py DATA_ROOT OUT_DIR EPOCHS [SEED [SCHED]]
+        [--order sampler|project] [--augment flip|none] [--decode pil|tensor] [--batch 64] [--image-size 64]
 SEED (default 0) seeds the weights and the sampler; SCHED: none (default) or cosine (per step, no warmup).
+The options exist to remove one difference from the project at a time (bench/run_bench.py --what
+parity): --order project visits the samples in the project's order (its seeded permutation, each
+global batch split into contiguous per-rank blocks) instead of DistributedSampler's; --augment none
+drops the random flip; --decode tensor feeds uint8 tensors decoded by torchvision.io and normalised
+on the batch, as the project does, instead of PIL + ToTensor + Normalize.
 ImageFolder + DistributedSampler, torchvision resnet18, SGD, per-epoch validation (padded
 DistributedSampler, as pytorch/examples does), rank-0 torch.save each epoch. Prints one JSON line
 from rank 0: train images/s (train phase only), wall time, peak RSS per rank.
 """
+import argparse
 import json
+import math
 import os
 import resource
-import sys
 import time
 
 import torch
@@ -20,46 +27,100 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms
 
-root, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-sched = sys.argv[5] if len(sys.argv) > 5 else "none"
+ap = argparse.ArgumentParser()
+ap.add_argument("root")
+ap.add_argument("out")
+ap.add_argument("epochs", type=int)
+ap.add_argument("seed", type=int, nargs="?", default=0)
+ap.add_argument("sched", nargs="?", default="none", choices=["none", "cosine"])
+ap.add_argument("--order", default="sampler", choices=["sampler", "project"])
+ap.add_argument("--augment", default="flip", choices=["flip", "none"])
+ap.add_argument("--decode", default="pil", choices=["pil", "tensor"])
+ap.add_argument("--batch", type=int, default=64, help="per process")
+ap.add_argument("--image-size", type=int, default=64, help="Resize(size): the images are expected square")
+a = ap.parse_args()
+root, out, epochs, seed, sched = a.root, a.out, a.epochs, a.seed, a.sched
 t_start = time.perf_counter()
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-norm = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-train_tf = transforms.Compose([transforms.Resize(64), transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm])
-val_tf = transforms.Compose([transforms.Resize(64), transforms.ToTensor(), norm])
-train = torchvision.datasets.ImageFolder(os.path.join(root, "train"), train_tf)
-val = torchvision.datasets.ImageFolder(os.path.join(root, "val"), val_tf)
-sampler = DistributedSampler(train, shuffle=True, seed=seed)
-train_loader = DataLoader(train, batch_size=64, sampler=sampler, num_workers=1, persistent_workers=True)
-val_loader = DataLoader(val, batch_size=64, sampler=DistributedSampler(val, shuffle=False), num_workers=1,
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+flip = [transforms.RandomHorizontalFlip()] if a.augment == "flip" else []
+if a.decode == "pil":
+    norm = transforms.Normalize(MEAN, STD)
+    train_tf = transforms.Compose([transforms.Resize(a.image_size), *flip, transforms.ToTensor(), norm])
+    val_tf = transforms.Compose([transforms.Resize(a.image_size), transforms.ToTensor(), norm])
+    loader_kw = {}
+    on_batch = lambda x: x  # noqa: E731
+else:
+    def read(path):
+        return torchvision.io.decode_image(torchvision.io.read_file(path), torchvision.io.ImageReadMode.RGB)
+
+    train_tf = transforms.Compose([transforms.Resize(a.image_size), *flip])
+    val_tf = transforms.Resize(a.image_size)
+    loader_kw = {"loader": read}
+    scale = 1.0 / (255.0 * torch.tensor(STD).view(1, 3, 1, 1))
+    shift = (torch.tensor(MEAN) / torch.tensor(STD)).view(1, 3, 1, 1)
+    on_batch = lambda x: x.float() * scale - shift  # noqa: E731
+train = torchvision.datasets.ImageFolder(os.path.join(root, "train"), train_tf, **loader_kw)
+val = torchvision.datasets.ImageFolder(os.path.join(root, "val"), val_tf, **loader_kw)
+
+
+class ProjectOrder(torch.utils.data.Sampler):
+    """The project's sample order (ddp_trainer.samplers.EpochPlan; no accumulation; a tail shorter than
+    one global batch left out, as data.drop_last=true does):
+    one seeded permutation of the whole set; global batch j is positions [j*B*world, (j+1)*B*world)
+    of it, and rank r takes the r-th contiguous block of B. Written out here so that this loop stays
+    independent of the project's code."""
+
+    def __init__(self, n: int, batch: int) -> None:
+        self.n, self.batch, self.epoch = n, batch, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + self.epoch) % (1 << 63))
+        order = torch.randperm(self.n, generator=gen).tolist()
+        step = self.batch * world
+        for j in range(self.n // step):
+            yield from order[j * step + rank * self.batch: j * step + (rank + 1) * self.batch]
+
+    def __len__(self) -> int:
+        return self.n // (self.batch * world) * self.batch
+
+
+sampler = ProjectOrder(len(train), a.batch) if a.order == "project" else DistributedSampler(train, shuffle=True, seed=seed)
+train_loader = DataLoader(train, batch_size=a.batch, sampler=sampler, num_workers=1, persistent_workers=True)
+val_loader = DataLoader(val, batch_size=a.batch, sampler=DistributedSampler(val, shuffle=False), num_workers=1,
                         persistent_workers=True)
 torch.manual_seed(seed)
 model = torch.nn.parallel.DistributedDataParallel(torchvision.models.resnet18(num_classes=len(train.classes)))
 opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 total_steps = epochs * len(train_loader)
-lr_at = (lambda k: 0.5 * (1 + __import__("math").cos(__import__("math").pi * k / total_steps))) if sched == "cosine" \
-    else (lambda k: 1.0)
+lr_at = (lambda k: 0.5 * (1 + math.cos(math.pi * k / total_steps))) if sched == "cosine" else (lambda k: 1.0)
 scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 train_time, images = 0.0, 0
+running = []  # rank 0's running mean train loss after each step of the epoch (the project logs the same)
 for epoch in range(epochs):
     sampler.set_epoch(epoch)
     model.train()
     t0 = time.perf_counter()
-    for x, y in train_loader:
-        loss = F.cross_entropy(model(x), y)
+    loss_sum = 0.0
+    for k, (x, y) in enumerate(train_loader):
+        loss = F.cross_entropy(model(on_batch(x)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         scheduler.step()
         images += x.shape[0] * world
+        loss_sum += loss.item()
+        running.append([epoch, k + 1, loss_sum / (k + 1)])
     train_time += time.perf_counter() - t0
     model.eval()
     correct = torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
         for x, y in val_loader:
-            logits = model(x)
+            logits = model(on_batch(x))
             correct += torch.tensor([(logits.argmax(1) == y).sum().item(), y.numel(),
                                      F.cross_entropy(logits, y, reduction="sum").item()], dtype=torch.float64)
     dist.all_reduce(correct)
@@ -73,5 +134,5 @@ dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss /
 if rank == 0:
     print(json.dumps({"images_per_s": images / train_time, "wall_s": time.perf_counter() - t_start,
                       "peak_rss_mb": rss, "val_acc": (correct[0] / correct[1]).item(),
-                      "val_loss": (correct[2] / correct[1]).item()}), flush=True)
+                      "val_loss": (correct[2] / correct[1]).item(), "running_loss": running}), flush=True)
 dist.destroy_process_group()

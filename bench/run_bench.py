@@ -1,6 +1,6 @@
 """Benchmarks on the reference workload. Prints every figure and the ratios; asserts nothing.
 
-    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy] [--data DIR]
+    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy,parity] [--data DIR]
                               [--seeds 5] [--setting reference|long]
 
 Reference workload: 10 classes of 64x64 JPEG images (quality 90), 256 train + 64 val per class;
@@ -14,6 +14,10 @@ accuracy:   both sides at identical settings (the project with weight decay on e
             plain loop; no warmup) for --seeds seeds: mean, spread and standard deviation of the final
             val_acc and val_loss, and the difference of the means. --setting reference (the workload
             above) or long (10 epochs, cosine per step).
+parity:     the two sides made to compute the same thing (no augmentation, the project's sample order
+            and decode path in the plain loop, weight decay on every parameter, no warmup), then one
+            difference put back at a time: the train-loss curves (rank 0's running mean, every step)
+            and the final val_acc / val_loss of each pair, seed 0, reference workload.
 loader:     decode paths, one process and one thread: images/s per core.
 checkpoint: time the training loop is blocked per save, synchronous torch.save vs async, resnet18/50.
 """
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -77,17 +82,24 @@ def run_project(data: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
             "val_loss": rows[-1]["val_loss"]}
 
 
-def run_plain(data: Path, out: Path, epochs: int = 3, seed: int = 0, sched: str = "none") -> dict:
+def run_plain(data: Path, out: Path, epochs: int = 3, seed: int = 0, sched: str = "none",
+              extra: tuple[str, ...] = ()) -> dict:
     t0 = time.perf_counter()
     res = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "bench" / "plain_ddp.py"), str(data), str(out), str(epochs), str(seed), sched],
-                         capture_output=True, text=True, env=_env())
+                          str(ROOT / "bench" / "plain_ddp.py"), str(data), str(out), str(epochs), str(seed), sched,
+                          *extra], capture_output=True, text=True, env=_env())
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(f"plain run failed:\n{res.stderr[-3000:]}")
     r = json.loads([l for l in res.stdout.splitlines() if l.startswith("{")][-1])
     return {"images_per_s": r["images_per_s"], "wall_s": wall, "peak_rss_mb": max(r["peak_rss_mb"]),
-            "val_acc": r["val_acc"], "val_loss": r["val_loss"]}
+            "val_acc": r["val_acc"], "val_loss": r["val_loss"], "running_loss": [x[2] for x in r["running_loss"]]}
+
+
+def project_running_loss(out: Path) -> list[float]:
+    """Rank 0's running mean train loss after each step, from train.log (train.log_every_steps=1)."""
+    found = re.findall(r"step \d+: \d+/\d+ samples, loss=([0-9.]+) \(this rank\)", (out / "train.log").read_text())
+    return [float(x) for x in found]
 
 
 SETTINGS = {"reference": (3, "none"), "long": (10, "cosine")}
@@ -116,6 +128,77 @@ def bench_accuracy(data: Path, seeds: int, setting: str, work: Path) -> None:
         q = [r[key] for r in results["plain"]]
         print(f"accuracy {setting} {key} over {seeds} seeds: project {_describe(p)}; plain loop {_describe(q)}; "
               f"difference of means {statistics.mean(p) - statistics.mean(q):+.4f}")
+
+
+ALIGNED_PROJECT = ("data.augment=[]", "optim.norm_weight_decay=5e-4", "sched.warmup_epochs=0",
+                   "data.drop_last=false", "train.log_every_steps=1")
+ALIGNED_PLAIN = ("--order", "project", "--augment", "none", "--decode", "tensor")
+# one difference each: (name, project overrides added, plain options replaced)
+PARITY_VARIANTS = (
+    ("decode: PIL + ToTensor + Normalize in the plain loop", (), ("--decode", "pil")),
+    ("data order: DistributedSampler in the plain loop", (), ("--order", "sampler")),
+    ("augmentation: random flip on both sides (different random streams)", ("data.augment=[flip]",),
+     ("--augment", "flip")),
+    ("no weight decay on norms and biases (project default)", ("optim.norm_weight_decay=null",), ()),
+    ("warmup 0.5 epoch (project default)", ("sched.warmup_epochs=0.5",), ()),
+)
+
+
+def _replace_options(base: tuple[str, ...], new: tuple[str, ...]) -> tuple[str, ...]:
+    opts = dict(zip(base[::2], base[1::2]))
+    opts.update(zip(new[::2], new[1::2]))
+    return tuple(x for kv in opts.items() for x in kv)
+
+
+def _curve_gap(a: list[float], b: list[float], steps_per_epoch: int) -> str:
+    """Largest |difference| of two running-loss curves in each epoch."""
+    if len(a) != len(b):
+        return f"curves of different length ({len(a)} vs {len(b)} steps)"
+    gaps = [max(abs(x - y) for x, y in zip(a[i:i + steps_per_epoch], b[i:i + steps_per_epoch]))
+            for i in range(0, len(a), steps_per_epoch)]
+    return "train-loss gap by epoch " + " ".join(f"{g:.4f}" for g in gaps)
+
+
+def _weights_gap(project_out: Path, plain_out: Path) -> str:
+    """Compare the final weights and BatchNorm buffers of the two sides' last checkpoints."""
+    import torch
+
+    mine = torch.load(project_out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+    theirs = torch.load(plain_out / "checkpoint.pt", map_location="cpu", weights_only=True)["net"]
+    if mine.keys() != theirs.keys():
+        return "final weights: different keys"
+    differ = [k for k in mine if not torch.equal(mine[k], theirs[k])]
+    if not differ:
+        return f"final weights bitwise equal ({len(mine)} tensors)"
+    gap = max((mine[k].double() - theirs[k].double()).abs().max().item() for k in differ)
+    return f"final weights: {len(differ)} of {len(mine)} tensors differ, max |difference| {gap:.3g}"
+
+
+def bench_parity(data: Path, work: Path) -> None:
+    steps = 2560 // 128
+
+    def project(name: str, extra: tuple[str, ...]) -> dict:
+        r = run_project(data, work / name, (*ALIGNED_PROJECT, *extra))
+        r["out"], r["running_loss"] = work / name, project_running_loss(work / name)
+        return r
+
+    def plain(name: str, opts: tuple[str, ...]) -> dict:
+        r = run_plain(data, work / name, extra=_replace_options(ALIGNED_PLAIN, opts))
+        r["out"] = work / name
+        return r
+
+    def show(name: str, p: dict, q: dict) -> None:
+        print(f"parity {name}: project val_acc {p['val_acc']:.4f} val_loss {p['val_loss']:.4f}; plain val_acc "
+              f"{q['val_acc']:.4f} val_loss {q['val_loss']:.4f}; {_curve_gap(p['running_loss'], q['running_loss'], steps)}"
+              f" (first step {p['running_loss'][0]:.4f} vs {q['running_loss'][0]:.4f}); "
+              f"{_weights_gap(p['out'], q['out'])}", flush=True)
+
+    aligned_p, aligned_q = project("par-project", ()), plain("par-plain", ())
+    show("aligned", aligned_p, aligned_q)
+    for i, (name, p_extra, q_opts) in enumerate(PARITY_VARIANTS):
+        p = project(f"par-project-{i}", p_extra) if p_extra else aligned_p
+        q = plain(f"par-plain-{i}", q_opts) if q_opts else aligned_q
+        show(name, p, q)
 
 
 def bench_train(data: Path, repeats: int, work: Path) -> None:
@@ -232,6 +315,8 @@ def main() -> None:
             bench_train(data, args.repeats, work)
         if "accuracy" in what:
             bench_accuracy(data, args.seeds, args.setting, work)
+        if "parity" in what:
+            bench_parity(data, work)
 
 
 if __name__ == "__main__":
