@@ -1,7 +1,8 @@
 """Benchmarks on the reference workload. Prints every figure and the ratios; asserts nothing.
 
     python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy,parity] [--data DIR]
-                              [--seeds 5] [--setting reference|long]
+                              [--seeds 5] [--setting reference|long] [--sides project,plain]
+                              [--plain-options '--order project --decode tensor']
 
 Reference workload: 10 classes of 64x64 JPEG images (quality 90), 256 train + 64 val per class;
 torchvision resnet18; SGD lr 0.1, momentum 0.9, weight decay 5e-4; batch 64 per process; 1 loader
@@ -13,7 +14,8 @@ train:      the project (torchrun launch.py) and bench/plain_ddp.py, alternately
 accuracy:   both sides at identical settings (the project with weight decay on every parameter, as the
             plain loop; no warmup) for --seeds seeds: mean, spread and standard deviation of the final
             val_acc and val_loss, and the difference of the means. --setting reference (the workload
-            above) or long (10 epochs, cosine per step).
+            above) or long (10 epochs, cosine per step). --sides runs one side only; --plain-options
+            gives the plain loop the project's sample order and/or decoder (see bench/plain_ddp.py).
 parity:     the two sides made to compute the same thing (no augmentation, the project's sample order
             and decode path in the plain loop, weight decay on every parameter, no warmup), then one
             difference put back at a time: the train-loss curves (rank 0's running mean, every step)
@@ -110,22 +112,29 @@ def _describe(values: list[float]) -> str:
     return f"mean {statistics.mean(values):.4f} sd {sd:.4f} range {min(values):.4f}..{max(values):.4f}"
 
 
-def bench_accuracy(data: Path, seeds: int, setting: str, work: Path) -> None:
+def bench_accuracy(data: Path, seeds: int, setting: str, work: Path, plain_options: tuple[str, ...] = (),
+                   sides: tuple[str, ...] = ("project", "plain")) -> None:
     epochs, sched = SETTINGS[setting]
     same = ("optim.norm_weight_decay=5e-4", f"train.epochs={epochs}", f"sched.name={sched}",
             "sched.warmup_epochs=0", "data.drop_last=false")
     results: dict[str, list[dict]] = {"project": [], "plain": []}
+    if plain_options:
+        print(f"accuracy {setting}: plain loop with {' '.join(plain_options)}")
     for seed in range(seeds):
-        for name in ("project", "plain"):
+        for name in sides:
             out = work / f"acc-{name}-{seed}"
             r = (run_project(data, out, (*same, f"seed={seed}")) if name == "project"
-                 else run_plain(data, out, epochs, seed, sched))
+                 else run_plain(data, out, epochs, seed, sched, plain_options))
             results[name].append(r)
             print(f"accuracy {setting} seed {seed} {name:>7}: val_acc {r['val_acc']:.4f} val_loss {r['val_loss']:.4f}",
                   flush=True)
     for key in ("val_acc", "val_loss"):
         p = [r[key] for r in results["project"]]
         q = [r[key] for r in results["plain"]]
+        if not (p and q):
+            print(f"accuracy {setting} {key} over {seeds} seeds: " + "; ".join(
+                f"{side} {_describe([r[key] for r in results[side]])}" for side in sides))
+            continue
         print(f"accuracy {setting} {key} over {seeds} seeds: project {_describe(p)}; plain loop {_describe(q)}; "
               f"difference of means {statistics.mean(p) - statistics.mean(q):+.4f}")
 
@@ -296,6 +305,9 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT / "bench" / ".data" / "reference"))
     p.add_argument("--seeds", type=int, default=5, help="accuracy: seeds per side")
     p.add_argument("--setting", choices=sorted(SETTINGS), default="reference", help="accuracy: the workload")
+    p.add_argument("--plain-options", default="", help="accuracy: options for bench/plain_ddp.py, e.g. "
+                   "'--order project --decode tensor' (the project's sample order and decoder)")
+    p.add_argument("--sides", default="project,plain", help="accuracy: which sides to run")
     args = p.parse_args()
     import platform
 
@@ -314,7 +326,8 @@ def main() -> None:
         if "train" in what:
             bench_train(data, args.repeats, work)
         if "accuracy" in what:
-            bench_accuracy(data, args.seeds, args.setting, work)
+            bench_accuracy(data, args.seeds, args.setting, work, tuple(args.plain_options.split()),
+                           tuple(args.sides.split(",")))
         if "parity" in what:
             bench_parity(data, work)
 
