@@ -144,7 +144,8 @@ ALIGNED_PROJECT = ("data.augment=[]", "optim.norm_weight_decay=5e-4", "sched.war
 ALIGNED_PLAIN = ("--order", "project", "--augment", "none", "--decode", "tensor")
 # one difference each: (name, project overrides added, plain options replaced)
 PARITY_VARIANTS = (
-    ("decode: PIL + ToTensor + Normalize in the plain loop", (), ("--decode", "pil")),
+    ("decode: PIL + ToTensor + Normalize in the plain loop (same pixels, normalised with other rounding)", (),
+     ("--decode", "pil")),
     ("data order: DistributedSampler in the plain loop", (), ("--order", "sampler")),
     ("augmentation: random flip on both sides (different random streams)", ("data.augment=[flip]",),
      ("--augment", "flip")),
@@ -183,8 +184,25 @@ def _weights_gap(project_out: Path, plain_out: Path) -> str:
     return f"final weights: {len(differ)} of {len(mine)} tensors differ, max |difference| {gap:.3g}"
 
 
+def _same_pixels(data: Path) -> str:
+    """Do PIL and torchvision.io decode the training JPEGs to the same pixels?"""
+    import numpy as np
+    import torch
+    import torchvision.io as tio
+    from PIL import Image
+
+    files = sorted((data / "train").glob("*/*.jpg"))
+    same = 0
+    for f in files:
+        with Image.open(f) as im:
+            a = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        same += torch.equal(a, tio.decode_image(tio.read_file(str(f)), tio.ImageReadMode.RGB))
+    return f"PIL and torchvision.io decode {same} of {len(files)} training files to the same pixels"
+
+
 def bench_parity(data: Path, work: Path) -> None:
     steps = 2560 // 128
+    print(f"parity decode check: {_same_pixels(data)}", flush=True)
 
     def project(name: str, extra: tuple[str, ...]) -> dict:
         r = run_project(data, work / name, (*ALIGNED_PROJECT, *extra))
