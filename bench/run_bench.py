@@ -126,8 +126,8 @@ def bench_accuracy(data: Path, seeds: int, setting: str, work: Path, plain_optio
             r = (run_project(data, out, (*same, f"seed={seed}")) if name == "project"
                  else run_plain(data, out, epochs, seed, sched, plain_options))
             results[name].append(r)
-            print(f"accuracy {setting} seed {seed} {name:>7}: val_acc {r['val_acc']:.4f} val_loss {r['val_loss']:.4f}",
-                  flush=True)
+            print(f"accuracy {setting} seed {seed} {name:>7}: val_acc {r['val_acc']:.4f} val_loss {r['val_loss']:.4f}"
+                  f" ({r['images_per_s']:.1f} img/s train phase, wall {r['wall_s']:.0f} s)", flush=True)
     for key in ("val_acc", "val_loss"):
         p = [r[key] for r in results["project"]]
         q = [r[key] for r in results["plain"]]
