@@ -2,7 +2,7 @@
 
     python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy,parity] [--data DIR]
                               [--seeds 5] [--setting reference|long] [--sides project,plain]
-                              [--plain-options '--order project --decode tensor']
+                              [--plain-options '--order project --decode tensor'] [--project-options '...']
 
 Reference workload: 10 classes of 64x64 JPEG images (quality 90), 256 train + 64 val per class;
 torchvision resnet18; SGD lr 0.1, momentum 0.9, weight decay 5e-4; batch 64 per process; 1 loader
@@ -15,7 +15,8 @@ accuracy:   both sides at identical settings (the project with weight decay on e
             plain loop; no warmup) for --seeds seeds: mean, spread and standard deviation of the final
             val_acc and val_loss, and the difference of the means. --setting reference (the workload
             above) or long (10 epochs, cosine per step). --sides runs one side only; --plain-options
-            gives the plain loop the project's sample order and/or decoder (see bench/plain_ddp.py).
+            gives the plain loop the project's sample order and/or decoder (see bench/plain_ddp.py);
+            --project-options adds project overrides (to measure one of its defaults).
 parity:     the two sides made to compute the same thing (no augmentation, the project's sample order
             and decode path in the plain loop, weight decay on every parameter, no warmup), then one
             difference put back at a time: the train-loss curves (rank 0's running mean, every step)
@@ -113,13 +114,15 @@ def _describe(values: list[float]) -> str:
 
 
 def bench_accuracy(data: Path, seeds: int, setting: str, work: Path, plain_options: tuple[str, ...] = (),
-                   sides: tuple[str, ...] = ("project", "plain")) -> None:
+                   sides: tuple[str, ...] = ("project", "plain"), project_options: tuple[str, ...] = ()) -> None:
     epochs, sched = SETTINGS[setting]
     same = ("optim.norm_weight_decay=5e-4", f"train.epochs={epochs}", f"sched.name={sched}",
-            "sched.warmup_epochs=0", "data.drop_last=false")
+            "sched.warmup_epochs=0", "data.drop_last=false", *project_options)
     results: dict[str, list[dict]] = {"project": [], "plain": []}
     if plain_options:
         print(f"accuracy {setting}: plain loop with {' '.join(plain_options)}")
+    if project_options:
+        print(f"accuracy {setting}: project with {' '.join(project_options)}")
     for seed in range(seeds):
         for name in sides:
             out = work / f"acc-{name}-{seed}"
@@ -326,6 +329,8 @@ def main() -> None:
     p.add_argument("--plain-options", default="", help="accuracy: options for bench/plain_ddp.py, e.g. "
                    "'--order project --decode tensor' (the project's sample order and decoder)")
     p.add_argument("--sides", default="project,plain", help="accuracy: which sides to run")
+    p.add_argument("--project-options", default="", help="accuracy: overrides added to the project's, e.g. "
+                   "'optim.norm_weight_decay=null sched.warmup_epochs=0.5' (its defaults)")
     args = p.parse_args()
     import platform
 
@@ -345,7 +350,7 @@ def main() -> None:
             bench_train(data, args.repeats, work)
         if "accuracy" in what:
             bench_accuracy(data, args.seeds, args.setting, work, tuple(args.plain_options.split()),
-                           tuple(args.sides.split(",")))
+                           tuple(args.sides.split(",")), tuple(args.project_options.split()))
         if "parity" in what:
             bench_parity(data, work)
 
