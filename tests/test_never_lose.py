@@ -84,8 +84,9 @@ def test_resume_path_to_a_non_checkpoint_is_a_clear_error(demo_small, tmp_path):
 def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_holder(demo_small, tmp_path):
     out = tmp_path / "run"
     args = resume_args(demo_small, out)
-    first = subprocess.Popen([PY, str(ROOT / "launch.py"), *args], env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # 30 steps x 0.5 s: the first run must outlast the second's start-up (torch import) on a loaded machine
+    first = subprocess.Popen([PY, str(ROOT / "launch.py"), *args], env=env(SLOW_MODEL_SLEEP="0.5"), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(lambda: (out / "train.log").exists(), proc=first)
     second = launch(0, *args, timeout=120, env=env())
     assert second.returncode == 2, second.stderr
