@@ -267,11 +267,20 @@ def test_async_save_into_a_folder_made_unwritable_fails_the_run(require_root, de
     before = torch.load(ck / "last.pt", weights_only=True)
     subprocess.run(["mount", "--bind", str(ck), str(ck)], check=True)
     try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(ck)], check=True)
+        # The kernel refuses a read-only remount (EBUSY) while a file is open for writing through
+        # the new bind mount, which the saver may be doing at that instant: try again until the
+        # write in flight has closed.
+        for _ in range(200):
+            if subprocess.run(["mount", "-o", "remount,ro,bind", str(ck)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError(f"could not make {ck} read-only for 4 s")
         rc = proc.wait(120)
         err = proc.stderr.read()
     finally:
-        subprocess.run(["umount", str(ck)], check=False)
+        if subprocess.run(["umount", str(ck)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(ck)], check=False)
     assert rc != 0
     lines = [l for l in err.splitlines() if "error:" in l and l.startswith("[rank")]
     assert len(lines) == 1 and "checkpoint write to" in lines[0] and str(ck) in lines[0], err[-3000:]
