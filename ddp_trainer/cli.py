@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .errors import EXIT_FAILURE, EXIT_OK, UserError, one_line
+from .errors import EXIT_FAILURE, EXIT_OK, CollectiveFailed, UserError, one_line
 
 if TYPE_CHECKING:
     from .preempt import StopRequest
@@ -48,13 +48,20 @@ def _report(exc: BaseException, rank: int, show_traceback: bool) -> int:
     return EXIT_FAILURE
 
 
+# torch.distributed's own error types (a store or network failure); named, not imported, because
+# this module runs before torch is loaded
+_TORCH_DIST_ERRORS = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
+
+
 def _peer_lost(exc: BaseException) -> bool:
-    """A collective failed because a peer went away (gloo/nccl connection errors, store timeouts)."""
-    names = {type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None}
-    text = str(exc)
-    return bool(names & {"DistBackendError", "DistNetworkError", "DistStoreError"}) or any(
-        k in text for k in ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
-                            "connectFullMesh", "Socket Timeout", "NCCL communicator was aborted"))
+    """A collective failed because a peer went away: told by the exception's type (a collective
+    of ours, or torch.distributed's error family), never by its message."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if e is None:
+            continue
+        if isinstance(e, CollectiveFailed) or {c.__name__ for c in type(e).__mro__} & _TORCH_DIST_ERRORS:
+            return True
+    return False
 
 
 def guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace, rank: int = 0) -> int:

@@ -2,6 +2,11 @@
 
 :class:`Dist` is the one object the rest of the code asks about ranks. With one process its
 collectives are no-ops, so the training loop never asks which mode it is in.
+
+Every collective goes through :meth:`Dist._run`, which turns a failure into
+:class:`~ddp_trainer.errors.CollectiveFailed` naming the operation and how long it waited; the
+gradient all-reduce inside DDP's backward reports through :class:`GradientSyncWatch`. Errors are
+classified by those types, never by the text torch put in them.
 """
 from __future__ import annotations
 
@@ -9,21 +14,24 @@ import contextlib
 import datetime
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as tdist
+from torch import nn
 
+from . import compat
 from .env import LaunchEnv
-from .errors import PeerTimeout, UserError
+from .errors import CollectiveFailed, PeerLost, PeerTimeout, UserError
 from .preempt import doing
 
 log = logging.getLogger("ddp_trainer")
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Dist:
     """The launch environment plus the live process group (when there is one)."""
 
@@ -33,6 +41,8 @@ class Dist:
     cpu_group: Any = None  # a gloo group for host-side flags (None: the default group is gloo already)
     timeout_s: float = 300.0  # the collectives' timeout once training runs (dist.timeout_s)
     init_timeout_s: float = 300.0  # the timeout until end_preparation() (dist.init_timeout_s)
+    lowered: bool = False  # end_preparation() has lowered the timeout to timeout_s
+    gradient_watch: "GradientSyncWatch" = field(default_factory=lambda: GradientSyncWatch())
 
     @property
     def rank(self) -> int:
@@ -50,6 +60,11 @@ class Dist:
     def active(self) -> bool:
         return self.backend is not None
 
+    @property
+    def timeout_now(self) -> float:
+        """The timeout the collectives run under at this moment."""
+        return self.timeout_s if self.lowered else self.init_timeout_s
+
     # -- preparation: long waits, then the training timeout ------------------------------------
 
     @contextlib.contextmanager
@@ -60,9 +75,9 @@ class Dist:
         try:
             with doing(f"waiting for {what}"):
                 yield
-        except Exception as exc:  # noqa: BLE001 - only timeouts are translated, everything else re-raised
-            if not (self.active and _is_timeout(exc)):
-                raise
+        except CollectiveFailed as exc:
+            if not exc.timed_out:
+                raise _lost(exc, f"while waiting for {what}") from None
             raise PeerTimeout(f"gave up after waiting {self.init_timeout_s:g} s for {what} "
                               f"(dist.init_timeout_s={self.init_timeout_s:g}); if that step is just slow, raise "
                               f"dist.init_timeout_s, else look for the rank that stopped") from None
@@ -71,37 +86,55 @@ class Dist:
     def training(self) -> Iterator[None]:
         """Around the training loop: a collective that times out (a peer stalled, hung, was stopped,
         or its host became unreachable) reads as which rank did not answer within which setting,
-        not as gloo/nccl's text."""
+        not as gloo/nccl's text; one that failed sooner reads as lost contact."""
         try:
             yield
-        except Exception as exc:  # noqa: BLE001 - only timeouts are translated, everything else re-raised
-            if not (self.active and _is_timeout(exc)):
-                raise
+        except CollectiveFailed as exc:
+            if not exc.timed_out:
+                raise _lost(exc, "during training") from None
             who = f"rank {1 - self.rank}" if self.world_size == 2 else "another rank"
-            raise PeerTimeout(f"{who} did not answer within dist.timeout_s={self.timeout_s:g} s (it stalled, "
+            setting = "dist.timeout_s" if self.lowered else "dist.init_timeout_s"
+            raise PeerTimeout(f"{who} did not answer within {setting}={exc.timeout_s:g} s (it stalled, "
                               f"hangs, was stopped, or its host became unreachable); find what stopped it, or "
-                              f"raise dist.timeout_s if a step can take that long") from None
+                              f"raise {setting} if a step can take that long") from None
 
     def end_preparation(self) -> None:
-        """Lower the collectives' timeout from ``init_timeout_s`` to ``timeout_s`` (after the first
-        optimizer step: from then on a long wait means a stalled or dead peer)."""
+        """Lower the collectives' timeout from ``init_timeout_s`` to ``timeout_s``, on every rank
+        together (after the first optimizer step: from then on a long wait means a stalled or dead
+        peer). The ranks first meet under the long timeout, so a rank still compiling or warming up
+        is not held to the short one by a faster rank."""
+        if self.lowered:
+            return
         if self.active and self.init_timeout_s != self.timeout_s:
+            self.barrier()
             timeout = datetime.timedelta(seconds=self.timeout_s)
-            tdist.set_timeout(timeout)
+            compat.set_group_timeout(timeout)
             if self.cpu_group is not None:
-                tdist.set_timeout(timeout, self.cpu_group)
+                compat.set_group_timeout(timeout, self.cpu_group)
             log.info("dist: collective timeout lowered to dist.timeout_s=%g s after the first step", self.timeout_s)
+        self.lowered = True
 
     # -- collectives; no-ops without a process group ------------------------------------------
 
+    def _run(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one collective; a failure becomes :class:`CollectiveFailed` (what, how long it waited)."""
+        t0 = time.monotonic()
+        try:
+            return fn()
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # torch's DistError family included
+            raise CollectiveFailed(what, time.monotonic() - t0, self.timeout_now, exc) from exc
+
     def barrier(self) -> None:
+        """Every rank reaches this point (on the CPU group: no device work)."""
         if self.active:
-            tdist.barrier()
+            self._run("a barrier", lambda: tdist.barrier(group=self.cpu_group))
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over ranks in place (on its own device) and return it."""
         if self.active:
-            tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+            self._run("an all-reduce", lambda: tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM))
         return tensor
 
     def max_int(self, value: int) -> int:
@@ -109,22 +142,28 @@ class Dist:
         if not self.active:
             return value
         t = torch.tensor([value], dtype=torch.int64)
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.cpu_group)
+        self._run("an all-reduce", lambda: tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.cpu_group))
         return int(t.item())
+
+    def broadcast_buffers(self, module: nn.Module) -> None:
+        """Give every rank rank 0's buffers of ``module`` (BatchNorm statistics)."""
+        if self.active:
+            for buf in module.buffers():
+                self._run("a broadcast", lambda: tdist.broadcast(buf, 0))
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` on every rank (pickled; tensors travel on the CPU)."""
         if not self.active:
             return obj
         box = [obj if self.rank == src else None]
-        tdist.broadcast_object_list(box, src=src, device=self._object_device())
+        self._run("a broadcast", lambda: tdist.broadcast_object_list(box, src=src, device=self._object_device()))
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         if not self.active:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        tdist.all_gather_object(out, obj)
+        self._run("an all-gather", lambda: tdist.all_gather_object(out, obj))
         return out
 
     def _object_device(self) -> torch.device | None:
@@ -172,16 +211,55 @@ class Dist:
         return value
 
 
+def _lost(exc: CollectiveFailed, when: str) -> PeerLost:
+    return PeerLost(f"lost contact with another rank {when} (its process or host died, or the network "
+                    f"failed): {exc.what} failed after {exc.waited_s:.1f} s ({exc.detail})")
+
+
+class GradientSyncWatch:
+    """DDP's gradient all-reduce, run by a communication hook that records a failure.
+
+    The all-reduce runs inside ``backward()``, where a failed one surfaces as a plain RuntimeError
+    indistinguishable from any other error of the backward pass; the hook (the same arithmetic as
+    torch's default ``allreduce_hook``, which DDP documents as equal to no hook) notes that the
+    all-reduce itself failed and how long it waited, so the caller can raise
+    :class:`CollectiveFailed` (:meth:`check`)."""
+
+    def __init__(self) -> None:
+        self.waited_s: float | None = None
+
+    # no annotations: DDP compares the hook's annotations with torch's classes, and this module's
+    # annotations are strings (from __future__ import annotations)
+    def hook(self, group, bucket):  # type: ignore[no-untyped-def]
+        """(process group or None, GradBucket) -> Future of the averaged bucket."""
+        group = group if group is not None else tdist.group.WORLD
+        tensor = bucket.buffer()
+        tensor.div_(group.size())
+        t0 = time.monotonic()
+
+        def done(fut: torch.futures.Future) -> torch.Tensor:
+            try:
+                return fut.value()[0]
+            except Exception:
+                self.waited_s = time.monotonic() - t0
+                raise
+
+        return tdist.all_reduce(tensor, group=group, async_op=True).get_future().then(done)
+
+    def attach(self, ddp_model: nn.Module) -> None:
+        ddp_model.register_comm_hook(None, self.hook)
+
+    def check(self, exc: BaseException, timeout_s: float) -> None:
+        """Raise :class:`CollectiveFailed` from ``exc`` when the gradient all-reduce failed."""
+        if self.waited_s is not None:
+            raise CollectiveFailed("the gradient all-reduce", self.waited_s, timeout_s, exc) from exc
+
+
 def pick_device(env: LaunchEnv, use_cuda: bool) -> torch.device:
     """The device of this process: its local rank's GPU, or the CPU."""
     if use_cuda:
         return torch.device("cuda", env.local_rank % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "timed out" in text or "timeout" in text or type(exc).__name__ == "DistStoreError"
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ class Engine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, normalize: nn.Module,
                  device: torch.device, precision: str = "fp32", clip_grad_norm: float | None = None,
                  channels_last: bool = False, scaler: torch.amp.GradScaler | None = None,
-                 label_smoothing: float = 0.0, mixer: Any = None) -> None:
+                 label_smoothing: float = 0.0, mixer: Any = None, dist: Dist | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.normalize = normalize
@@ -59,6 +59,7 @@ class Engine:
         self.clip = clip_grad_norm
         self.label_smoothing = label_smoothing  # the training loss only (evaluate() uses plain cross-entropy)
         self.mixer = mixer  # mixing.BatchMixer: mixed images and soft targets (None: plain labels)
+        self.dist = dist  # its gradient watch names a failed gradient all-reduce (None: no process group)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         dtype = AUTOCAST_DTYPES.get(precision)
         self.autocast: Callable[[], Any] = (
@@ -109,7 +110,12 @@ class Engine:
                         logits = self.model(images)
                     losses = F.cross_entropy(logits.float(), targets, reduction="none",
                                              label_smoothing=self.label_smoothing)
-                    self.scaler.scale((losses * weights).sum()).backward()
+                    try:
+                        self.scaler.scale((losses * weights).sum()).backward()
+                    except RuntimeError as exc:
+                        if m == last and self.dist is not None:  # DDP's gradient all-reduce ran in there
+                            self.dist.gradient_watch.check(exc, self.dist.timeout_now)
+                        raise
                 real = weights > 0
                 finite &= torch.isfinite(losses.detach()).all()
                 self.running.loss_sum += (losses.detach() * real).sum()

@@ -42,6 +42,31 @@ class PeerTimeout(UserError):
     exit_code = EXIT_FAILURE
 
 
+class PeerLost(UserError):
+    """A collective failed before its timeout: a peer's process or host died, or the network broke."""
+
+    exit_code = EXIT_FAILURE
+
+
+class CollectiveFailed(RuntimeError):
+    """A collective with the other ranks failed. Raised where the collective was issued, which is
+    the only place that knows what it was and how long it waited: torch reports a peer that never
+    answered and a peer that died as the same plain RuntimeError, so the two are told apart by the
+    wait (``timed_out``: it lasted about the timeout in force), never by the error's text."""
+
+    TIMEOUT_FRACTION = 0.9  # a wait this close to the timeout in force ended because of it
+
+    def __init__(self, what: str, waited_s: float, timeout_s: float, cause: BaseException) -> None:
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        super().__init__(f"{what} failed after {waited_s:.1f} s: {first[:300]}")
+        self.what, self.waited_s, self.timeout_s = what, waited_s, timeout_s
+        self.detail = first[:300]
+
+    @property
+    def timed_out(self) -> bool:
+        return self.waited_s >= self.TIMEOUT_FRACTION * self.timeout_s
+
+
 class NonFiniteLoss(UserError):
     """The training loss became nan/inf (train.stop_on_nonfinite); the message names the step."""
 

@@ -6,7 +6,7 @@ process over all visible GPUs), ``single`` (one process, one device).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -72,13 +72,17 @@ def prepare(model: nn.Module, decision: ModeDecision, *, sync_batchnorm: bool, c
     return model
 
 
-def wrap(model: nn.Module, decision: ModeDecision, device: torch.device) -> nn.Module:
-    """Wrap an (already placed) model for its mode."""
+def wrap(model: nn.Module, decision: ModeDecision, device: torch.device, watch: Any = None) -> nn.Module:
+    """Wrap an (already placed) model for its mode. ``watch``: a GradientSyncWatch whose hook runs
+    DDP's gradient all-reduce (so that a failed one is recognised as such)."""
     if decision.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        ddp = DDP(model, device_ids=ids)
+        if watch is not None:
+            watch.attach(ddp)
+        return ddp
     if decision.mode == "dp":
         return nn.DataParallel(model)
     return model

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 
 from . import config as config_mod
@@ -137,7 +136,6 @@ class Trainer:
         self.components = StateRegistry()
         self.stop = stop or StopRequest([])
         self._stop_name = ""  # the signal the ranks agreed on
-        self._preparing = True  # collectives use dist.init_timeout_s until the first optimizer step
         self._epoch_complete = False  # what the next save records
         self.loaders = LoaderOwner(before_fork=self._before_worker_fork)
         self._resuming: Loaded | None = None  # the checkpoint being restored, during build()
@@ -212,7 +210,7 @@ class Trainer:
             self._resuming = None
             if resume.rng is None or len(resume.rng) != dist.world_size:
                 torch.manual_seed(cfg.seed + 1000 * dist.rank + self.state.step)
-        model = wrap(model, self.decision, self.device)
+        model = wrap(model, self.decision, self.device, dist.gradient_watch)
         if cfg.train.compile:
             model = torch.compile(model)
         self.model = model
@@ -229,7 +227,7 @@ class Trainer:
         self.val_loader = make_eval_loader(self.val_set, cfg.data, dist, self.device, worker_init_fn=init_fn)
         self.engine = Engine(model, self.optimizer, self.normalize, self.device, cfg.train.precision,
                              cfg.train.clip_grad_norm, cfg.train.channels_last, self.scaler,
-                             label_smoothing=cfg.train.label_smoothing, mixer=self._mixer())
+                             label_smoothing=cfg.train.label_smoothing, mixer=self._mixer(), dist=dist)
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.ckpt_dir, dist, self.components, cfg.train.epochs)
         self.metrics = MetricsFile(self.out / "metrics.jsonl") if dist.is_main else None
         show_bar = {"on": dist.is_main, "off": False}.get(cfg.log.progress, use_progress_bar(dist.is_main))
@@ -437,12 +435,6 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def _broadcast_buffers(self, model: nn.Module | None = None) -> None:
-        """Give every rank rank 0's BatchNorm statistics, so that validation matches the checkpoint."""
-        if self.dist.active:
-            for buf in (model if model is not None else unwrap(self.model)).buffers():
-                tdist.broadcast(buf, 0)
-
     def close(self) -> None:
         """Stop the loader workers now (see :class:`LoaderOwner`); let go of held log records and of
         output_dir's lock (the process's end releases it too)."""
@@ -464,7 +456,7 @@ class Trainer:
         """Exact validation of the model (or ``model``: the EMA)."""
         model = model if model is not None else unwrap(self.model)
         batches = self.loaders.iterate(self.val_loader)
-        self._broadcast_buffers(model)
+        self.dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics, as the checkpoint holds them
         return evaluate(model, batches, self.normalize, self.device, self.dist,
                         self.num_classes, len(self.val_set), self.cfg.train.precision)
 
@@ -536,9 +528,8 @@ class Trainer:
                 state.step += 1
                 if self.ema is not None:
                     self.ema.update(unwrap(self.model))
-                if self._preparing:
+                if not dist.lowered:
                     dist.end_preparation()
-                    self._preparing = False
                 state.position = done.consumed
                 lr = done.lr
                 if state.step % cfg.train.log_every_steps == 0:

@@ -1,0 +1,31 @@
+"""Differences between the torch releases the project supports, each behind one function.
+
+The project is tested on torch 2.11 (Python 3.12) and 2.14 (Python 3.11). When a newer public API
+is missing on an older release, the older release's own function is used; a test fails loudly
+when neither exists (``tests/test_compat.py``).
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Any, Callable
+
+import torch.distributed as tdist
+from torch.distributed import distributed_c10d
+
+
+def group_timeout_setter() -> Callable[..., None]:
+    """torch >= 2.14: ``torch.distributed.set_timeout``; older: ``distributed_c10d._set_pg_timeout``
+    (the same operation under its earlier, private name; torchtitan falls back the same way)."""
+    public = getattr(tdist, "set_timeout", None)
+    if public is not None:
+        return public
+    private = getattr(distributed_c10d, "_set_pg_timeout", None)
+    if private is None:
+        raise RuntimeError(f"this torch ({getattr(tdist, '__file__', '?')}) has neither torch.distributed.set_timeout "
+                           f"nor distributed_c10d._set_pg_timeout; the supported releases have one of them")
+    return private
+
+
+def set_group_timeout(timeout: datetime.timedelta, group: Any = None) -> None:
+    """Set the timeout of the process group ``group`` (default: the default group) from now on."""
+    group_timeout_setter()(timeout, group)
