@@ -15,6 +15,8 @@ from ddp_trainer.distributed import Dist
 from ddp_trainer.env import LaunchEnv
 from ddp_trainer.errors import CollectiveFailed, PeerLost, PeerTimeout
 
+pytestmark = pytest.mark.stacks
+
 HELPERS = ROOT / "tests" / "helpers"
 
 

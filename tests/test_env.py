@@ -4,6 +4,8 @@ import pytest
 from ddp_trainer.env import LaunchEnv, expand_nodelist, resolve
 from ddp_trainer.errors import ConfigError
 
+pytestmark = pytest.mark.stacks
+
 
 def test_single_process_default():
     assert resolve({}) == LaunchEnv()

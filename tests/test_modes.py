@@ -95,6 +95,7 @@ def test_user_dp_request_without_gpus_stays_an_error(small_args):
     assert res.returncode == 2 and "needs CUDA GPUs" in res.stderr
 
 
+@pytest.mark.stacks
 def test_debug_mode_is_short_and_leaves_the_real_run_alone(small_args, tmp_path: Path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

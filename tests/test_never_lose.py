@@ -130,6 +130,7 @@ def _state(pid: int) -> str:
         return "Z"
 
 
+@pytest.mark.stacks
 def test_a_stalled_peer_is_named_with_the_timeout_setting(demo_small: Path, tmp_path: Path):
     out = tmp_path / "run"
     from test_resume import steps_logged

@@ -54,6 +54,7 @@ def sbatch(script: str, log: Path, args: list[str], env: dict, wait: bool = True
                           capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
 
 
+@pytest.mark.stacks
 def test_every_sbatch_script_runs_to_completion(slurm, demo_small: Path, tmp_path: Path):
     env = _env(tmp_path, SLOW_MODEL_SLEEP="0")
     results = {}

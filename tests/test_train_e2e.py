@@ -11,6 +11,8 @@ from PIL import Image
 from conftest import PY, ROOT, TORCHRUN, launch, metrics, our_lines, run
 from ddp_trainer.demo_data import CLASSES, write_demo_data
 
+pytestmark = pytest.mark.stacks
+
 REQUIRED = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"}
 
 
