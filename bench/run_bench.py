@@ -44,7 +44,7 @@ PY = sys.executable
 
 
 def make_reference_data(root: Path) -> Path:
-    from ddp_trainer.demo_data import CLASSES, draw
+    from ddp_trainer.data.demo import CLASSES, draw
 
     if (root / "COMPLETE").exists():
         return root
@@ -258,11 +258,11 @@ def bench_loader(data: Path, work: Path) -> None:
     import torchvision
     from torchvision import transforms
 
-    from ddp_trainer import decoded_cache
-    from ddp_trainer.data import FolderDataset
-    from ddp_trainer.folder_index import scan
-    from ddp_trainer.samplers import SampleKey
-    from ddp_trainer.transforms import ImageTransform
+    from ddp_trainer.data import decoded_cache
+    from ddp_trainer.data.datasets import FolderDataset
+    from ddp_trainer.data.folder_index import scan
+    from ddp_trainer.data.samplers import SampleKey
+    from ddp_trainer.data.transforms import ImageTransform
 
     torch.set_num_threads(1)
     idx = scan(data / "train")
@@ -296,7 +296,7 @@ def bench_checkpoint(work: Path) -> None:
     import torch
     import torchvision
 
-    from ddp_trainer.checkpoint import AsyncCheckpointWriter, CheckpointWriter
+    from ddp_trainer.checkpoint.reader import AsyncCheckpointWriter, CheckpointWriter
 
     torch.set_num_threads(2)
     for name in ("resnet18", "resnet50"):

@@ -96,7 +96,7 @@ def env() -> dict[str, str]:
 
 def bench_scan(root: Path) -> None:
     from ddp_trainer.config import load
-    from ddp_trainer.data import scan_splits
+    from ddp_trainer.data.datasets import scan_splits
 
     cfg = load(None, [f"data.root={root}"])
     t0 = time.monotonic()
@@ -111,9 +111,9 @@ import os, sys, time, pickle
 sys.path.insert(0, os.environ["PYTHONPATH"])
 import torch
 from ddp_trainer.config import load
-from ddp_trainer.data import scan_splits
-from ddp_trainer.distributed import process_group
-from ddp_trainer.env import resolve
+from ddp_trainer.data.datasets import scan_splits
+from ddp_trainer.launch.dist import process_group
+from ddp_trainer.launch.environment import resolve
 from pathlib import Path
 env = resolve(os.environ)
 with process_group(env, "gloo", torch.device("cpu"), 600.0) as dist:
@@ -142,7 +142,7 @@ def bench_plan(n: int = 1_281_167) -> None:
     import resource
     import tracemalloc
 
-    from ddp_trainer.samplers import EpochPlan
+    from ddp_trainer.data.samplers import EpochPlan
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
@@ -164,7 +164,7 @@ def bench_plan(n: int = 1_281_167) -> None:
 
 
 def _timed_digests(index, share: int, shares: int):  # type: ignore[no-untyped-def]
-    from ddp_trainer.decoded_cache import file_digests
+    from ddp_trainer.data.decoded_cache import file_digests
 
     t0 = time.monotonic()
     return file_digests(index, share, shares), time.monotonic() - t0
@@ -173,8 +173,8 @@ def _timed_digests(index, share: int, shares: int):  # type: ignore[no-untyped-d
 def bench_cache_key(root: Path) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
-    from ddp_trainer.decoded_cache import cache_key, combine_key
-    from ddp_trainer.folder_index import scan
+    from ddp_trainer.data.decoded_cache import cache_key, combine_key
+    from ddp_trainer.data.folder_index import scan
 
     index = scan(root / "train")
     t0 = time.monotonic()

@@ -16,7 +16,7 @@ import torch
 
 from .errors import DataError, EXIT_OK, EXIT_USER_ERROR, show_path
 from .fsutil import human_bytes
-from .folder_index import FolderIndex
+from .data.folder_index import FolderIndex
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,8 +47,8 @@ def _per_class(index: FolderIndex) -> list[str]:
 
 
 def _cache_lines(splits, cfg) -> list[str]:  # type: ignore[no-untyped-def]
-    from . import decoded_cache
-    from .demo_data import cache_root
+    from .data import decoded_cache
+    from .data.demo import cache_root
 
     folder = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else cache_root() / "decoded"
     parts = [("train", splits.train, cfg.data.train_cache_size, None),
@@ -74,7 +74,7 @@ def _cache_lines(splits, cfg) -> list[str]:  # type: ignore[no-untyped-def]
 
 def _verify(index: FolderIndex, workers: int) -> list[tuple[str, str]]:
     """(relative path, reason) of every image of ``index`` that does not decode."""
-    from .transforms import load_rgb
+    from .data.transforms import load_rgb
 
     class Probe(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -93,12 +93,12 @@ def _verify(index: FolderIndex, workers: int) -> list[tuple[str, str]]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from . import config as config_mod
-    from .data import resolve_root, scan_splits
-    from .distributed import Dist
-    from .env import LaunchEnv
+    from .data.datasets import resolve_root, scan_splits
+    from .launch.dist import Dist
+    from .launch.environment import LaunchEnv
     from .models import build_model, check_model_name
-    from .samplers import EpochPlan
-    from .trainer import check_trainable
+    from .data.samplers import EpochPlan
+    from .train.trainer import check_trainable
 
     t0 = time.monotonic()
     cfg = config_mod.load(args.config, args.overrides)

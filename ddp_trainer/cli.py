@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from .errors import EXIT_FAILURE, EXIT_OK, CollectiveFailed, UserError, one_line
 
 if TYPE_CHECKING:
-    from .preempt import StopRequest
+    from .launch.signals import StopRequest
 
 log = logging.getLogger("ddp_trainer")
 SHARED_ERROR_GRACE_S = 2.0
@@ -110,13 +110,13 @@ def run_training(args: argparse.Namespace, stop: "StopRequest | None" = None) ->
     import torch
 
     from . import config as config_mod
-    from .env import resolve
+    from .launch.environment import resolve
     from .errors import ConfigError
     from .models import check_model_name
-    from .preempt import Preempted, StopRequest, parse_signals
+    from .launch.signals import Preempted, StopRequest, parse_signals
     from .runlog import close_file_logs, setup_logging
-    from .runtime import die_with_parent, launched
-    from .trainer import Trainer
+    from .launch.session import die_with_parent, launched
+    from .train.trainer import Trainer
 
     env = resolve(os.environ)
     if env.source == "torchrun":
@@ -190,7 +190,7 @@ def exit_now(code: int) -> None:
 
 
 def train_main(argv: Sequence[str] | None = None, prog: str = "launch.py") -> int:
-    from .preempt import StopRequest
+    from .launch.signals import StopRequest
 
     stop = StopRequest.early()  # first: a stop signal during the seconds of importing torch is handled too
     args = _train_parser(prog).parse_intermixed_args(argv)  # flags anywhere among the key=value overrides
@@ -201,7 +201,7 @@ def train_main(argv: Sequence[str] | None = None, prog: str = "launch.py") -> in
 # -- subcommands -------------------------------------------------------------------------------------
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from .demo_data import CLASSES, write_demo_data
+    from .data.demo import CLASSES, write_demo_data
 
     out = write_demo_data(args.out, args.train_per_class, args.val_per_class, args.size)
     print(f"wrote {len(CLASSES)} classes x ({args.train_per_class} train + {args.val_per_class} val) images to {out}")
@@ -226,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--size", type=int, default=32)
     d.add_argument("--traceback", action="store_true")
     d.set_defaults(fn=_cmd_demo_data)
-    from . import check, commands
+    from . import check
+    from . import commands
 
     commands.register(sub)
     check.register(sub)

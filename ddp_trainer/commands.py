@@ -94,11 +94,11 @@ def cmd_grid(args: argparse.Namespace) -> int:
     import torch
 
     from . import config as config_mod
-    from .data import FolderDataset, build_splits, eval_transform, train_transform
-    from .distributed import Dist
-    from .env import LaunchEnv
+    from .data.datasets import FolderDataset, build_splits, eval_transform, train_transform
+    from .launch.dist import Dist
+    from .launch.environment import LaunchEnv
     from .pictures import save_grid
-    from .samplers import EpochPlan
+    from .data.samplers import EpochPlan
 
     cfg = config_mod.load(args.config, args.overrides)
     dist = Dist(env=LaunchEnv(), backend=None, device=torch.device("cpu"))
@@ -152,7 +152,7 @@ def summary(loaded: Any) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import read_checkpoint
+    from .checkpoint.reader import read_checkpoint
 
     info = summary(read_checkpoint(args.path, args.trust_checkpoint))
     if args.json:
@@ -171,7 +171,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """A plain state dict that loads with ``strict=True`` into the model (``--model``, else the one the
     file names), or an error; without any model to check against, keys that all still carry one
     leading prefix are refused (they would not load into the bare model)."""
-    from .checkpoint import atomic_save, chosen_weights, common_prefix, fit_prefix, read_checkpoint
+    from .checkpoint.reader import atomic_save, chosen_weights, common_prefix, fit_prefix, read_checkpoint
     from .models import build_model, check_model_name
 
     loaded = read_checkpoint(args.input, args.trust_checkpoint)
@@ -212,12 +212,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from . import config as config_mod
-    from .checkpoint import chosen_weights, load_weights, read_checkpoint
-    from .runtime import launched
-    from .data import FolderDataset, build_splits, eval_transform, make_eval_loader
-    from .engine import evaluate
+    from .checkpoint.reader import chosen_weights, load_weights, read_checkpoint
+    from .launch.session import launched
+    from .data.datasets import FolderDataset, build_splits, eval_transform, make_eval_loader
+    from .train.engine import evaluate
     from .models import build_model
-    from .transforms import Normalize
+    from .data.transforms import Normalize
 
     def body(dist: Any, decision: Any) -> int:
         loaded = dist.main_then_broadcast(lambda: read_checkpoint(args.checkpoint, args.trust_checkpoint))
@@ -253,9 +253,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import chosen_weights, load_weights, read_checkpoint
+    from .checkpoint.reader import chosen_weights, load_weights, read_checkpoint
     from .models import build_model
-    from .transforms import ImageTransform, Normalize, load_rgb
+    from .data.transforms import ImageTransform, Normalize, load_rgb
 
     loaded = read_checkpoint(args.checkpoint, args.trust_checkpoint)
     cfg = loaded.config or {}

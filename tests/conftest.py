@@ -88,7 +88,7 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def demo_small(tmp_path_factory) -> Path:
     """The demo generator's classes, 12 train + 4 val images each, 16x16 pixels."""
-    from ddp_trainer.demo_data import write_demo_data
+    from ddp_trainer.data.demo import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo_small"), train_per_class=12, val_per_class=4, size=16)
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from conftest import PY, ROOT, TORCHRUN, child_env, kill_when, launch, metrics
-from ddp_trainer import decoded_cache
-from ddp_trainer.folder_index import scan
-from ddp_trainer.transforms import ImageTransform, load_rgb
+from ddp_trainer.data import decoded_cache
+from ddp_trainer.data.folder_index import scan
+from ddp_trainer.data.transforms import ImageTransform, load_rgb
 
 
 def _images(path: Path) -> decoded_cache.CachedImages:
@@ -86,8 +86,8 @@ def _write_rgb(root: Path, classes: int, per_class: int, size: int) -> Path:
 def test_random_crops_come_from_a_larger_stored_image(tmp_path: Path):
     data = _write_rgb(tmp_path / "d", 2, 3, 40)
     from ddp_trainer.config import load
-    from ddp_trainer.data import FolderDataset
-    from ddp_trainer.samplers import SampleKey
+    from ddp_trainer.data.datasets import FolderDataset
+    from ddp_trainer.data.samplers import SampleKey
 
     cfg = load(None, ["data.image_size=16", "data.augment=[random_resized_crop]"]).data
     assert cfg.train_cache_size == math.ceil(16 * 1.15) == 19
@@ -102,7 +102,7 @@ def test_random_crops_come_from_a_larger_stored_image(tmp_path: Path):
     for i in range(len(idx)):
         key = SampleKey(i, 2, 1.0)
         # the crop is taken from the stored 19x19 picture (shorter side 19, centre square), then resized to 16
-        gen = torch.Generator().manual_seed(__import__("ddp_trainer.transforms", fromlist=["x"]).sample_seed(1, 2, i))
+        gen = torch.Generator().manual_seed(__import__("ddp_trainer.data.transforms", fromlist=["x"]).sample_seed(1, 2, i))
         expect = transform(ImageTransform(19).fit(load_rgb(idx.path(i))), gen)
         assert torch.equal(cached[key][0], expect)
         assert cached[key][0].shape == (3, 16, 16)

@@ -9,7 +9,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from conftest import PY, launch, metrics, our_lines, run
-from ddp_trainer.checkpoint import CheckpointWriter, atomic_save, load_weights, read_checkpoint
+from ddp_trainer.checkpoint.reader import CheckpointWriter, atomic_save, load_weights, read_checkpoint
 from ddp_trainer.errors import CheckpointError
 from ddp_trainer.models import TinyCNN
 
@@ -171,7 +171,7 @@ def test_predict_names_classes(run_dir: Path, demo_small: Path):
     assert res.returncode == 0, res.stderr
     line = res.stdout.strip()
     assert line.startswith(str(img)) and len(line.split(",")) == 2
-    from ddp_trainer.demo_data import CLASSES
+    from ddp_trainer.data.demo import CLASSES
 
     assert any(c in line for c in CLASSES)
 
@@ -229,7 +229,7 @@ def test_classic_checkpoint_resumes_at_next_epoch_and_optimizer_mismatch_is_skip
 # -- asynchronous saves --------------------------------------------------------------------------------
 
 def test_async_writer_snapshots_and_reports_a_failed_write(tmp_path: Path):
-    from ddp_trainer.checkpoint import AsyncCheckpointWriter
+    from ddp_trainer.checkpoint.reader import AsyncCheckpointWriter
 
     w = AsyncCheckpointWriter(tmp_path / "ck", keep_last=2)
     live = torch.zeros(3)

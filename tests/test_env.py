@@ -1,7 +1,7 @@
 """LaunchEnv resolution from Mappings: torchrun > SLURM srun > single process."""
 import pytest
 
-from ddp_trainer.env import LaunchEnv, expand_nodelist, resolve
+from ddp_trainer.launch.environment import LaunchEnv, expand_nodelist, resolve
 from ddp_trainer.errors import ConfigError
 
 pytestmark = pytest.mark.stacks

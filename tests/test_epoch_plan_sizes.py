@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from ddp_trainer.samplers import EpochPlan, min_micro_batch
+from ddp_trainer.data.samplers import EpochPlan, min_micro_batch
 
 
 def _plans(n, world, batch, accum, drop_last, start=0):

@@ -40,7 +40,7 @@ def test_val_with_other_classes(small_args, demo_small: Path, tmp_path: Path):
 
 
 def test_configured_class_without_folder(small_args, demo_small: Path):
-    from ddp_trainer.demo_data import CLASSES
+    from ddp_trainer.data.demo import CLASSES
 
     names = ",".join(list(CLASSES) + ["zebra"])
     res = launch(0, *small_args, f"data.classes=[{names}]", timeout=120)

@@ -12,11 +12,11 @@ import torchvision
 from torch import nn
 
 from conftest import PY, ROOT, child_env, metrics, run
-from ddp_trainer.checkpoint import load_weights, read_checkpoint
+from ddp_trainer.checkpoint.reader import load_weights, read_checkpoint
 from ddp_trainer.commands import summary
 from ddp_trainer.config import OptimConfig
 from ddp_trainer.errors import CheckpointError
-from ddp_trainer.optim import build_optimizer, carry_over_state
+from ddp_trainer.train.optim import build_optimizer, carry_over_state
 
 CLASSES = 10
 
@@ -186,7 +186,7 @@ def test_foreign_optimizer_state_is_carried_into_our_groups(files, layout, optim
 
 @pytest.fixture(scope="module")
 def data10(tmp_path_factory) -> Path:
-    from ddp_trainer.demo_data import write_demo_data
+    from ddp_trainer.data.demo import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("d10"), train_per_class=4, val_per_class=2, size=16)
 

@@ -8,17 +8,17 @@ import torch.distributed as tdist
 from torch import nn
 
 from conftest import launch
-from ddp_trainer.checkpoint import canonical_state_dict
+from ddp_trainer.checkpoint.reader import canonical_state_dict
 from ddp_trainer.config import load
-from ddp_trainer.distributed import Dist
-from ddp_trainer.engine import Engine
-from ddp_trainer.env import LaunchEnv
+from ddp_trainer.launch.dist import Dist
+from ddp_trainer.train.engine import Engine
+from ddp_trainer.launch.environment import LaunchEnv
 from ddp_trainer.errors import ConfigError
 from ddp_trainer.models import TinyCNN
-from ddp_trainer.parallel import ModeDecision, decide_mode, unwrap, wrap
-from ddp_trainer.samplers import EpochPlan
-from ddp_trainer.trainer import Trainer
-from ddp_trainer.transforms import Normalize
+from ddp_trainer.launch.mode import ModeDecision, decide_mode, unwrap, wrap
+from ddp_trainer.data.samplers import EpochPlan
+from ddp_trainer.train.trainer import Trainer
+from ddp_trainer.data.transforms import Normalize
 
 
 def expected(request, backend, world, local_world, gpus, launched):
@@ -148,7 +148,7 @@ def test_knobs_have_their_effect(tmp_path: Path, demo_small: Path):
 
 
 def test_sync_batchnorm_for_ddp_on_gpus_and_a_clear_error_on_cpu():
-    from ddp_trainer.parallel import prepare
+    from ddp_trainer.launch.mode import prepare
 
     gpu_ddp = ModeDecision("ddp", "nccl", True, 1)
     m = prepare(TinyCNN(10, batchnorm=True), gpu_ddp, sync_batchnorm=True, channels_last=False)

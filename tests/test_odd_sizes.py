@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import child_env, launch, metrics, our_lines
-from ddp_trainer.demo_data import write_demo_data
+from ddp_trainer.data.demo import write_demo_data
 
 
 @pytest.fixture(scope="module")

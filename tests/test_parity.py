@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from ddp_trainer.config import OptimConfig
-from ddp_trainer.optim import parameter_groups
+from ddp_trainer.train.optim import parameter_groups
 
 from conftest import ROOT, TORCHRUN, launch, metrics, run
 
@@ -27,7 +27,7 @@ SEED = 3
 @pytest.fixture(scope="module")
 def odd_data(tmp_path_factory) -> Path:
     """10 classes: 13 train images each but one class with 16 (133 in all), 5 val each, 32x32 px."""
-    from ddp_trainer.demo_data import write_demo_data
+    from ddp_trainer.data.demo import write_demo_data
 
     root = write_demo_data(tmp_path_factory.mktemp("parity"), train_per_class=13, val_per_class=5, size=32)
     first = sorted((root / "train").iterdir())[0]

@@ -9,14 +9,14 @@ from torch import nn
 
 from conftest import PY, ROOT, TORCHRUN, run
 from ddp_trainer.config import OptimConfig, TrainConfig
-from ddp_trainer.distributed import Dist
-from ddp_trainer.engine import Engine, evaluate
-from ddp_trainer.env import LaunchEnv
+from ddp_trainer.launch.dist import Dist
+from ddp_trainer.train.engine import Engine, evaluate
+from ddp_trainer.launch.environment import LaunchEnv
 from ddp_trainer.errors import ConfigError
 from ddp_trainer.models import build_model
-from ddp_trainer.optim import build_optimizer, parameter_groups, scaled_lr
-from ddp_trainer.samplers import EpochPlan
-from ddp_trainer.transforms import Normalize
+from ddp_trainer.train.optim import build_optimizer, parameter_groups, scaled_lr
+from ddp_trainer.data.samplers import EpochPlan
+from ddp_trainer.data.transforms import Normalize
 from test_resume import env
 
 
@@ -114,7 +114,7 @@ def test_val_crop_pct_equals_torchvisions_resize_then_center_crop(mode):
     from torchvision.transforms import v2
 
     from ddp_trainer.config import DataConfig
-    from ddp_trainer.data import eval_transform
+    from ddp_trainer.data.datasets import eval_transform
 
     g = torch.Generator().manual_seed(1)
     img = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=g)  # odd, non-square
@@ -132,7 +132,7 @@ def test_val_crop_pct_equals_torchvisions_resize_then_center_crop(mode):
 
 def test_rrc_scale_and_ratio_bound_the_crops():
     from ddp_trainer.config import DataConfig
-    from ddp_trainer.data import train_transform
+    from ddp_trainer.data.datasets import train_transform
 
     tf = train_transform(DataConfig(image_size=16, augment=["random_resized_crop"], rrc_scale=[0.3, 0.4],
                                     rrc_ratio=[0.9, 1.1]))
@@ -168,7 +168,7 @@ def test_val_crop_pct_with_the_decoded_cache_validates_the_same_images(demo_smal
 # -- train.ema_decay ----------------------------------------------------------------------------------
 
 def test_ema_follows_the_formula_of_an_averaged_model_updated_by_hand():
-    from ddp_trainer.ema import WeightEMA
+    from ddp_trainer.train.ema import WeightEMA
 
     torch.manual_seed(0)
     model = build_model("tiny_cnn_bn", 10)
@@ -289,7 +289,7 @@ def test_policies_are_torchvisions_on_the_samples_own_numbers(policy):
     from torchvision.transforms import v2
 
     from ddp_trainer.config import DataConfig
-    from ddp_trainer.data import train_transform
+    from ddp_trainer.data.datasets import train_transform
 
     tf = train_transform(DataConfig(image_size=24, augment=[policy, "random_erasing"], random_erasing_p=0.5,
                                     mean=[0.5, 0.25, 0.0]))
@@ -330,7 +330,7 @@ def test_a_run_with_a_policy_is_the_same_for_any_num_workers(demo_small: Path, t
 def test_mixed_batches_have_soft_targets_reproducible_from_the_seed():
     from torchvision.transforms import v2
 
-    from ddp_trainer.mixing import BatchMixer
+    from ddp_trainer.data.mixing import BatchMixer
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(8, 3, 16, 16, generator=g)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import PY, ROOT, TORCHRUN, child_env, descendants, kill_when, metrics, run
-from ddp_trainer.samplers import epoch_order
+from ddp_trainer.data.samplers import epoch_order
 
 HELPERS = ROOT / "tests" / "helpers"
 

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from ddp_trainer.samplers import EpochPlan, ExactEvalSampler, epoch_order
+from ddp_trainer.data.samplers import EpochPlan, ExactEvalSampler, epoch_order
 
 
 def plans(n, world, batch, accum=1, start=0, seed=0, epoch=0, drop_last=False):

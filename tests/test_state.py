@@ -4,11 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_trainer.checkpointing import CheckpointManager
+from ddp_trainer.checkpoint.policy import CheckpointManager
 from ddp_trainer.config import CheckpointConfig
-from ddp_trainer.distributed import Dist
-from ddp_trainer.env import LaunchEnv
-from ddp_trainer.state import StateRegistry, TrainState
+from ddp_trainer.launch.dist import Dist
+from ddp_trainer.launch.environment import LaunchEnv
+from ddp_trainer.checkpoint.registry import StateRegistry, TrainState
 
 
 def test_registry_assembles_and_restores_components_in_order():

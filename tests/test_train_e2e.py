@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import PY, ROOT, TORCHRUN, launch, metrics, our_lines, run
-from ddp_trainer.demo_data import CLASSES, write_demo_data
+from ddp_trainer.data.demo import CLASSES, write_demo_data
 
 pytestmark = pytest.mark.stacks
 

@@ -9,13 +9,13 @@ import sys
 
 import torch
 
-from ddp_trainer.distributed import process_group
-from ddp_trainer.engine import Engine
-from ddp_trainer.env import resolve
+from ddp_trainer.launch.dist import process_group
+from ddp_trainer.train.engine import Engine
+from ddp_trainer.launch.environment import resolve
 from ddp_trainer.models import TinyCNN
-from ddp_trainer.parallel import decide_mode, unwrap, wrap
-from ddp_trainer.samplers import EpochPlan
-from ddp_trainer.transforms import Normalize
+from ddp_trainer.launch.mode import decide_mode, unwrap, wrap
+from ddp_trainer.data.samplers import EpochPlan
+from ddp_trainer.data.transforms import Normalize
 
 out, batch, accum, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 env = resolve(os.environ)

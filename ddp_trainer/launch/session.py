@@ -36,11 +36,11 @@ def launched(mode_request: str, backend: str, timeout_s: float,
     group (always torn down). Yields ``(Dist, ModeDecision)``."""
     import torch
 
-    from .distributed import pick_device, process_group
-    from .env import resolve
-    from .parallel import decide_mode
-    from .preempt import write_ready
-    from .runlog import setup_logging
+    from .dist import pick_device, process_group
+    from .environment import resolve
+    from .mode import decide_mode
+    from .signals import write_ready
+    from ..runlog import setup_logging
 
     env = resolve(os.environ)
     setup_logging(env.rank)

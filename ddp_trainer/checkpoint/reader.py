@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from . import layouts
-from .errors import CheckpointError
-from .fsutil import atomic_write, human_bytes, publish, temp_path
-from .parallel import unwrap
+from ..errors import CheckpointError
+from ..fsutil import atomic_write, human_bytes, publish, temp_path
+from ..launch.mode import unwrap
 
 log = logging.getLogger("ddp_trainer")
 
@@ -512,7 +512,7 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], *, skip_prefi
     CheckpointError naming the missing / unexpected / mis-shaped keys, and saying so when only the
     classifier head differs (fine-tuning: model.init_from) or the keys carry a prefix.
     """
-    from .models import classifier_head
+    from ..models import classifier_head
 
     target = unwrap(model)
     skip = tuple(skip_prefixes)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageFile
 from torchvision.transforms.v2 import functional as F
 
-from .errors import DataError, show_path
+from ..errors import DataError, show_path
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 # torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they are still the fast path here

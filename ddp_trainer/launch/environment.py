@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 Source = Literal["torchrun", "slurm", "single"]
 

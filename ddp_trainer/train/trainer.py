@@ -16,29 +16,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import config as config_mod
-from . import pretrained
-from .checkpoint import (FORMAT, FORMAT_VERSION, Loaded, canonical_state_dict, has_checkpoints, load_weights,
+from .. import config as config_mod
+from .. import pretrained
+from ..checkpoint.reader import (FORMAT, FORMAT_VERSION, Loaded, canonical_state_dict, has_checkpoints, load_weights,
                          read_checkpoint, resume_candidates)
-from .checkpointing import CheckpointManager
-from .config import Config
-from .data import (FolderDataset, LoaderOwner, Splits, build_splits, eval_transform, make_eval_loader,
+from ..checkpoint.policy import CheckpointManager
+from ..config import Config
+from ..data.datasets import (FolderDataset, LoaderOwner, Splits, build_splits, eval_transform, make_eval_loader,
                    make_train_loader, train_transform, with_decoded_cache)
-from .distributed import Dist
+from ..launch.dist import Dist
 from .ema import WeightEMA
-from .mixing import BatchMixer
+from ..data.mixing import BatchMixer
 from .engine import Engine, EvalResult, evaluate
-from .errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, UserError
-from .models import build_model, classifier_head
+from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, UserError
+from ..models import build_model, classifier_head
 from .optim import LRSchedule, build_optimizer, carry_over_state, optimizer_family, scaled_lr
-from .parallel import ModeDecision, prepare, unwrap, wrap
-from .progress import Progress, Scalars, use_progress_bar
-from .preempt import Preempted, StopRequest, clear_marker, worker_init_ignoring, write_marker
-from .runlock import RunLock
-from .runlog import EarlyRecords, MetricsFile, add_file_log
-from .samplers import EpochPlan, PlanBatchSampler
-from .state import StateRegistry, TrainState
-from .transforms import Normalize
+from ..launch.mode import ModeDecision, prepare, unwrap, wrap
+from ..progress import Progress, Scalars, use_progress_bar
+from ..launch.signals import Preempted, StopRequest, clear_marker, worker_init_ignoring, write_marker
+from ..launch.runlock import RunLock
+from ..runlog import EarlyRecords, MetricsFile, add_file_log
+from ..data.samplers import EpochPlan, PlanBatchSampler
+from ..checkpoint.registry import StateRegistry, TrainState
+from ..data.transforms import Normalize
 
 log = logging.getLogger("ddp_trainer")
 

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from . import compat
-from .env import LaunchEnv
-from .errors import CollectiveFailed, PeerLost, PeerTimeout, UserError
-from .preempt import doing
+from .. import compat
+from .environment import LaunchEnv
+from ..errors import CollectiveFailed, PeerLost, PeerTimeout, UserError
+from .signals import doing
 
 log = logging.getLogger("ddp_trainer")
 T = TypeVar("T")

@@ -15,12 +15,12 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import demo_data
-from .config import Config, DataConfig
-from .distributed import Dist
-from .errors import DataError, show_path
+from . import demo as demo_data
+from ..config import Config, DataConfig
+from ..launch.dist import Dist
+from ..errors import DataError, show_path
 from .folder_index import FolderIndex, check_same_classes, scan, split_holdout
-from .progress import Ticker
+from ..progress import Ticker
 from .samplers import ExactEvalSampler, PlanBatchSampler, SampleKey
 from .transforms import ImageTransform, load_rgb, sample_seed
 
@@ -156,7 +156,7 @@ def with_decoded_cache(index: FolderIndex, cfg: DataConfig, dist: Dist, size: in
     if cfg.cache != "decoded":
         return None
     from . import decoded_cache
-    from .demo_data import cache_root
+    from .demo import cache_root
 
     folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "decoded"
     path = decoded_cache.ensure(index, size, folder, dist, workers=cfg.num_workers, resize=resize,

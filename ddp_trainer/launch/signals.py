@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .fsutil import atomic_write_text
+from ..fsutil import atomic_write_text
 
 EXIT_PREEMPTED = 3  # stopped by a signal (after saving a checkpoint): run the same command to resume
 MARKER = "PREEMPTED"

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import Dist
-from .samplers import EpochPlan
+from ..launch.dist import Dist
+from ..data.samplers import EpochPlan
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .checkpoint import AsyncCheckpointWriter, CheckpointWriter
-from .config import CheckpointConfig
-from .distributed import Dist
-from .state import StateRegistry
+from .reader import AsyncCheckpointWriter, CheckpointWriter
+from ..config import CheckpointConfig
+from ..launch.dist import Dist
+from .registry import StateRegistry
 
 log = logging.getLogger("ddp_trainer")
 

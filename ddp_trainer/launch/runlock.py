@@ -10,7 +10,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 LOCK_NAME = ".lock"
 

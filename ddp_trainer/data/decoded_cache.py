@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 from .folder_index import FolderIndex
-from .fsutil import atomic_write_text, human_bytes, publish
-from .progress import Ticker
+from ..fsutil import atomic_write_text, human_bytes, publish
+from ..progress import Ticker
 from .transforms import ImageTransform, load_rgb
 
 log = logging.getLogger("ddp_trainer")
@@ -311,8 +311,8 @@ class CachedImages:
 def build(index: FolderIndex, size: int, folder: Path, workers: int = 0, resize: int | None = None,
           interpolation: str = "bilinear") -> Path:
     """:func:`ensure` in one process without a process group (tools, tests, benchmarks)."""
-    from .distributed import Dist
-    from .env import LaunchEnv
+    from ..launch.dist import Dist
+    from ..launch.environment import LaunchEnv
 
     return ensure(index, size, folder, Dist(env=LaunchEnv(), backend=None, device=torch.device("cpu")), workers,
                   resize, interpolation)

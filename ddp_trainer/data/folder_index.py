@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import DataError
-from .progress import Ticker
+from ..errors import DataError
+from ..progress import Ticker
 
 log = logging.getLogger("ddp_trainer")
 

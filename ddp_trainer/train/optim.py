@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .config import OptimConfig, SchedConfig
+from ..config import OptimConfig, SchedConfig
 
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm,

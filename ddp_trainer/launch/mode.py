@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 Mode = Literal["ddp", "dp", "single"]
 
