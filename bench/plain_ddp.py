@@ -66,7 +66,7 @@ val = torchvision.datasets.ImageFolder(os.path.join(root, "val"), val_tf, **load
 
 
 class ProjectOrder(torch.utils.data.Sampler):
-    """The project's sample order (ddp_trainer.samplers.EpochPlan; no accumulation; a tail shorter than
+    """The project's sample order (ddp_trainer.data.samplers.EpochPlan; no accumulation; a tail shorter than
     one global batch left out, as data.drop_last=true does):
     one seeded permutation of the whole set; global batch j is positions [j*B*world, (j+1)*B*world)
     of it, and rank r takes the r-th contiguous block of B. Written out here so that this loop stays

@@ -296,7 +296,7 @@ def bench_checkpoint(work: Path) -> None:
     import torch
     import torchvision
 
-    from ddp_trainer.checkpoint.reader import AsyncCheckpointWriter, CheckpointWriter
+    from ddp_trainer.checkpoint.writer import AsyncCheckpointWriter, CheckpointWriter
 
     torch.set_num_threads(2)
     for name in ("resnet18", "resnet50"):

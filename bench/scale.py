@@ -40,8 +40,9 @@ RUN_ARGS = ["model.name=resnet18", "data.image_size=16", "data.batch_size=32", "
 
 
 def _jpegs(count: int = 64) -> list[bytes]:
-    from PIL import Image
     import random
+
+    from PIL import Image
 
     rng = random.Random(0)
     out = []

@@ -14,9 +14,18 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError, EXIT_OK, EXIT_USER_ERROR, show_path
-from .fsutil import human_bytes
+from . import config as config_mod
+from .config import Config
+from .data import decoded_cache
+from .data.datasets import Splits, resolve_root, scan_splits
 from .data.folder_index import FolderIndex
+from .data.images import load_rgb
+from .data.samplers import EpochPlan
+from .errors import EXIT_OK, EXIT_USER_ERROR, DataError, show_path
+from .fsutil import human_bytes
+from .launch.dist import Dist
+from .models import build_model, check_model_name
+from .train.build import check_trainable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,11 +55,8 @@ def _per_class(index: FolderIndex) -> list[str]:
             "    smallest: " + ", ".join(f"{name} {n}" for name, n in smallest)]
 
 
-def _cache_lines(splits, cfg) -> list[str]:  # type: ignore[no-untyped-def]
-    from .data import decoded_cache
-    from .data.demo import cache_root
-
-    folder = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else cache_root() / "decoded"
+def _cache_lines(splits: Splits, cfg: Config) -> list[str]:
+    folder = decoded_cache.cache_folder(cfg.data)
     parts = [("train", splits.train, cfg.data.train_cache_size, None),
              ("val", splits.val, cfg.data.image_size, cfg.data.val_resize)]
     total = sum(decoded_cache.nbytes(len(ix), size) for _, ix, size, _ in parts)
@@ -74,8 +80,6 @@ def _cache_lines(splits, cfg) -> list[str]:  # type: ignore[no-untyped-def]
 
 def _verify(index: FolderIndex, workers: int) -> list[tuple[str, str]]:
     """(relative path, reason) of every image of ``index`` that does not decode."""
-    from .data.transforms import load_rgb
-
     class Probe(torch.utils.data.Dataset):
         def __len__(self) -> int:
             return len(index)
@@ -92,19 +96,10 @@ def _verify(index: FolderIndex, workers: int) -> list[tuple[str, str]]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import config as config_mod
-    from .data.datasets import resolve_root, scan_splits
-    from .launch.dist import Dist
-    from .launch.environment import LaunchEnv
-    from .models import build_model, check_model_name
-    from .data.samplers import EpochPlan
-    from .train.trainer import check_trainable
-
     t0 = time.monotonic()
     cfg = config_mod.load(args.config, args.overrides)
     check_model_name(cfg.model.name)
-    dist = Dist(env=LaunchEnv(), backend=None, device=torch.device("cpu"))
-    root = resolve_root(cfg.data, dist)
+    root = resolve_root(cfg.data, Dist.single())
     splits = scan_splits(cfg.data, root)
     scanned = time.monotonic() - t0
     model = build_model(cfg.model.name, len(splits.classes))

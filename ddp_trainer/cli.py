@@ -2,22 +2,34 @@
 
 Every command turns a :class:`UserError` into one line on stderr and exit code 2; any other error
 into one line and exit code 1 (``--traceback`` shows the full traceback).
+
+This module loads without torch: training installs its stop-signal handling first, because
+importing torch takes seconds and a signal meanwhile must be handled, not fatal.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import sys
+import threading
 import time
 import traceback
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
-from .errors import EXIT_FAILURE, EXIT_OK, CollectiveFailed, UserError, one_line
-
-if TYPE_CHECKING:
-    from .launch.signals import StopRequest
+from . import config as config_mod
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    CollectiveFailed,
+    ConfigError,
+    UserError,
+    one_line,
+)
+from .launch.environment import process_rank, resolve
+from .launch.signals import StopRequest, die_with_parent
+from .runlog import setup_logging
 
 log = logging.getLogger("ddp_trainer")
 SHARED_ERROR_GRACE_S = 2.0
@@ -94,29 +106,10 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def _debug_config(cfg):  # type: ignore[no-untyped-def]
-    from .config import Config
-
-    assert isinstance(cfg, Config)
-    return cfg.replace(**{
-        "output_dir": str(Path(cfg.output_dir)) + ".debug", "resume": "none", "overwrite": True,
-        "dist.mode": "single", "data.num_workers": 0, "train.epochs": cfg.debug.epochs,
-        "train.log_every_steps": 1, "train.compile": False})
-
-
-def run_training(args: argparse.Namespace, stop: "StopRequest | None" = None) -> int:
-    """Train as ``args`` say. ``stop``: the stop-signal handling installed at process start (see
-    :func:`train_main`); its signals become ``preempt.signals`` once the config is read."""
-    import torch
-
-    from . import config as config_mod
-    from .launch.environment import resolve
-    from .errors import ConfigError
-    from .models import check_model_name
-    from .launch.signals import Preempted, StopRequest, parse_signals
-    from .runlog import close_file_logs, setup_logging
-    from .launch.session import die_with_parent, launched
-    from .train.trainer import Trainer
+def _train(args: argparse.Namespace, stop: StopRequest) -> int:
+    """Train as ``args`` say (stop signals are handled already: see :func:`train_main`)."""
+    # torch loads here, after the stop-signal handling is installed (module docstring)
+    from .train.run import check_config, run_training
 
     env = resolve(os.environ)
     if env.source == "torchrun":
@@ -124,49 +117,11 @@ def run_training(args: argparse.Namespace, stop: "StopRequest | None" = None) ->
     setup_logging(env.rank)
     try:  # every rank sees the same argv and files, so only rank 0 reports what is wrong with them
         cfg = config_mod.load(args.config, args.overrides)
-        if args.debug:
-            if env.world_size > 1:
-                raise ConfigError("--debug runs one process; start it with 'python launch.py --debug', not torchrun")
-            cfg = _debug_config(cfg)
-        check_model_name(cfg.model.name)
     except ConfigError as exc:
         exc.shared = True
         raise
-    # before any loader worker exists; the workers themselves ignore these signals
-    stop = (stop or StopRequest([])).configure(parse_signals(cfg.preempt.signals))
-    trainer = None
-    try:
-        with launched(cfg.dist.mode, cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.init_timeout_s) as (dist, decision):
-            if args.debug:
-                torch.autograd.set_detect_anomaly(True)
-                log.info("debug: one process on %s, num_workers=0, anomaly detection on, %d step(s) x %d "
-                         "epoch(s), output in %s", dist.device, cfg.debug.steps_per_epoch, cfg.train.epochs,
-                         cfg.output_dir)
-            trainer = Trainer(cfg, dist, decision, trust_checkpoint=args.trust_checkpoint,
-                              max_steps_per_epoch=cfg.debug.steps_per_epoch if args.debug else None,
-                              stop=stop)
-            trainer.build()
-            with dist.training():
-                result = trainer.fit()
-            if result.last_val is not None:
-                log.info("done: val_loss=%.4f val_acc=%.4f in %s", result.last_val.loss, result.last_val.acc,
-                         result.output_dir)
-            else:
-                log.info("done: nothing left to train (train.epochs=%d reached) in %s", cfg.train.epochs,
-                         result.output_dir)
-            if stop.received:
-                log.info("%s arrived after the last training step: the run is complete, nothing to stop or "
-                         "requeue", stop.received)
-    except Preempted as exc:
-        if env.rank == 0:
-            log.warning("%s", exc)
-        return exc.exit_code
-    finally:
-        stop.finish()
-        if trainer is not None:
-            trainer.close()
-        close_file_logs()
-    return EXIT_OK
+    cfg = check_config(cfg, env, args.debug)
+    return run_training(cfg, env, stop, debug=args.debug, trust_checkpoint=args.trust_checkpoint)
 
 
 def exit_now(code: int) -> None:
@@ -177,9 +132,6 @@ def exit_now(code: int) -> None:
     workers are gone, there is nothing it would finish: flush, then ``os._exit``. Otherwise the
     normal exit joins what still runs. (Daemon threads, such as the stop-signal watcher, hold no
     work.)"""
-    import multiprocessing
-    import threading
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -190,22 +142,9 @@ def exit_now(code: int) -> None:
 
 
 def train_main(argv: Sequence[str] | None = None, prog: str = "launch.py") -> int:
-    from .launch.signals import StopRequest
-
     stop = StopRequest.early()  # first: a stop signal during the seconds of importing torch is handled too
     args = _train_parser(prog).parse_intermixed_args(argv)  # flags anywhere among the key=value overrides
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
-    return guarded(lambda a: run_training(a, stop), args, rank)
-
-
-# -- subcommands -------------------------------------------------------------------------------------
-
-def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from .data.demo import CLASSES, write_demo_data
-
-    out = write_demo_data(args.out, args.train_per_class, args.val_per_class, args.size)
-    print(f"wrote {len(CLASSES)} classes x ({args.train_per_class} train + {args.val_per_class} val) images to {out}")
-    return EXIT_OK
+    return guarded(lambda a: _train(a, stop), args, process_rank(os.environ))
 
 
 def console_main() -> None:
@@ -216,23 +155,16 @@ def console_main() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``ddp-trainer SUBCOMMAND ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        return train_main(argv[1:], prog="ddp-trainer train")
+    # the other commands load torch with their modules; 'train' (above) installs its signal handling first
+    from . import check, commands
+
     parser = argparse.ArgumentParser(prog="ddp-trainer", description="ddp_trainer commands")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="train (same as launch.py; pass its arguments after 'train')", add_help=False)
-    d = sub.add_parser("demo-data", help="write the built-in demo dataset as plain class folders")
-    d.add_argument("out")
-    d.add_argument("--train-per-class", type=int, default=200)
-    d.add_argument("--val-per-class", type=int, default=50)
-    d.add_argument("--size", type=int, default=32)
-    d.add_argument("--traceback", action="store_true")
-    d.set_defaults(fn=_cmd_demo_data)
-    from . import check
-    from . import commands
-
     commands.register(sub)
     check.register(sub)
-    if argv and argv[0] == "train":
-        return train_main(argv[1:], prog="ddp-trainer train")
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides given after a flag ("check --verify data.root=x")
         if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
@@ -241,5 +173,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return EXIT_FAILURE
-    rank = int(os.environ.get("RANK", "0") or 0)
-    return guarded(args.fn, args, rank)
+    return guarded(args.fn, args, process_rank(os.environ))

@@ -1,13 +1,37 @@
-"""Checkpoint tools: ``inspect``, ``convert``, ``evaluate`` and ``predict`` subcommands."""
+"""The ``ddp-trainer`` subcommands other than ``train`` and ``check``: the checkpoint tools
+(``inspect``, ``convert``, ``evaluate``, ``predict``, ``weights``), pictures (``grid``, ``plot``) and
+``demo-data``."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import config as config_mod
+from .checkpoint.format import Checkpoint
+from .checkpoint.reader import read_checkpoint
+from .checkpoint.weights import common_prefix, fit_prefix, load_weights
+from .checkpoint.writer import atomic_save
+from .data.datasets import FolderDataset, build_splits, eval_transform, train_transform
+from .data.demo import CLASSES, write_demo_data
+from .data.images import load_rgb
+from .data.loaders import make_eval_loader
+from .data.samplers import EpochPlan
+from .data.transforms import ImageTransform, Normalize
 from .errors import EXIT_OK, CheckpointError
+from .launch.dist import Dist
+from .launch.environment import resolve
+from .launch.session import launched
+from .models import build_model, check_model_name
+from .pictures import save_curves, save_grid
+from .pretrained import resolve as resolve_weights
+from .runlog import setup_logging
+from .train.engine import evaluate
 
 log = logging.getLogger("ddp_trainer")
 
@@ -20,6 +44,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     _register_pictures(sub)
+    d = sub.add_parser("demo-data", help="write the built-in demo dataset as plain class folders")
+    d.add_argument("out")
+    d.add_argument("--train-per-class", type=int, default=200)
+    d.add_argument("--val-per-class", type=int, default=50)
+    d.add_argument("--size", type=int, default=32)
+    d.add_argument("--traceback", action="store_true")
+    d.set_defaults(fn=cmd_demo_data)
     p = sub.add_parser("inspect", help="print what a checkpoint holds, without building a model")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
@@ -61,11 +92,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_weights)
 
 
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    out = write_demo_data(args.out, args.train_per_class, args.val_per_class, args.size)
+    print(f"wrote {len(CLASSES)} classes x ({args.train_per_class} train + {args.val_per_class} val) images to {out}")
+    return EXIT_OK
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     """Where ``model.weights`` looks for a file, and where to get it."""
-    from .pretrained import resolve
-
-    found = resolve(args.model, args.weights)
+    found = resolve_weights(args.model, args.weights)
     print(f"weights: {found.weights}")
     print(f"file:    {found.path.name}")
     print(f"folder:  {found.path.parent} ({'present' if found.present else 'missing'})")
@@ -91,18 +126,8 @@ def _register_pictures(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import config as config_mod
-    from .data.datasets import FolderDataset, build_splits, eval_transform, train_transform
-    from .launch.dist import Dist
-    from .launch.environment import LaunchEnv
-    from .pictures import save_grid
-    from .data.samplers import EpochPlan
-
     cfg = config_mod.load(args.config, args.overrides)
-    dist = Dist(env=LaunchEnv(), backend=None, device=torch.device("cpu"))
-    splits = build_splits(cfg, dist)
+    splits = build_splits(cfg, Dist.single())
     if args.split == "train":
         ds = FolderDataset(splits.train, train_transform(cfg.data), cfg.seed)
         plan = EpochPlan(len(ds), world=1, rank=0, batch_size=min(args.count, len(ds)), accum=1, seed=cfg.seed,
@@ -119,41 +144,38 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .pictures import save_curves
-
     out = Path(args.out) if args.out else Path(args.run_dir) / "curves.png"
     size = save_curves(Path(args.run_dir), out)
     print(f"wrote {out}: {size[0]}x{size[1]} px")
     return EXIT_OK
 
 
-def summary(loaded: Any) -> dict[str, Any]:
+def summary(loaded: Checkpoint) -> dict[str, Any]:
     """What ``inspect`` reports (JSON-serialisable)."""
     n_params = sum(int(v.numel()) for v in loaded.model.values())
     info: dict[str, Any] = {
         "path": loaded.path, "format": loaded.kind, "tensors": len(loaded.model), "parameters": n_params,
         "renamed_keys": loaded.renamed, "has_optimizer": loaded.optimizer is not None,
     }
-    if loaded.kind != "ddp_trainer" and loaded.extra.get("epoch_means"):
-        info.update({"epoch": loaded.extra.get("epoch_entry"), "epoch_means": loaded.extra["epoch_means"],
+    if loaded.layout is not None:
+        info.update({"epoch": loaded.layout.epoch_entry, "epoch_means": loaded.layout.epoch_means,
                      "resumes_at_epoch": loaded.start_epoch})
-        if loaded.extra.get("arch"):
-            info["arch"] = loaded.extra["arch"]
-    elif loaded.kind == "ddp_trainer":
+        if loaded.layout.arch:
+            info["arch"] = loaded.layout.arch
+    elif loaded.ours:
         info.update({"epoch": loaded.epoch, "resumes_at_epoch": loaded.start_epoch})
-    if loaded.kind == "ddp_trainer":
+    if loaded.ours:
         info.update({
-            "position": loaded.position, "epoch_complete": loaded.epoch_complete, "step": loaded.step,
-            "best": loaded.best, "monitor": loaded.extra.get("monitor"), "model": loaded.model_name,
-            "classes": list(loaded.class_to_idx or {}), "world_size": loaded.world_size,
-            "torch_version": loaded.torch_version, "config": loaded.config,
+            "position": loaded.get("position"), "epoch_complete": loaded.get("epoch_complete"),
+            "step": loaded.get("step"), "best": loaded.get("best"), "monitor": loaded.get("monitor"),
+            "model": loaded.model_name, "classes": list(loaded.class_to_idx or {}),
+            "world_size": loaded.get("world_size"), "torch_version": loaded.get("torch_version"),
+            "config": loaded.config,
         })
     return info
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .checkpoint.reader import read_checkpoint
-
     info = summary(read_checkpoint(args.path, args.trust_checkpoint))
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -171,20 +193,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """A plain state dict that loads with ``strict=True`` into the model (``--model``, else the one the
     file names), or an error; without any model to check against, keys that all still carry one
     leading prefix are refused (they would not load into the bare model)."""
-    from .checkpoint.reader import atomic_save, chosen_weights, common_prefix, fit_prefix, read_checkpoint
-    from .models import build_model, check_model_name
-
     loaded = read_checkpoint(args.input, args.trust_checkpoint)
     out = Path(args.output)
     if out.resolve() == Path(args.input).resolve():
         raise CheckpointError(f"convert would overwrite its input '{args.input}'; choose another OUT")
-    sd = dict(chosen_weights(loaded, args.ema))
+    sd = dict(loaded.weights(args.ema))
     if args.strip_prefix:
         if not all(k.startswith(args.strip_prefix) for k in sd):
             bad = next(k for k in sd if not k.startswith(args.strip_prefix))
             raise CheckpointError(f"--strip-prefix {args.strip_prefix!r}: key {bad!r} does not start with it")
         sd = {k[len(args.strip_prefix):]: v for k, v in sd.items()}
-    name = args.model or loaded.model_name or loaded.extra.get("arch")
+    name = args.model or loaded.model_name or (loaded.layout.arch if loaded.layout else None)
     checked = ""
     if name:
         check_model_name(name)
@@ -210,16 +229,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    env = resolve(os.environ)
+    setup_logging(env.rank)
 
-    from . import config as config_mod
-    from .checkpoint.reader import chosen_weights, load_weights, read_checkpoint
-    from .launch.session import launched
-    from .data.datasets import FolderDataset, build_splits, eval_transform, make_eval_loader
-    from .train.engine import evaluate
-    from .models import build_model
-    from .data.transforms import Normalize
-
-    def body(dist: Any, decision: Any) -> int:
+    def body(dist: Dist) -> int:
         loaded = dist.main_then_broadcast(lambda: read_checkpoint(args.checkpoint, args.trust_checkpoint))
         base = config_mod.read_yaml(args.config) if args.config else (loaded.config or {})
         base = {k: v for k, v in base.items() if k in ("data", "model", "seed", "train")}
@@ -229,7 +242,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise CheckpointError(f"checkpoint '{args.checkpoint}' classes {list(loaded.class_to_idx)} differ "
                                   f"from the data's {list(splits.classes)}; point data.root at its dataset")
         model = build_model(loaded.model_name or cfg.model.name, len(splits.classes))
-        load_weights(model, chosen_weights(loaded, args.ema), source=f"checkpoint '{args.checkpoint}'")
+        load_weights(model, loaded.weights(args.ema), source=f"checkpoint '{args.checkpoint}'")
         model.to(dist.device)
         val = FolderDataset(splits.val, eval_transform(cfg.data), cfg.seed)
         loader = make_eval_loader(val, cfg.data, dist, dist.device)
@@ -246,30 +259,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 print(f"val_loss={res.loss:.6f} val_acc={res.acc:.6f} count={res.count}")
         return EXIT_OK
 
-    with launched(mode_request="auto", backend="auto", timeout_s=300.0) as (dist, decision):
-        return body(dist, decision)
+    with launched(env, mode_request="auto", backend="auto", timeout_s=300.0) as (dist, _):
+        return body(dist)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import torch
-
-    from .checkpoint.reader import chosen_weights, load_weights, read_checkpoint
-    from .models import build_model
-    from .data.transforms import ImageTransform, Normalize, load_rgb
-
     loaded = read_checkpoint(args.checkpoint, args.trust_checkpoint)
     cfg = loaded.config or {}
     data = cfg.get("data", {})
     if loaded.class_to_idx:
         classes = list(loaded.class_to_idx)
     else:
-        classes = [str(i) for i in range(_output_count(chosen_weights(loaded, args.ema)))]
+        classes = [str(i) for i in range(_output_count(loaded.weights(args.ema)))]
     name = loaded.model_name or cfg.get("model", {}).get("name")
     if not name:
         raise CheckpointError(f"checkpoint '{args.checkpoint}' does not name its model; predict needs a "
                               f"ddp_trainer checkpoint")
     model = build_model(name, len(classes))
-    load_weights(model, chosen_weights(loaded, args.ema), source=f"checkpoint '{args.checkpoint}'")
+    load_weights(model, loaded.weights(args.ema), source=f"checkpoint '{args.checkpoint}'")
     model.eval()
     size = args.image_size or data.get("image_size", 224)
     tf = ImageTransform(size, ())

@@ -7,7 +7,7 @@ when neither exists (``tests/test_compat.py``).
 from __future__ import annotations
 
 import datetime
-from typing import Any, Callable
+from typing import Callable
 
 import torch.distributed as tdist
 from torch.distributed import distributed_c10d
@@ -26,6 +26,6 @@ def group_timeout_setter() -> Callable[..., None]:
     return private
 
 
-def set_group_timeout(timeout: datetime.timedelta, group: Any = None) -> None:
+def set_group_timeout(timeout: datetime.timedelta, group: tdist.ProcessGroup | None = None) -> None:
     """Set the timeout of the process group ``group`` (default: the default group) from now on."""
     group_timeout_setter()(timeout, group)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 AUGMENTATIONS = ("flip", "random_resized_crop", "trivialaugment", "randaugment", "autoaugment", "random_erasing")
 POLICIES = ("trivialaugment", "randaugment", "autoaugment")  # at most one of these per run
+# what checkpoint.monitor may name: columns of each epoch's metrics row (the *_ema ones need train.ema_decay)
+MONITORABLE_METRICS = ("val_loss", "val_acc", "val_acc5", "train_loss", "val_loss_ema", "val_acc_ema")
 
 
 @dataclass(frozen=True)
@@ -207,9 +210,14 @@ class CheckpointConfig:
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")
         _check(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "use 0 or more")
         _check(self.keep_best >= 1, "checkpoint.keep_best", self.keep_best, "use 1 or more")
-        metrics = ("val_loss", "val_acc", "val_acc5", "train_loss", "val_loss_ema", "val_acc_ema")
-        _check(self.monitor in metrics, "checkpoint.monitor", self.monitor,
-               f"choose one of {', '.join(metrics)}")
+        _check(self.monitor in MONITORABLE_METRICS, "checkpoint.monitor", self.monitor,
+               f"choose one of {', '.join(MONITORABLE_METRICS)}")
+
+
+def signal_name(name: str) -> str:
+    """A signal as ``preempt.signals`` may spell it (``usr1``, ``SIGUSR1``) -> ``SIGUSR1``."""
+    key = name.upper()
+    return key if key.startswith("SIG") else f"SIG{key}"
 
 
 @dataclass(frozen=True)
@@ -218,11 +226,9 @@ class PreemptConfig:
     check_every_steps: int = 1  # how often the ranks agree on a stop (one tiny CPU all-reduce)
 
     def __post_init__(self) -> None:
-        import signal as _signal
-
         for name in self.signals:
-            key = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
-            if key not in _signal.Signals.__members__ or key in ("SIGKILL", "SIGSTOP"):
+            key = signal_name(name)
+            if key not in signal.Signals.__members__ or key in ("SIGKILL", "SIGSTOP"):
                 raise ConfigError(f"preempt.signals: {name!r} is not a signal that can be caught; "
                                   f"use names such as SIGUSR1, SIGTERM, SIGINT")
         _check(self.check_every_steps >= 1, "preempt.check_every_steps", self.check_every_steps, "use at least 1")
@@ -499,6 +505,23 @@ def load(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -
                 raise
             raise ConfigError(f"{config_file}: {exc.message}") from None
     return apply_overrides(values, overrides)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def config_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key whose value changed (resume diagnostics)."""
+    if not old:
+        return []
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def dump(config: Config) -> str:

@@ -1,9 +1,11 @@
 """Model construction by name: torchvision classifiers, small test nets, or ``package.module:callable``."""
 from __future__ import annotations
 
+import difflib
 import importlib
 
 import torch
+import torchvision
 from torch import nn
 
 from .errors import ConfigError
@@ -36,8 +38,6 @@ LOCAL_MODELS = {
 
 
 def _torchvision_names() -> list[str]:
-    import torchvision
-
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -60,8 +60,6 @@ def build_model(name: str, num_classes: int) -> nn.Module:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model.name: {name!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model
-    import torchvision
-
     check_model_name(name)
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
@@ -73,8 +71,6 @@ def check_model_name(name: str) -> None:
         return
     names = _torchvision_names()
     if name not in names:
-        import difflib
-
         close = difflib.get_close_matches(name, names + list(LOCAL_MODELS), n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}?" if close else "use a torchvision classifier name such as resnet18"
         raise ConfigError(f"model.name: unknown model {name!r}; {hint}")

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .errors import UserError
+from .extras import optional
 
 GRID_COLUMNS = 8
 GRID_PAD = 4
@@ -65,13 +66,8 @@ def save_curves(run_dir: Path, out: Path) -> tuple[int, int]:
             pass
     if not rows:
         raise UserError(f"'{path}' holds no finished epoch yet")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')") from None
+    optional("matplotlib", "plot", "plot").use("Agg")  # no display: draw into files (before pyplot loads)
+    plt = optional("matplotlib.pyplot", "plot", "plot")
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(2, 2, figsize=CURVES_SIZE, dpi=CURVES_DPI)
     panels = [

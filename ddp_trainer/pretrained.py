@@ -11,6 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torchvision
+
 from .errors import ConfigError
 
 
@@ -28,9 +31,6 @@ class PretrainedFile:
 def resolve(model: str, weights: str) -> PretrainedFile:
     """The file of ``weights`` (``DEFAULT``, ``IMAGENET1K_V1``, or ``ResNet18_Weights.IMAGENET1K_V1``)
     for the torchvision classifier ``model``. ConfigError naming the choices when either is unknown."""
-    import torch
-    import torchvision
-
     try:
         enum = torchvision.models.get_model_weights(model)
     except (ValueError, KeyError):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from .extras import optional
 
 log = logging.getLogger("ddp_trainer")
 
@@ -24,8 +29,6 @@ class Progress:
     def __init__(self, enabled: bool, total: int, desc: str, initial: int = 0) -> None:
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="img", unit_scale=True,
                             dynamic_ncols=True, leave=True, file=sys.stderr)
 
@@ -51,14 +54,9 @@ class Scalars:
     def __init__(self, enabled: bool, folder: str) -> None:
         self.writer = None
         if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                from .errors import ConfigError
-
-                raise ConfigError("log.tensorboard=true but tensorboard is not installed; "
-                                  "pip install tensorboard, or set log.tensorboard=false", shared=True) from None
-            self.writer = SummaryWriter(folder)
+            # torch's module imports the tensorboard package: the extra
+            board = optional("torch.utils.tensorboard", "log.tensorboard=true", "tensorboard", package="tensorboard")
+            self.writer = board.SummaryWriter(folder)
 
     def add(self, row: dict[str, Any], step: int) -> None:
         if self.writer is None:
@@ -83,8 +81,6 @@ class Ticker:
 
     def __init__(self, what: str, total: int | None = None, unit: str = "images", every_s: float | None = None,
                  scale: int = 1) -> None:
-        import time
-
         self._clock = time.monotonic
         self.what, self.total, self.unit = what, total, unit
         self.every_s = PREPARATION_PROGRESS_S if every_s is None else every_s

@@ -12,17 +12,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+FAULTS = ROOT / "tests" / "helpers" / "faults"  # a sitecustomize that injects FAULT_* faults into children
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run"]
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """Environment for launched processes: one thread each (2 cores), no inherited launch variables."""
+    """Environment for launched processes: one thread each (2 cores), no inherited launch variables;
+    ``FAULT_*`` variables in ``extra`` inject faults (see tests/helpers/faults/sitecustomize.py)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "GROUP_RANK") and not k.startswith("SLURM_")}
+                        "GROUP_RANK") and not k.startswith(("SLURM_", "FAULT_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
     env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(FAULTS)])
     return env
 
 

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PY, ROOT, TORCHRUN, child_env, kill_when, launch, metrics
 from PIL import Image
 
-from conftest import PY, ROOT, TORCHRUN, child_env, kill_when, launch, metrics
 from ddp_trainer.data import decoded_cache
 from ddp_trainer.data.folder_index import scan
-from ddp_trainer.data.transforms import ImageTransform, load_rgb
+from ddp_trainer.data.images import load_rgb
+from ddp_trainer.data.transforms import ImageTransform
 
 
 def _images(path: Path) -> decoded_cache.CachedImages:
@@ -150,7 +151,7 @@ def test_two_processes_build_one_cache_together(small_args, tmp_path: Path):
 @pytest.mark.slow
 def test_a_build_longer_than_the_collective_timeout_does_not_fail(small_args, tmp_path: Path):
     # rank 0 decodes its 60 training images at 0.12 s each: rank 1 waits ~7 s, past dist.timeout_s=5
-    env = child_env(DDP_TRAINER_CACHE=str(tmp_path / "cache"), DDP_TRAINER_TEST_SLOW_CACHE="0:0.12")
+    env = child_env(DDP_TRAINER_CACHE=str(tmp_path / "cache"), FAULT_SLOW_CACHE="0:0.12")
     t0 = time.monotonic()
     res = launch(2, *small_args, "data.cache=decoded", "train.epochs=1", "dist.timeout_s=5", env=env, timeout=180)
     assert res.returncode == 0, res.stderr
@@ -169,7 +170,7 @@ def test_a_build_longer_than_the_collective_timeout_does_not_fail(small_args, tm
 @pytest.mark.slow
 def test_a_build_killed_midway_leaves_nothing_after_the_next_run(small_args, tmp_path: Path):
     cache = tmp_path / "cache" / "decoded"
-    env = child_env(DDP_TRAINER_CACHE=str(tmp_path / "cache"), DDP_TRAINER_TEST_SLOW_CACHE="0:0.2")
+    env = child_env(DDP_TRAINER_CACHE=str(tmp_path / "cache"), FAULT_SLOW_CACHE="0:0.2")
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), *small_args,
            "data.cache=decoded", "train.epochs=1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,

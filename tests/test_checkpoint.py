@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
+from conftest import PY, launch, metrics, our_lines, run
 from torch import nn
 
-from conftest import PY, launch, metrics, our_lines, run
-from ddp_trainer.checkpoint.reader import CheckpointWriter, atomic_save, load_weights, read_checkpoint
+from ddp_trainer.checkpoint.reader import read_checkpoint
+from ddp_trainer.checkpoint.weights import load_weights
+from ddp_trainer.checkpoint.writer import CheckpointWriter, atomic_save
 from ddp_trainer.errors import CheckpointError
 from ddp_trainer.models import TinyCNN
 
@@ -229,7 +231,7 @@ def test_classic_checkpoint_resumes_at_next_epoch_and_optimizer_mismatch_is_skip
 # -- asynchronous saves --------------------------------------------------------------------------------
 
 def test_async_writer_snapshots_and_reports_a_failed_write(tmp_path: Path):
-    from ddp_trainer.checkpoint.reader import AsyncCheckpointWriter
+    from ddp_trainer.checkpoint.writer import AsyncCheckpointWriter
 
     w = AsyncCheckpointWriter(tmp_path / "ck", keep_last=2)
     live = torch.zeros(3)

@@ -7,13 +7,13 @@ import time
 import pytest
 import torch
 import torch.distributed as tdist
+from conftest import ROOT, launch, our_lines
 from torch.distributed import distributed_c10d
 
-from conftest import ROOT, launch, our_lines
 from ddp_trainer import compat
+from ddp_trainer.errors import CollectiveFailed, PeerLost, PeerTimeout
 from ddp_trainer.launch.dist import Dist
 from ddp_trainer.launch.environment import LaunchEnv
-from ddp_trainer.errors import CollectiveFailed, PeerLost, PeerTimeout
 
 pytestmark = pytest.mark.stacks
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, launch, our_lines
+
 from ddp_trainer import config
 from ddp_trainer.errors import ConfigError
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ddp_trainer.data import demo as demo_data
 from ddp_trainer.config import load
+from ddp_trainer.data import demo as demo_data
 from ddp_trainer.data.datasets import FolderDataset, scan_splits
-from ddp_trainer.errors import DataError
 from ddp_trainer.data.folder_index import scan, split_holdout
+from ddp_trainer.data.images import load_rgb
 from ddp_trainer.data.samplers import SampleKey
-from ddp_trainer.data.transforms import ImageTransform, load_rgb
+from ddp_trainer.data.transforms import ImageTransform
+from ddp_trainer.errors import DataError
 
 
 def _img(path: Path, mode: str = "RGB", size=(10, 8), color=None) -> Path:

@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from conftest import PY, ROOT, TORCHRUN, run
 
 HELPER = str(ROOT / "tests" / "helpers" / "ddp_step.py")

@@ -1,8 +1,8 @@
 """LaunchEnv resolution from Mappings: torchrun > SLURM srun > single process."""
 import pytest
 
-from ddp_trainer.launch.environment import LaunchEnv, expand_nodelist, resolve
 from ddp_trainer.errors import ConfigError
+from ddp_trainer.launch.environment import LaunchEnv, expand_nodelist, resolve
 
 pytestmark = pytest.mark.stacks
 

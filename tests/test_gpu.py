@@ -1,7 +1,6 @@
 """GPU-only checks (skipped with a reason without CUDA); their CPU twins are in test_modes.py."""
 import pytest
 import torch
-
 from conftest import launch
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU twins run in test_modes.py")

@@ -6,7 +6,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ddp_trainer.data.datasets import LoaderOwner
+from ddp_trainer.data.loaders import LoaderOwner
 
 
 class Numbers(Dataset):

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import PY, ROOT, child_env, metrics, run
 from torch import nn
 
-from conftest import PY, ROOT, child_env, metrics, run
-from ddp_trainer.checkpoint.reader import load_weights, read_checkpoint
+from ddp_trainer.checkpoint.reader import read_checkpoint
+from ddp_trainer.checkpoint.weights import load_weights
 from ddp_trainer.commands import summary
 from ddp_trainer.config import OptimConfig
 from ddp_trainer.errors import CheckpointError

@@ -5,20 +5,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
+from conftest import launch
 from torch import nn
 
-from conftest import launch
-from ddp_trainer.checkpoint.reader import canonical_state_dict
+from ddp_trainer.checkpoint.weights import canonical_state_dict
 from ddp_trainer.config import load
-from ddp_trainer.launch.dist import Dist
-from ddp_trainer.train.engine import Engine
-from ddp_trainer.launch.environment import LaunchEnv
-from ddp_trainer.errors import ConfigError
-from ddp_trainer.models import TinyCNN
-from ddp_trainer.launch.mode import ModeDecision, decide_mode, unwrap, wrap
 from ddp_trainer.data.samplers import EpochPlan
-from ddp_trainer.train.trainer import Trainer
 from ddp_trainer.data.transforms import Normalize
+from ddp_trainer.errors import ConfigError
+from ddp_trainer.launch.dist import Dist
+from ddp_trainer.launch.environment import LaunchEnv
+from ddp_trainer.launch.mode import ModeDecision, decide_mode, unwrap, wrap
+from ddp_trainer.launch.signals import StopRequest
+from ddp_trainer.models import TinyCNN
+from ddp_trainer.train.build import build_trainer
+from ddp_trainer.train.engine import Engine
+from ddp_trainer.train.trainer import Trainer
 
 
 def expected(request, backend, world, local_world, gpus, launched):
@@ -115,7 +117,7 @@ def _trainer(tmp_path: Path, demo_small: Path, *overrides: str, decision=None) -
     cfg = load(None, [f"data.root={demo_small}", f"output_dir={tmp_path / 'o'}", "model.name=tiny_cnn_bn",
                       "data.image_size=16", "data.batch_size=8", "data.num_workers=0", *overrides])
     dist = Dist(env=LaunchEnv(), backend="gloo" if tdist.is_initialized() else None, device=torch.device("cpu"))
-    return Trainer(cfg, dist, decision or ModeDecision("single", None, False, 0)).build()
+    return build_trainer(cfg, dist, decision or ModeDecision("single", None, False, 0), stop=StopRequest([]))
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path: Path, demo_small: Path):
@@ -132,7 +134,7 @@ def test_bf16_autocast_on_cpu_trains(tmp_path: Path, demo_small: Path):
 
 def test_fp16_checkpoints_its_grad_scaler(tmp_path: Path, demo_small: Path):
     t = _trainer(tmp_path, demo_small, "train.precision=fp16", "train.epochs=1")
-    assert t.scaler.is_enabled()
+    assert t.engine.scaler.is_enabled()
     t.fit()
     state = torch.load(tmp_path / "o" / "checkpoints" / "last.pt", weights_only=True)
     assert state["scaler"] is not None and "scale" in state["scaler"]

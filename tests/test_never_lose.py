@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PY, ROOT, TORCHRUN, launch, metrics
 from test_resume import env, resume_args, wait_for, worker_pids
 

@@ -9,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PY, ROOT, kill_when, metrics, run
 from PIL import Image
-
-from conftest import kill_when
-from ddp_trainer import config
-from ddp_trainer.errors import ConfigError
-from ddp_trainer.data.folder_index import scan
-from ddp_trainer.data.transforms import load_rgb
 from test_resume import env, mid_epoch_checkpoint, resume_args, start
-from conftest import PY, ROOT, metrics, run
+
+from ddp_trainer import config
+from ddp_trainer.data.folder_index import scan
+from ddp_trainer.data.images import load_rgb
+from ddp_trainer.errors import ConfigError
 
 
 @pytest.mark.slow

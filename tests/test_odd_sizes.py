@@ -3,8 +3,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import child_env, launch, metrics, our_lines
+
 from ddp_trainer.data.demo import write_demo_data
 
 
@@ -32,7 +32,7 @@ def test_161_images_batch_16_two_processes_resnet18_trains(data_161: Path, tmp_p
     out = tmp_path / "run"
     res = launch(2, f"data.root={data_161}", f"output_dir={out}", "model.name=resnet18", "data.image_size=32",
                  "data.batch_size=16", "data.num_workers=0", "train.epochs=2", f"data.drop_last={str(drop_last).lower()}",
-                 env=child_env(DDP_TRAINER_TEST_RECORD_SAMPLES=str(rec)), timeout=300)
+                 env=child_env(FAULT_RECORD_SAMPLES=str(rec)), timeout=300)
     assert res.returncode == 0, res.stderr
     assert "Expected more than 1 value per channel" not in res.stderr
     assert [r["epoch"] for r in metrics(out)] == [0, 1]

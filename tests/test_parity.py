@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import ROOT, TORCHRUN, launch, metrics, run
 
 from ddp_trainer.config import OptimConfig
 from ddp_trainer.train.optim import parameter_groups
-
-from conftest import ROOT, TORCHRUN, launch, metrics, run
 
 SEED = 3
 

@@ -6,9 +6,9 @@ import pty
 import subprocess
 from pathlib import Path
 
+from conftest import PY, ROOT, child_env, launch, run
 from PIL import Image
 
-from conftest import PY, ROOT, child_env, launch, run
 from ddp_trainer.pictures import grid_size
 from ddp_trainer.progress import use_progress_bar
 

@@ -2,8 +2,8 @@
 import logging
 import re
 
-from ddp_trainer.progress import Ticker
 from ddp_trainer.data.folder_index import scan
+from ddp_trainer.progress import Ticker
 
 
 def test_ticker_line_has_count_rate_and_time_left(caplog):

@@ -5,19 +5,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import PY, ROOT, TORCHRUN, run
+from test_resume import env
 from torch import nn
 
-from conftest import PY, ROOT, TORCHRUN, run
 from ddp_trainer.config import OptimConfig, TrainConfig
-from ddp_trainer.launch.dist import Dist
-from ddp_trainer.train.engine import Engine, evaluate
-from ddp_trainer.launch.environment import LaunchEnv
-from ddp_trainer.errors import ConfigError
-from ddp_trainer.models import build_model
-from ddp_trainer.train.optim import build_optimizer, parameter_groups, scaled_lr
 from ddp_trainer.data.samplers import EpochPlan
 from ddp_trainer.data.transforms import Normalize
-from test_resume import env
+from ddp_trainer.errors import ConfigError
+from ddp_trainer.launch.dist import Dist
+from ddp_trainer.launch.environment import LaunchEnv
+from ddp_trainer.models import build_model
+from ddp_trainer.train.engine import Engine, evaluate
+from ddp_trainer.train.optim import build_optimizer, parameter_groups, scaled_lr
 
 
 def _batch(n: int = 8, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,6 +168,7 @@ def test_val_crop_pct_with_the_decoded_cache_validates_the_same_images(demo_smal
 # -- train.ema_decay ----------------------------------------------------------------------------------
 
 def test_ema_follows_the_formula_of_an_averaged_model_updated_by_hand():
+    from ddp_trainer.checkpoint.registry import SaveContext
     from ddp_trainer.train.ema import WeightEMA
 
     torch.manual_seed(0)
@@ -188,7 +189,7 @@ def test_ema_follows_the_formula_of_an_averaged_model_updated_by_hand():
     for k, v in by_hand.items():
         if v.is_floating_point() and "num_batches" not in k:
             assert torch.allclose(got[k].double(), v, rtol=1e-5, atol=1e-6), k
-    assert ema.state_dict()["n_averaged"] == 4
+    assert ema.save(SaveContext())["n_averaged"] == 4
 
 
 def test_ema_is_validated_saved_monitored_and_evaluated(demo_small: Path, tmp_path: Path):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PY, ROOT, TORCHRUN, child_env, descendants, kill_when, metrics, run
+
 from ddp_trainer.data.samplers import epoch_order
 
 HELPERS = ROOT / "tests" / "helpers"
@@ -80,11 +80,40 @@ def test_kill_mid_epoch_then_resume_is_bitwise_equal(reference: Path, demo_small
         assert resumed["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-9, abs=0)
 
 
+def test_a_version_1_file_spelled_out_key_by_key_resumes_exactly(reference: Path, demo_small: Path, tmp_path: Path):
+    """The format's version-1 keys, written out here literally as the code wrote them when the format
+    got its owner module: a file holding just these (no checksum, as the earliest version-1 files)
+    still resumes mid-epoch and ends bitwise equal to the uninterrupted run."""
+    first = tmp_path / "first"
+    kill_when(start(2, resume_args(demo_small, first)), mid_epoch_checkpoint(first / "checkpoints"))
+    written = load(first / "checkpoints" / "last.pt")
+    v1 = {
+        "format": "ddp_trainer.checkpoint", "format_version": 1, "monitor": written["monitor"],
+        "class_to_idx": written["class_to_idx"], "model_name": written["model_name"], "config": written["config"],
+        "world_size": written["world_size"], "torch_version": written["torch_version"],
+        "model": written["model"], "optimizer": written["optimizer"], "scheduler": written["scheduler"],
+        "scaler": written["scaler"], "epoch": written["epoch"], "position": written["position"],
+        "epoch_complete": written["epoch_complete"], "step": written["step"], "best": written["best"],
+        "best_k": written["best_k"], "train_loss_sum": written["train_loss_sum"],
+        "train_loss_count": written["train_loss_count"], "train_data": written["train_data"], "rng": written["rng"],
+    }
+    assert set(written) == set(v1) | {"payload_sha256"}  # the writer still writes exactly these keys
+    assert v1["position"] > 0 and not v1["epoch_complete"]
+    old = tmp_path / "v1.pt"
+    torch.save(v1, old)
+    out = tmp_path / "resumed"
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
+               *resume_args(demo_small, out), f"resume={old}"], env=env())
+    assert res.returncode == 0, res.stderr
+    assert f"resume: from {old} (ddp_trainer format), epoch 0, {v1['position']} samples into the epoch" in res.stderr
+    assert_bitwise_equal(out / "checkpoints" / "last.pt", reference / "checkpoints" / "last.pt")
+
+
 def test_kill_during_checkpoint_write_leaves_previous_intact(reference: Path, demo_small: Path, tmp_path: Path):
     out = tmp_path / "run"
     ck = out / "checkpoints"
     args = resume_args(demo_small, out)
-    proc = start(2, args, DDP_TRAINER_TEST_PAUSE_IN_WRITE="60@2")  # rank 0's second save pauses mid-write
+    proc = start(2, args, FAULT_PAUSE_IN_WRITE="60@2")  # rank 0's second save pauses mid-write
 
     def writing() -> bool:
         # the second write (the first one's temporary file also shows briefly: wait for its last.pt)
@@ -112,10 +141,10 @@ def test_resume_two_to_one_process_sees_each_sample_once(demo_small: Path, tmp_p
     rec1, rec2 = tmp_path / "rec1", tmp_path / "rec2"
     rec1.mkdir()
     rec2.mkdir()
-    kill_when(start(2, args, DDP_TRAINER_TEST_RECORD_SAMPLES=str(rec1)), mid_epoch_checkpoint(out / "checkpoints"))
+    kill_when(start(2, args, FAULT_RECORD_SAMPLES=str(rec1)), mid_epoch_checkpoint(out / "checkpoints"))
     state = load(out / "checkpoints" / "last.pt")
     pos = state["position"]
-    res = run([PY, str(ROOT / "launch.py"), *args], env=env(DDP_TRAINER_TEST_RECORD_SAMPLES=str(rec2)))
+    res = run([PY, str(ROOT / "launch.py"), *args], env=env(FAULT_RECORD_SAMPLES=str(rec2)))
     assert res.returncode == 0, res.stderr
 
     def seen(folder: Path, epoch: int) -> list[int]:
@@ -223,7 +252,7 @@ def test_signal_to_the_agent_only_and_a_second_signal_while_saving(reference: Pa
     args = [*resume_args(demo_small, out), "train.log_every_steps=1", "checkpoint.every_steps=0"]
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--signals-to-handle=SIGTERM,SIGINT,SIGUSR1",
            str(ROOT / "launch.py"), *args]
-    proc = subprocess.Popen(cmd, env=env(DDP_TRAINER_TEST_PAUSE_IN_WRITE="3@1"), cwd=ROOT,
+    proc = subprocess.Popen(cmd, env=env(FAULT_PAUSE_IN_WRITE="3@1"), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(steps_logged(out, 2), proc=proc)
     ranks = worker_pids(proc.pid)

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TORCHRUN, child_env, metrics, run
 from test_resume import HELPERS, assert_bitwise_equal
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PY, ROOT, TORCHRUN
 from test_resume import env, resume_args, steps_logged, wait_for, worker_pids
 
@@ -65,7 +64,7 @@ def test_stop_signal_during_slow_preparation_exits_at_once(demo_small: Path, tmp
     out = tmp_path / "run"
     proc = _popen([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
                    *resume_args(demo_small, out), "data.cache=decoded", f"data.cache_dir={tmp_path / 'cache'}"],
-                  DDP_TRAINER_TEST_SLOW_CACHE="1:0.5")  # rank 1 builds its share of the cache slowly
+                  FAULT_SLOW_CACHE="1:0.5")  # rank 1 builds its share of the cache slowly
     _stderr_lines(proc, "cache")
     time.sleep(1.0)
     ranks = worker_pids(proc.pid)
@@ -83,7 +82,7 @@ def test_warning_signal_before_the_first_step_stops_together_without_saving(demo
     marker = tmp_path / "marker"
     args = [*resume_args(demo_small, out), "data.cache=decoded", f"data.cache_dir={tmp_path / 'cache'}"]
     proc = _popen([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), *args],
-                  DDP_TRAINER_TEST_SLOW_CACHE="1:0.2", DDP_TRAINER_PREEMPT_MARKER=str(marker))
+                  FAULT_SLOW_CACHE="1:0.2", DDP_TRAINER_PREEMPT_MARKER=str(marker))
     _stderr_lines(proc, "cache")
     time.sleep(0.5)
     os.kill(worker_pids(proc.pid)[0], signal.SIGUSR1)  # only rank 0, during preparation
@@ -105,7 +104,7 @@ def test_second_sigint_while_the_stop_checkpoint_is_written_exits_at_once(demo_s
     out = tmp_path / "run"
     ck = out / "checkpoints"
     args = [*resume_args(demo_small, out), "train.log_every_steps=1", "checkpoint.every_steps=2"]
-    proc = _popen([PY, str(ROOT / "launch.py"), *args], DDP_TRAINER_TEST_PAUSE_IN_WRITE="60@2")
+    proc = _popen([PY, str(ROOT / "launch.py"), *args], FAULT_PAUSE_IN_WRITE="60@2")
     wait_for(steps_logged(out, 3), proc=proc)
     wait_for(lambda: (ck / "last.pt").exists(), proc=proc)
     before = (ck / "last.pt").read_bytes()

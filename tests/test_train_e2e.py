@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PY, ROOT, TORCHRUN, launch, metrics, our_lines, run
 from PIL import Image
 
-from conftest import PY, ROOT, TORCHRUN, launch, metrics, our_lines, run
 from ddp_trainer.data.demo import CLASSES, write_demo_data
 
 pytestmark = pytest.mark.stacks

@@ -8,9 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, child_env, metrics
-from conftest import descendants
+from conftest import ROOT, child_env, descendants, metrics
 from test_resume import HELPERS
 
 pytestmark = pytest.mark.cluster

@@ -10,30 +10,48 @@ counts, normalised here to "the last finished epoch" (what ddp_trainer resumes a
 | ``timm`` | timm ``train.py`` (``version`` 2) | ``state_dict`` | ``optimizer`` | the last finished epoch (``version`` < 2: the next) |
 | ``lightning`` | Lightning ``Trainer`` | ``state_dict`` (keys prefixed by the attribute) | ``optimizer_states[0]`` | the last finished epoch |
 | ``classic`` | the classic recipe ``{"net", "optimizer", "epoch"}`` and ``{"model_state_dict"/"state_dict"/"model", ...}`` | that entry | ``optimizer`` | the last finished epoch |
+
+Each layout is an adapter: :meth:`Layout.entries` turns its file into the format's version-1 entries
+(:mod:`.format`), so that everything after reading sees one format.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import torch
+from .weights import is_state_dict
 
 NEXT, DONE = "next epoch to run", "last finished epoch"
 
 
 @dataclass(frozen=True)
 class Layout:
+    """Where a foreign file keeps what, and what its ``epoch`` meant."""
+
     name: str
     weights_key: str
     epoch_means: str  # NEXT or DONE
-    optimizer: Any = None
-    scaler: Any = None
+    optimizer_key: str | None = None
+    scaler_key: str | None = None
     arch: str | None = None  # the model name the file states, if any
+    epoch_entry: Any = None  # the file's own ``epoch`` value, as written
 
+    def finished_epoch(self) -> int:
+        """The last finished epoch (-1: none or unknown)."""
+        epoch = self.epoch_entry
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            return -1
+        return epoch - 1 if self.epoch_means == NEXT else epoch
 
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    def entries(self, obj: Mapping[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+        """The file as version-1 entries (see :mod:`.format`): weights, optimizer and scaler state,
+        and the epoch as finished, so that a resume continues after it."""
+        optimizer = obj.get(self.optimizer_key) if self.optimizer_key else None
+        if self.name == "lightning":
+            optimizer = optimizer[0] if optimizer else None  # optimizer_states: one per optimizer
+        return {"model": weights, "optimizer": optimizer,
+                "scaler": obj.get(self.scaler_key) if self.scaler_key else None,
+                "epoch": self.finished_epoch(), "epoch_complete": True}
 
 
 def _arg(obj: Mapping[str, Any], name: str) -> Any:
@@ -46,29 +64,22 @@ def detect(obj: Any) -> Layout | None:
     if not isinstance(obj, Mapping):
         return None
     keys = set(obj)
-    if ("pytorch-lightning_version" in keys or "optimizer_states" in keys) and _is_state_dict(obj.get("state_dict")):
-        states = obj.get("optimizer_states") or []
-        return Layout("lightning", "state_dict", DONE, optimizer=states[0] if states else None)
-    if _is_state_dict(obj.get("state_dict")) and "version" in keys and "arch" in keys:
-        means = DONE if int(obj.get("version") or 0) >= 2 else NEXT
-        return Layout("timm", "state_dict", means, optimizer=obj.get("optimizer"), scaler=obj.get("amp_scaler"),
-                      arch=_arg(obj, "model") or obj.get("arch"))
-    if {"epoch", "arch", "state_dict", "best_acc1"} <= keys and _is_state_dict(obj["state_dict"]):
-        return Layout("pytorch_examples", "state_dict", NEXT, optimizer=obj.get("optimizer"), arch=obj.get("arch"))
-    if _is_state_dict(obj.get("model")) and "args" in keys and "epoch" in keys:
-        return Layout("torchvision_references", "model", DONE, optimizer=obj.get("optimizer"),
-                      scaler=obj.get("scaler"), arch=_arg(obj, "model"))
-    if _is_state_dict(obj.get("net")):
-        return Layout("classic", "net", DONE, optimizer=obj.get("optimizer"))
-    for key in ("model_state_dict", "state_dict", "model"):
-        if _is_state_dict(obj.get(key)):
-            return Layout("classic", key, DONE, optimizer=obj.get("optimizer") or obj.get("optimizer_state_dict"))
-    return None
-
-
-def finished_epoch(obj: Mapping[str, Any], layout: Layout) -> int:
-    """The last finished epoch (-1: none or unknown)."""
     epoch = obj.get("epoch")
-    if not isinstance(epoch, int) or isinstance(epoch, bool):
-        return -1
-    return epoch - 1 if layout.epoch_means == NEXT else epoch
+    if ("pytorch-lightning_version" in keys or "optimizer_states" in keys) and is_state_dict(obj.get("state_dict")):
+        return Layout("lightning", "state_dict", DONE, "optimizer_states", epoch_entry=epoch)
+    if is_state_dict(obj.get("state_dict")) and "version" in keys and "arch" in keys:
+        means = DONE if int(obj.get("version") or 0) >= 2 else NEXT
+        return Layout("timm", "state_dict", means, "optimizer", "amp_scaler", arch=_arg(obj, "model") or obj.get("arch"),
+                      epoch_entry=epoch)
+    if {"epoch", "arch", "state_dict", "best_acc1"} <= keys and is_state_dict(obj["state_dict"]):
+        return Layout("pytorch_examples", "state_dict", NEXT, "optimizer", arch=obj.get("arch"), epoch_entry=epoch)
+    if is_state_dict(obj.get("model")) and "args" in keys and "epoch" in keys:
+        return Layout("torchvision_references", "model", DONE, "optimizer", "scaler", arch=_arg(obj, "model"),
+                      epoch_entry=epoch)
+    if is_state_dict(obj.get("net")):
+        return Layout("classic", "net", DONE, "optimizer", epoch_entry=epoch)
+    for key in ("model_state_dict", "state_dict", "model"):
+        if is_state_dict(obj.get(key)):
+            opt = "optimizer" if obj.get("optimizer") else "optimizer_state_dict"
+            return Layout("classic", key, DONE, opt, epoch_entry=epoch)
+    return None

@@ -1,5 +1,6 @@
-"""When to save and what: the save policy (every_epochs, every_steps, best, last, stop) and the
-writes of the state assembled from a :class:`~ddp_trainer.state.StateRegistry`.
+"""When to save and what: the save policy (every_epochs, every_steps, best, last, stop), the ranking
+of the best epochs (``checkpoint.monitor``, ``mode``, ``keep_best``), and the writes of the state
+assembled from a :class:`~.registry.StateRegistry`.
 
 Every rank calls :meth:`CheckpointManager.save` at the same points (the registry's collectives);
 only global rank 0 has a writer (a rank-0 decision made when the manager is built).
@@ -7,23 +8,80 @@ only global rank 0 has a writer (a rank-0 decision made when the manager is buil
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
-from .reader import AsyncCheckpointWriter, CheckpointWriter
 from ..config import CheckpointConfig
 from ..launch.dist import Dist
-from .registry import StateRegistry
+from .registry import LoadContext, SaveContext, StateRegistry
+from .writer import AsyncCheckpointWriter, CheckpointWriter
 
 log = logging.getLogger("ddp_trainer")
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """What one epoch's monitored value means for the files: a new best, and with ``keep_best`` > 1
+    the names this epoch's file also gets and the names of files that left the K best."""
+
+    is_best: bool
+    also: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass
+class BestRanking:
+    """The best monitored value so far and the K best epochs (a component: entries ``best`` and
+    ``best_k``, ``[[value, epoch], ...]`` best first)."""
+
+    mode: str  # "min" | "max"
+    keep: int  # checkpoint.keep_best
+    best: float | None = None
+    best_k: list = field(default_factory=list)
+
+    def judge(self, value: float, epoch: int) -> Judgement:
+        """Rank epoch ``epoch``'s ``value`` (and remember it)."""
+        is_best = self._better(value)
+        if is_best:
+            self.best = value
+        if self.keep <= 1 or math.isnan(value):
+            return Judgement(is_best)
+        kept = [list(e) for e in self.best_k]
+        ranked = sorted(kept + [[value, epoch]], key=lambda e: e[0],
+                        reverse=self.mode == "max")[:self.keep]  # stable: on a tie the older stays
+        self.best_k = ranked
+        if [value, epoch] not in ranked:
+            return Judgement(is_best)
+        gone = tuple(f"best_epoch_{e:04d}.pt" for v, e in kept if [v, e] not in ranked)
+        return Judgement(is_best, (f"best_epoch_{epoch:04d}.pt",), gone)
+
+    def _better(self, value: float) -> bool:
+        if self.best is None or math.isnan(self.best):
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def save(self, ctx: SaveContext) -> dict[str, Any]:
+        return {"best": self.best, "best_k": [list(e) for e in self.best_k]}
+
+    def load(self, entries: Mapping[str, Any], ctx: LoadContext) -> None:
+        self.best = entries.get("best")
+        self.best_k = [list(e) for e in entries.get("best_k") or []]
+
+
 class CheckpointManager:
+    """The run's checkpoints: the save policy, the best ranking (registered as a component), and
+    rank 0's writer."""
+
     def __init__(self, cfg: CheckpointConfig, folder: Path, dist: Dist, registry: StateRegistry,
                  total_epochs: int) -> None:
         self.cfg = cfg
         self.dist = dist
         self.registry = registry
         self.total_epochs = total_epochs
+        self.ranking = BestRanking(cfg.mode, cfg.keep_best)
+        registry.register("best", self.ranking, flat=True)
         writer_cls = AsyncCheckpointWriter if cfg.async_ else CheckpointWriter
         self.writer = writer_cls(folder, cfg.keep_last) if dist.is_main else None
         self.last_saved: str | None = None  # what this run's last save held ("epoch 1, 64 samples in")
@@ -42,17 +100,19 @@ class CheckpointManager:
 
     # -- writes ------------------------------------------------------------------------------------
 
-    def save(self, *, epoch: int, what: str, epoch_file: bool = False, best: bool = False,
-             wait: bool = False, also: tuple[str, ...] = (), remove: tuple[str, ...] = ()) -> None:
-        """Assemble the state (every rank) and write it (rank 0). A failed earlier background write
-        fails every rank here; ``wait`` blocks until this save is on disk. ``also`` / ``remove``: more
-        names for this file, and names to remove once it is in place (``checkpoint.keep_best``)."""
+    def save(self, *, epoch: int, what: str, end_of_epoch: bool = False, judgement: Judgement | None = None,
+             wait: bool = False) -> None:
+        """Assemble the state (every rank) and write it (rank 0). ``end_of_epoch``: the epoch is
+        complete (the file is also ``epoch_NNNN.pt``); ``judgement``: the names a best epoch's file
+        also gets and those to remove once it is in place. A failed earlier background write fails
+        every rank here; ``wait`` blocks until this save is on disk."""
         self.check()
-        state = self.registry.state_dict(self.dist.is_main)
+        state = self.registry.state_dict(SaveContext(epoch_complete=end_of_epoch), self.dist.is_main)
         if self.writer is not None:
             assert state is not None
-            path = self.writer.save(state, epoch_file=epoch if epoch_file else None, best=best, also=also,
-                                    remove=remove)
+            j = judgement or Judgement(False)
+            path = self.writer.save(state, epoch_file=epoch if end_of_epoch else None, best=j.is_best,
+                                    also=j.also, remove=j.remove)
             log.info("checkpoint: %s (epoch %d, %s)", path.name, epoch, what)
         self.last_saved = f"epoch {epoch}, {what}"
         if wait:

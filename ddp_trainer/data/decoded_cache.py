@@ -29,15 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import DataConfig
 from ..errors import DataError
-from .folder_index import FolderIndex
 from ..fsutil import atomic_write_text, human_bytes, publish
+from ..launch.dist import Dist
 from ..progress import Ticker
-from .transforms import ImageTransform, load_rgb
+from .demo import cache_root
+from .folder_index import FolderIndex
+from .images import load_rgb
+from .transforms import ImageTransform
 
 log = logging.getLogger("ddp_trainer")
 VERSION = 2
-SLOW_ENV = "DDP_TRAINER_TEST_SLOW_CACHE"  # test hook: "RANK:SECONDS" - that global rank sleeps per image
 TMP_GLOB = ".decoded-*.tmp-*"
 CHUNK = 64  # images per loader item when decoding
 STAT_CHUNK = 4096  # files per digest of the cache key
@@ -198,8 +201,8 @@ class _DecodeInto(torch.utils.data.Dataset):
     """Item ``k`` decodes chunk ``k`` of this rank's share and writes it into the temporary file
     (one ``pwrite`` per chunk at its offset: no shared mapping whose page faults the ranks contend on)."""
 
-    def __init__(self, index: FolderIndex, fit: ImageTransform, tmp: Path, lo: int, hi: int, slow_s: float) -> None:
-        self.index, self.size, self.tmp, self.lo, self.hi, self.slow_s = index, fit.size, tmp, lo, hi, slow_s
+    def __init__(self, index: FolderIndex, fit: ImageTransform, tmp: Path, lo: int, hi: int) -> None:
+        self.index, self.size, self.tmp, self.lo, self.hi = index, fit.size, tmp, lo, hi
         self.fit = fit
         self._fd: int | None = None
 
@@ -214,8 +217,6 @@ class _DecodeInto(torch.utils.data.Dataset):
         out = np.empty((stop - start, 3, self.size, self.size), dtype=np.uint8)
         for i in range(start, stop):
             out[i - start] = self.fit.fit(load_rgb(self.index.path(i))).numpy()
-            if self.slow_s:
-                time.sleep(self.slow_s)
         os.pwrite(self._fd, out.data, start * nbytes(1, self.size))
         return stop - start
 
@@ -228,20 +229,13 @@ class _DecodeInto(torch.utils.data.Dataset):
         return {**self.__dict__, "_fd": None}  # each worker opens the file itself
 
 
-def _slow_hook(rank: int) -> float:
-    raw = os.environ.get(SLOW_ENV, "")
-    who, _, seconds = raw.partition(":")
-    return float(seconds) if raw and int(who) == rank else 0.0
-
-
-def _fill(index: FolderIndex, fit: ImageTransform, tmp: Path, share: int, shares: int, workers: int,
-          slow_s: float) -> None:
+def _fill(index: FolderIndex, fit: ImageTransform, tmp: Path, share: int, shares: int, workers: int) -> None:
     """Decode this process's contiguous share of the images into ``tmp``."""
     n = len(index)
     lo, hi = n * share // shares, n * (share + 1) // shares
     if hi <= lo:
         return
-    ds = _DecodeInto(index, fit, tmp, lo, hi, slow_s)
+    ds = _DecodeInto(index, fit, tmp, lo, hi)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     ticker = Ticker(f"data.cache: decoding {index.root}", total=n, scale=shares)
     try:
@@ -251,7 +245,7 @@ def _fill(index: FolderIndex, fit: ImageTransform, tmp: Path, share: int, shares
         ds.close()
 
 
-def ensure(index: FolderIndex, size: int, folder: Path, dist: Any, workers: int = 0, resize: int | None = None,
+def ensure(index: FolderIndex, size: int, folder: Path, dist: Dist, workers: int = 0, resize: int | None = None,
            interpolation: str = "bilinear") -> Path:
     """This node's cache of ``index`` at ``size`` (shorter side resized to ``resize``, default
     ``size``, then centre-cropped), built first if missing. Every rank calls this; every local rank of
@@ -274,7 +268,7 @@ def ensure(index: FolderIndex, size: int, folder: Path, dist: Any, workers: int 
             with dist.waiting("the decoded cache build (every local rank decodes a share)"):
                 if target.tmp is not None:
                     dist.all_ok(lambda: _fill(index, fit, target.tmp, env.local_rank, env.local_world_size,
-                                              workers, _slow_hook(env.rank)))
+                                              workers))
                 else:
                     dist.all_ok(lambda: None)  # this node has its cache; join the others' collectives
                 decoded = time.monotonic() - t0
@@ -311,8 +305,9 @@ class CachedImages:
 def build(index: FolderIndex, size: int, folder: Path, workers: int = 0, resize: int | None = None,
           interpolation: str = "bilinear") -> Path:
     """:func:`ensure` in one process without a process group (tools, tests, benchmarks)."""
-    from ..launch.dist import Dist
-    from ..launch.environment import LaunchEnv
+    return ensure(index, size, folder, Dist.single(), workers, resize, interpolation)
 
-    return ensure(index, size, folder, Dist(env=LaunchEnv(), backend=None, device=torch.device("cpu")), workers,
-                  resize, interpolation)
+
+def cache_folder(cfg: DataConfig) -> Path:
+    """Where ``data.cache=decoded`` keeps its files: ``data.cache_dir``, else <cache root>/decoded."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "decoded"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torchvision.transforms import v2
 
 from .transforms import sample_seed
 
@@ -19,8 +20,6 @@ _STREAM = 0x6D6978  # keeps these seeds apart from the per-sample augmentation s
 
 class BatchMixer:
     def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float, seed: int, rank: int) -> None:
-        from torchvision.transforms import v2
-
         choices = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + (
             [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
         self.transform: Any = choices[0] if len(choices) == 1 else v2.RandomChoice(choices)

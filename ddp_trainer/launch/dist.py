@@ -23,8 +23,8 @@ import torch.distributed as tdist
 from torch import nn
 
 from .. import compat
-from .environment import LaunchEnv
 from ..errors import CollectiveFailed, PeerLost, PeerTimeout, UserError
+from .environment import LaunchEnv
 from .signals import doing
 
 log = logging.getLogger("ddp_trainer")
@@ -38,11 +38,16 @@ class Dist:
     env: LaunchEnv
     backend: str | None  # None: no process group
     device: torch.device
-    cpu_group: Any = None  # a gloo group for host-side flags (None: the default group is gloo already)
+    cpu_group: tdist.ProcessGroup | None = None  # a gloo group for host-side flags (None: the default group is gloo already)
     timeout_s: float = 300.0  # the collectives' timeout once training runs (dist.timeout_s)
     init_timeout_s: float = 300.0  # the timeout until end_preparation() (dist.init_timeout_s)
     lowered: bool = False  # end_preparation() has lowered the timeout to timeout_s
     gradient_watch: "GradientSyncWatch" = field(default_factory=lambda: GradientSyncWatch())
+
+    @classmethod
+    def single(cls, device: torch.device | None = None) -> "Dist":
+        """One process, no process group (tools and commands that run outside a launch)."""
+        return cls(env=LaunchEnv(), backend=None, device=device or torch.device("cpu"))
 
     @property
     def rank(self) -> int:

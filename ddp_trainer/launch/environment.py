@@ -50,6 +50,17 @@ class LaunchEnv:
         return self.world_size > 1
 
 
+def process_rank(env: Mapping[str, str]) -> int:
+    """This process's global rank as far as the launcher's variables tell before anything is
+    validated (``RANK``, else ``SLURM_PROCID``, else 0): who prints a shared error, who speaks for
+    the job. :func:`resolve` is the checked reading."""
+    raw = env.get("RANK") or env.get("SLURM_PROCID") or "0"
+    try:
+        return int(raw)
+    except ValueError:
+        return 0
+
+
 def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
     raw = env.get(key)
     if raw is None or raw == "":

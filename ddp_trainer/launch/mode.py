@@ -6,12 +6,14 @@ process over all visible GPUs), ``single`` (one process, one device).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..errors import ConfigError
+from .dist import GradientSyncWatch
 
 Mode = Literal["ddp", "dp", "single"]
 
@@ -72,12 +74,11 @@ def prepare(model: nn.Module, decision: ModeDecision, *, sync_batchnorm: bool, c
     return model
 
 
-def wrap(model: nn.Module, decision: ModeDecision, device: torch.device, watch: Any = None) -> nn.Module:
+def wrap(model: nn.Module, decision: ModeDecision, device: torch.device,
+         watch: GradientSyncWatch | None = None) -> nn.Module:
     """Wrap an (already placed) model for its mode. ``watch``: a GradientSyncWatch whose hook runs
     DDP's gradient all-reduce (so that a failed one is recognised as such)."""
     if decision.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [device.index] if device.type == "cuda" else None
         ddp = DDP(model, device_ids=ids)
         if watch is not None:

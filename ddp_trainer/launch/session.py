@@ -1,49 +1,27 @@
-"""Running inside a launch: resolve the environment, decide the mode, log it, and hold the process
-group for the body of a command (training, distributed evaluation)."""
+"""Running inside a launch: decide the mode, log it, and hold the process group for the body of a
+command (training, distributed evaluation)."""
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from typing import Any, Iterator
+import socket
+from typing import Iterator
+
+import torch
+
+from .dist import Dist, pick_device, process_group
+from .environment import LaunchEnv
+from .mode import ModeDecision, decide_mode
+from .signals import write_ready
 
 log = logging.getLogger("ddp_trainer")
 
 
-def die_with_parent() -> None:
-    """A torchrun worker ends when its agent dies (Linux parent-death signal): a SIGKILLed agent must
-    not leave workers training and writing on their own."""
-    import ctypes
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the agent died before the call
-        os._exit(1)
-
-
 @contextlib.contextmanager
-def launched(mode_request: str, backend: str, timeout_s: float,
-             init_timeout_s: float | None = None) -> Iterator[tuple[Any, Any]]:
-    """Resolve the launch environment, decide the mode, log the decision, and run inside the process
-    group (always torn down). Yields ``(Dist, ModeDecision)``."""
-    import torch
-
-    from .dist import pick_device, process_group
-    from .environment import resolve
-    from .mode import decide_mode
-    from .signals import write_ready
-    from ..runlog import setup_logging
-
-    env = resolve(os.environ)
-    setup_logging(env.rank)
+def launched(env: LaunchEnv, mode_request: str, backend: str, timeout_s: float,
+             init_timeout_s: float | None = None) -> Iterator[tuple[Dist, ModeDecision]]:
+    """Decide the mode for ``env``, log the decision, and run inside the process group (always torn
+    down). Yields ``(Dist, ModeDecision)``."""
     decision = decide_mode(mode_request, backend, env.world_size, env.local_world_size, torch.cuda.device_count(),
                            launched=env.source != "single")
     device = pick_device(env, decision.use_cuda)
@@ -66,8 +44,6 @@ def launched(mode_request: str, backend: str, timeout_s: float,
 
 
 def _host_and_address() -> tuple[str, str]:
-    import socket
-
     host = socket.gethostname()
     try:
         return host, socket.gethostbyname(host)

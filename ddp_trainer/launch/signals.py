@@ -19,16 +19,21 @@ Signals reach a watcher thread through :func:`signal.set_wakeup_fd`, so a main t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from ..config import signal_name
 from ..fsutil import atomic_write_text
+from .environment import process_rank
 
 EXIT_PREEMPTED = 3  # stopped by a signal (after saving a checkpoint): run the same command to resume
 MARKER = "PREEMPTED"
@@ -38,6 +43,7 @@ DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
 WARNING_SIGNALS = frozenset({"SIGUSR1"})  # a warning before the end: repeats are harmless, it never exits at once
 REPEAT_S = 2.0  # a second SIGTERM/SIGINT sooner than this is the same request arriving twice
 _CANCEL_RANK = 64  # in the rank agreement a cancel (TERM/INT) outranks a warning (USR1): encoded above 64
+_WRITE_FAILED = 1 << 20  # in the rank agreement: rank 0's last background checkpoint write failed
 
 _activity: list[str] = []  # what start-up is doing now (named when a signal ends it), innermost last
 
@@ -74,17 +80,32 @@ class Preempted(Exception):
 
 
 def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
-    out = []
-    for name in names:
-        key = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
-        out.append(signal.Signals[key])
-    return out
+    """``preempt.signals`` (validated by the config) as signals."""
+    return [signal.Signals[signal_name(name)] for name in names]
 
 
 def _say(text: str) -> None:
     """One line on stderr from rank 0, written directly (safe from any thread, any moment)."""
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("", "0"):
+    if process_rank(os.environ) == 0:
         os.write(2, (text + "\n").encode("utf-8", "backslashreplace"))
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What the ranks agreed on at a step boundary, from the max of their codes: the stop signal
+    any rank received (a cancel outranks a warning), and whether rank 0's background checkpoint
+    write failed (so every rank stops at the next step with its message, not at the next save)."""
+
+    signal: str | None
+    write_failed: bool
+
+    @classmethod
+    def decode(cls, code: int) -> "Agreement":
+        write_failed = bool(code & _WRITE_FAILED)
+        code &= _WRITE_FAILED - 1
+        if not code:
+            return cls(None, write_failed)
+        return cls(signal.Signals(code % _CANCEL_RANK if code > _CANCEL_RANK else code).name, write_failed)
 
 
 class StopRequest:
@@ -149,9 +170,10 @@ class StopRequest:
         n = int(signal.Signals[self.received])
         return n if self.received in WARNING_SIGNALS else n + _CANCEL_RANK
 
-    @staticmethod
-    def decode(code: int) -> str:
-        return signal.Signals(code % _CANCEL_RANK if code > _CANCEL_RANK else code).name
+    def agreement_code(self, write_failed: bool = False) -> int:
+        """This rank's part of the stop agreement (the ranks all-reduce it with max; see
+        :class:`Agreement`): the signal received, and whether a background write failed."""
+        return self.signum | (_WRITE_FAILED if write_failed else 0)
 
     def _watch(self) -> None:
         assert self._pair is not None
@@ -204,6 +226,21 @@ class StopRequest:
 
 def _no_op(signum: int, frame: Any) -> None:
     """The Python-level handler: the watcher thread acts on the signal (see the module docstring)."""
+
+
+def die_with_parent() -> None:
+    """A torchrun worker ends when its agent dies (Linux parent-death signal): a SIGKILLed agent must
+    not leave workers training and writing on their own."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the agent died before the call
+        os._exit(1)
 
 
 def write_ready() -> None:

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..checkpoint.registry import LoadContext, SaveContext
+
 
 class WeightEMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
@@ -28,11 +30,11 @@ class WeightEMA:
     def update(self, model: nn.Module) -> None:
         self.averaged.update_parameters(model)
 
-    def state_dict(self) -> dict[str, Any]:
-        """``{"weights": state dict (CPU), "n_averaged": updates so far}``."""
+    def save(self, ctx: SaveContext) -> dict[str, Any]:
+        """``{"weights": state dict (CPU), "n_averaged": updates so far, "decay"}`` (``model_ema``)."""
         return {"weights": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
                 "n_averaged": int(self.averaged.n_averaged.item()), "decay": self.decay}
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def load(self, sd: dict[str, Any], ctx: LoadContext) -> None:
         self.module.load_state_dict(sd["weights"])
         self.averaged.n_averaged.fill_(int(sd["n_averaged"]))

@@ -8,16 +8,20 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..launch.dist import Dist
+from ..data.mixing import BatchMixer
 from ..data.samplers import EpochPlan
+from ..errors import NonFiniteLoss
+from ..launch.dist import Dist
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images, labels, loss weights
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_NEVER = 1 << 62  # the non-finite agreement sends NEVER - step, so the max over ranks is the earliest step
 
 
 @dataclass
@@ -51,14 +55,15 @@ class Engine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, normalize: nn.Module,
                  device: torch.device, precision: str = "fp32", clip_grad_norm: float | None = None,
                  channels_last: bool = False, scaler: torch.amp.GradScaler | None = None,
-                 label_smoothing: float = 0.0, mixer: Any = None, dist: Dist | None = None) -> None:
+                 label_smoothing: float = 0.0, mixer: BatchMixer | None = None, dist: Dist | None = None,
+                 running: RunningLoss | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.normalize = normalize
         self.device = device
         self.clip = clip_grad_norm
         self.label_smoothing = label_smoothing  # the training loss only (evaluate() uses plain cross-entropy)
-        self.mixer = mixer  # mixing.BatchMixer: mixed images and soft targets (None: plain labels)
+        self.mixer = mixer  # mixed images and soft targets (None: plain labels)
         self.dist = dist  # its gradient watch names a failed gradient all-reduce (None: no process group)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         dtype = AUTOCAST_DTYPES.get(precision)
@@ -67,12 +72,17 @@ class Engine:
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
         # gradient sync is skipped on accumulation micro-steps (DDP only has no_sync)
         self.no_sync: Callable[[], Any] = getattr(model, "no_sync", contextlib.nullcontext)
-        self.running = RunningLoss(device)
+        self.running = running or RunningLoss(device)
         # the first optimizer step (global number) whose loss was nan/inf, -1 if none; on the device,
         # read only when asked (no sync per step)
         self.nonfinite_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.data_wait_s = 0.0
         self.non_blocking = device.type == "cuda"
+
+    def start_pass(self) -> None:
+        """A new pass over (the rest of) an epoch: its running loss and data wait start at zero."""
+        self.running.reset()
+        self.data_wait_s = 0.0
 
     def _to_device(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         images, labels, weights = batch
@@ -131,6 +141,18 @@ class Engine:
             consumed = plan.consumed_after(j)
             yield StepDone(j, consumed, lr)
 
+    def check_finite(self, dist: Dist, epoch: int, kept: Callable[[], str]) -> None:
+        """Stop every rank (before anything is saved) once a training loss was nan/inf on any rank,
+        naming the first such step; ``kept()`` says which checkpoint stays. Called where the loop
+        syncs anyway (log lines, saves, epoch end), so the check costs no extra device sync per step."""
+        first = int(self.nonfinite_step.item())
+        earliest = dist.max_int(_NEVER - first if first >= 0 else 0)  # max of (NEVER - step): the earliest
+        if not earliest:
+            return
+        raise NonFiniteLoss(f"the training loss became nan/inf at step {_NEVER - earliest} (epoch {epoch}); stopped "
+                            f"without saving, {kept()}. Lower optim.lr, set train.clip_grad_norm, or use "
+                            f"train.precision=bf16 (train.stop_on_nonfinite=false trains on)", shared=True)
+
 
 @dataclass
 class EvalResult:
@@ -146,7 +168,7 @@ class CountMismatch(RuntimeError):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, normalize: nn.Module, device: torch.device, dist: Dist,
+def evaluate(model: nn.Module, loader: Iterable[Batch], normalize: nn.Module, device: torch.device, dist: Dist,
              num_classes: int, expected_count: int, precision: str = "fp32") -> EvalResult:
     """Exact validation: per-sample sums reduced across ranks, each image counted once.
 

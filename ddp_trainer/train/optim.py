@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..checkpoint.registry import SaveContext
 from ..config import OptimConfig, SchedConfig
-
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm,
                nn.GroupNorm, nn.LocalResponseNorm)
@@ -81,8 +81,9 @@ class LRSchedule:
             return self.base_lr * factor * self.cfg.gamma ** int(progress // self.cfg.step_epochs)
         return self.base_lr * factor
 
-    def state_dict(self) -> dict[str, Any]:
-        """What the schedule depends on (it has no hidden counters)."""
+    def save(self, ctx: SaveContext) -> dict[str, Any]:
+        """What the schedule depends on (a component written, never restored: it has no hidden
+        counters, and is a function of the config and the loop's progress)."""
         return {"name": self.cfg.name, "base_lr": self.base_lr, "warmup_epochs": self.cfg.warmup_epochs,
                 "total_epochs": self.total_epochs}
 

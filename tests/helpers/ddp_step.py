@@ -9,13 +9,13 @@ import sys
 
 import torch
 
-from ddp_trainer.launch.dist import process_group
-from ddp_trainer.train.engine import Engine
-from ddp_trainer.launch.environment import resolve
-from ddp_trainer.models import TinyCNN
-from ddp_trainer.launch.mode import decide_mode, unwrap, wrap
 from ddp_trainer.data.samplers import EpochPlan
 from ddp_trainer.data.transforms import Normalize
+from ddp_trainer.launch.dist import process_group
+from ddp_trainer.launch.environment import resolve
+from ddp_trainer.launch.mode import decide_mode, unwrap, wrap
+from ddp_trainer.models import TinyCNN
+from ddp_trainer.train.engine import Engine
 
 out, batch, accum, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 env = resolve(os.environ)
@@ -31,7 +31,9 @@ with process_group(env, decision.backend, torch.device("cpu"), 60) as dist:
     model = wrap(model, decision, dist.device)
     calls = [0]
     if dist.active:
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
+            allreduce_hook,
+        )
 
         def counting_hook(state, bucket):
             calls[0] += 1

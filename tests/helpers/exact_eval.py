@@ -11,12 +11,13 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from ddp_trainer.config import load
-from ddp_trainer.data.datasets import FolderDataset, build_splits, eval_transform, make_eval_loader
+from ddp_trainer.data.datasets import FolderDataset, build_splits, eval_transform
+from ddp_trainer.data.loaders import make_eval_loader
+from ddp_trainer.data.transforms import Normalize
 from ddp_trainer.launch.dist import process_group
-from ddp_trainer.train.engine import CountMismatch, evaluate
 from ddp_trainer.launch.environment import resolve
 from ddp_trainer.models import build_model
-from ddp_trainer.data.transforms import Normalize
+from ddp_trainer.train.engine import CountMismatch, evaluate
 
 weights, root, model_name, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 env = resolve(os.environ)

@@ -1,0 +1,143 @@
+"""DataLoaders of a run, and the one place that reaches into torch's private DataLoader internals.
+
+Batches are ``(uint8 images, labels, loss weights)``; the training loader draws its micro-batches
+from an :class:`~.samplers.EpochPlan` set each epoch, the evaluation loader each rank's exact share.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..config import Config, DataConfig
+from ..launch.dist import Dist
+from .datasets import (
+    FolderDataset,
+    Splits,
+    eval_transform,
+    train_transform,
+    with_decoded_cache,
+)
+from .samplers import EpochPlan, ExactEvalSampler, PlanBatchSampler
+
+
+def _collate(items: list[tuple[torch.Tensor, int, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    weights = torch.tensor([it[2] for it in items], dtype=torch.float32)
+    return images, labels, weights
+
+
+def _loader_kwargs(cfg: DataConfig, device: torch.device, workers: int,
+                   worker_init_fn: Callable[[int], None] | None = None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "worker_init_fn": worker_init_fn,
+        "num_workers": workers,
+        "pin_memory": cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda",
+        "collate_fn": _collate,
+    }
+    if workers > 0:
+        kwargs["persistent_workers"] = cfg.persistent_workers
+        if cfg.prefetch_factor is not None:
+            kwargs["prefetch_factor"] = cfg.prefetch_factor
+    return kwargs
+
+
+class LoaderOwner:
+    """The run's DataLoaders, and the one place that reaches into torch's private DataLoader
+    internals (``DataLoader._iterator``, ``_shutdown_workers``), for which torch has no public API.
+    ``tests/test_loader_internals.py`` fails loudly when a torch upgrade changes them.
+
+    Why: loader workers ignore the stop signals (a cluster's signal must not kill them before the
+    stop checkpoint), so after an exception multiprocessing's exit-time terminate-and-join would
+    wait for them forever; :meth:`close` stops them explicitly on every exit path. And workers fork
+    from the training process: ``before_fork`` runs before each fork (a background checkpoint write
+    must not be half-way through a lock when a worker inherits the process image).
+    """
+
+    def __init__(self, before_fork: Callable[[], None]) -> None:
+        self.before_fork = before_fork
+        self._loaders: list[DataLoader] = []
+        self._forked: set[int] = set()  # ids of persistent-worker loaders whose workers exist
+        self._live: Any = None  # the iterator of the current pass (non-persistent workers)
+
+    def iterate(self, loader: DataLoader) -> Iterator[Any]:
+        """A new pass over ``loader`` (its workers forked first where needed)."""
+        if loader not in self._loaders:
+            self._loaders.append(loader)
+        if loader.num_workers > 0 and not (loader.persistent_workers and id(loader) in self._forked):
+            self._forked.add(id(loader))
+            self.before_fork()
+        self._live = iter(loader)
+        return self._live
+
+    def close(self) -> None:
+        """Stop every loader's workers now (idempotent)."""
+        for it in [self._live] + [getattr(loader, "_iterator", None) for loader in self._loaders]:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        for loader in self._loaders:
+            loader._iterator = None
+        self._live = None
+        self._forked.clear()
+
+
+def make_train_loader(dataset: FolderDataset, cfg: DataConfig, device: torch.device,
+                      workers: int | None = None, worker_init_fn: Callable[[int], None] | None = None
+                      ) -> tuple[DataLoader, PlanBatchSampler]:
+    batches = PlanBatchSampler()
+    w = cfg.num_workers if workers is None else workers
+    return DataLoader(dataset, batch_sampler=batches, **_loader_kwargs(cfg, device, w, worker_init_fn)), batches
+
+
+def make_eval_loader(dataset: FolderDataset, cfg: DataConfig, dist: Dist, device: torch.device,
+                     sampler: Sampler | None = None, workers: int | None = None,
+                     worker_init_fn: Callable[[int], None] | None = None) -> DataLoader:
+    """Loader over this rank's exact share of ``dataset`` (``sampler`` replaces it, for tests)."""
+    if sampler is None:
+        sampler = ExactEvalSampler(len(dataset), dist.world_size, dist.rank)
+    w = cfg.num_workers if workers is None else workers
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                      **_loader_kwargs(cfg, device, w, worker_init_fn))
+
+
+@dataclass
+class RunData:
+    """A training run's datasets and loaders, built once (persistent workers live across epochs)."""
+
+    splits: Splits
+    train_set: FolderDataset
+    val_set: FolderDataset
+    owner: LoaderOwner
+    train_loader: DataLoader
+    batches: PlanBatchSampler
+    val_loader: DataLoader
+
+    def train_batches(self, plan: EpochPlan) -> Iterator[Any]:
+        """A pass over ``plan``'s micro-batches."""
+        self.batches.set_plan(plan)
+        return self.owner.iterate(self.train_loader)
+
+    def val_batches(self) -> Iterator[Any]:
+        return self.owner.iterate(self.val_loader)
+
+    def close(self) -> None:
+        """Stop every loader's workers now."""
+        self.owner.close()
+
+
+def build_run_data(cfg: Config, dist: Dist, splits: Splits, *, worker_init_fn: Callable[[int], None],
+                   before_fork: Callable[[], None]) -> RunData:
+    """The datasets (over this node's decoded caches with ``data.cache=decoded``: built first when
+    missing) and their loaders. ``before_fork`` runs before loader workers fork (see LoaderOwner)."""
+    d = cfg.data
+    train_cache = with_decoded_cache(splits.train, d, dist, d.train_cache_size)
+    train_set = FolderDataset(splits.train, train_transform(d), cfg.seed, train_cache)
+    val_cache = with_decoded_cache(splits.val, d, dist, d.image_size, d.val_resize)
+    val_set = FolderDataset(splits.val, eval_transform(d, cached=val_cache is not None), cfg.seed, val_cache)
+    train_loader, batches = make_train_loader(train_set, d, dist.device, worker_init_fn=worker_init_fn)
+    val_loader = make_eval_loader(val_set, d, dist, dist.device, worker_init_fn=worker_init_fn)
+    return RunData(splits, train_set, val_set, LoaderOwner(before_fork), train_loader, batches, val_loader)

@@ -1,0 +1,145 @@
+"""Assembling a run: output folder, data, the checkpoint to resume, model, optimizer and the other
+pieces of state (each registered as a checkpoint component where it is built), then the wrapped
+model, the loaders and the engine, handed to a :class:`~.trainer.Trainer`.
+
+Order matters and is deliberate: nothing is written to ``output_dir`` before it is locked and the
+run has decided how it starts; a checkpoint is read by rank 0 only, then broadcast, and restored
+into the unwrapped model (before DDP / DataParallel / compile wrap it).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from ..checkpoint.policy import CheckpointManager
+from ..checkpoint.registry import LoadContext, StateRegistry
+from ..config import Config
+from ..data.datasets import build_splits
+from ..data.loaders import build_run_data
+from ..data.mixing import BatchMixer
+from ..data.transforms import Normalize
+from ..errors import ConfigError, DataError
+from ..launch.dist import Dist
+from ..launch.mode import ModeDecision, prepare, wrap
+from ..launch.signals import StopRequest, worker_init_ignoring
+from ..models import build_model
+from .components import (
+    LoopState,
+    ModelWeights,
+    OptimizerState,
+    RngState,
+    RunMeta,
+    ScalerState,
+    TrainingSetCheck,
+)
+from .ema import WeightEMA
+from .engine import Engine, RunningLoss
+from .optim import LRSchedule, build_optimizer, scaled_lr
+from .report import EpochReport
+from .resume import apply_initial_weights, find_resume, read_initial_weights
+from .run_folder import RunFolder
+from .state import TrainState
+from .trainer import Trainer
+
+log = logging.getLogger("ddp_trainer")
+
+
+def check_trainable(n: int, world: int, batch_size: int, model: nn.Module) -> None:
+    """Refuse, before training, a training set or batch that BatchNorm or the ranks cannot use.
+    Every rank checks the same figures, so only rank 0 prints the error (``shared``)."""
+    if n < 2 * world:
+        raise DataError(f"the training set has {n} image(s), fewer than 2 per process for {world} process(es); "
+                        f"add images or run fewer processes", shared=True)
+    if batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError("data.batch_size=1 with a model that has BatchNorm layers: BatchNorm cannot train on "
+                          "one sample; use data.batch_size=2 or more", shared=True)
+
+
+def _determinism(cfg: Config, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.train.deterministic  # fastest kernels unless asked not to
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+
+
+def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: StopRequest,
+                  trust_checkpoint: bool = False, max_steps_per_epoch: int | None = None) -> Trainer:
+    """Every rank builds the same run (the collectives inside run on every rank, in the same order).
+    A build that fails lets go of what it took (the lock, loader workers) before raising."""
+    folder = RunFolder(cfg, dist)
+    with contextlib.ExitStack() as undo:
+        undo.callback(folder.close)
+        folder.claim()
+        splits = build_splits(cfg, dist)
+        num_classes = len(splits.classes)
+        log.info("data: %d train / %d val images, %d classes; val from %s", len(splits.train), len(splits.val),
+                 num_classes, splits.source)
+        with dist.waiting("rank 0 to read the checkpoint"):
+            resume = dist.main_then_broadcast(
+                lambda: find_resume(cfg, folder.checkpoints, splits.class_to_idx, trust_checkpoint))
+            starts_from = cfg.model.init_from or cfg.model.weights
+            init = (dist.main_then_broadcast(lambda: read_initial_weights(cfg, trust_checkpoint))
+                    if starts_from and resume is None else None)
+        folder.open()
+
+        _determinism(cfg, dist.device)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+        model = build_model(cfg.model.name, num_classes)
+        check_trainable(len(splits.train), dist.world_size, cfg.data.batch_size, model)
+        if init is not None:
+            apply_initial_weights(model, init)
+        model = prepare(model.to(dist.device), decision, sync_batchnorm=cfg.model.sync_batchnorm,
+                        channels_last=cfg.train.channels_last)
+        global_batch = cfg.data.batch_size * dist.world_size * cfg.train.grad_accum_steps
+        base_lr = scaled_lr(cfg.optim, global_batch)
+        if cfg.optim.lr_scale == "linear":
+            log.info("optim.lr_scale=linear: lr %g x global batch %d / 256 = %g", cfg.optim.lr, global_batch, base_lr)
+
+        # the checkpoint's components, in the order they are saved and restored
+        registry = StateRegistry()
+        registry.register("meta", RunMeta(cfg, splits.class_to_idx, dist.world_size), flat=True)
+        registry.register("model", ModelWeights(model))
+        optimizer = build_optimizer(model, cfg.optim, base_lr)
+        registry.register("optimizer", OptimizerState(optimizer, cfg.optim.name, model))
+        schedule = LRSchedule(base_lr, cfg.sched, cfg.train.epochs)
+        registry.register("scheduler", schedule)
+        scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.precision == "fp16")
+        registry.register("scaler", ScalerState(scaler))
+        running = RunningLoss(dist.device)
+        loop = LoopState(TrainState(), running, dist)
+        registry.register("train_state", loop, every_rank=True, flat=True)
+        check = TrainingSetCheck(splits.train.fingerprint(), loop.state, cfg.checkpoint.on_data_change)
+        registry.register("train_data", check)  # after train_state: needs the position
+        registry.register("rng", RngState(dist, cfg.seed), every_rank=True, flat=True)
+        ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
+        if ema is not None:
+            registry.register("model_ema", ema)
+        checkpoints = CheckpointManager(cfg.checkpoint, folder.checkpoints, dist, registry, cfg.train.epochs)
+        if resume is not None:  # before wrapping: canonical keys, CPU tensors
+            registry.load_state_dict(LoadContext(resume, dist.world_size, dist.rank))
+
+        model = wrap(model, decision, dist.device, dist.gradient_watch)
+        if cfg.train.compile:
+            model = torch.compile(model)
+        data = build_run_data(cfg, dist, splits, worker_init_fn=worker_init_ignoring(stop.signals),
+                              before_fork=checkpoints.wait_local)  # no worker forks while a save is in flight
+        undo.callback(data.close)
+        mixer = (BatchMixer(num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.seed, dist.rank)
+                 if cfg.data.mixup_alpha or cfg.data.cutmix_alpha else None)
+        engine = Engine(model, optimizer, Normalize(cfg.data.mean, cfg.data.std).to(dist.device), dist.device,
+                        cfg.train.precision, cfg.train.clip_grad_norm, cfg.train.channels_last, scaler,
+                        label_smoothing=cfg.train.label_smoothing, mixer=mixer, dist=dist, running=running)
+        report = EpochReport(cfg, dist, folder)
+        report.keep_rows_before(loop.state.epoch, resumed=resume is not None)
+        log.info("model %s (%.2fM parameters); global batch %d = %d per process x %d process(es) x %d "
+                 "accumulation step(s); optimizer %s lr=%g", cfg.model.name,
+                 sum(p.numel() for p in model.parameters()) / 1e6, global_batch, cfg.data.batch_size,
+                 dist.world_size, cfg.train.grad_accum_steps, cfg.optim.name, base_lr)
+        undo.pop_all()  # the trainer owns them now
+        return Trainer(cfg, dist, folder=folder, loop=loop, model=model, ema=ema, schedule=schedule,
+                       engine=engine, data=data, checkpoints=checkpoints, report=report, stop=stop,
+                       max_steps_per_epoch=max_steps_per_epoch)

@@ -1,0 +1,168 @@
+"""The pieces of a run's state that a checkpoint holds, each saving and restoring itself (see
+:mod:`ddp_trainer.checkpoint.registry`). The schedule, the EMA and the best ranking are components
+too, in their own modules."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..checkpoint.format import meta_entries, rng_fits
+from ..checkpoint.registry import LoadContext, SaveContext
+from ..checkpoint.weights import canonical_state_dict, load_weights
+from ..config import Config
+from ..errors import CheckpointError
+from ..launch.dist import Dist
+from .engine import RunningLoss
+from .optim import carry_over_state, optimizer_family
+from .state import TrainState
+
+log = logging.getLogger("ddp_trainer")
+
+
+class RunMeta:
+    """What wrote the file and how (flat; never restored: a resume checks it instead)."""
+
+    def __init__(self, cfg: Config, class_to_idx: Mapping[str, int], world_size: int) -> None:
+        self.entries = meta_entries(monitor=cfg.checkpoint.monitor, class_to_idx=class_to_idx,
+                                    model_name=cfg.model.name, config=cfg.to_dict(), world_size=world_size)
+
+    def save(self, ctx: SaveContext) -> dict[str, Any]:
+        return self.entries
+
+
+class ModelWeights:
+    """The model's canonical state dict (the plain module, whatever wraps it later)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def save(self, ctx: SaveContext) -> dict[str, torch.Tensor]:
+        return canonical_state_dict(self.model)
+
+    def load(self, sd: dict[str, torch.Tensor], ctx: LoadContext) -> None:
+        load_weights(self.model, sd, source=f"checkpoint '{ctx.checkpoint.path}'")
+
+
+class OptimizerState:
+    """Our own files: the optimizer's whole state. Another trainer's: its per-parameter state
+    (momentum buffers, Adam moments, step) carried into our parameter groups when the optimizer
+    type matches and the parameters map (count and shapes); hyperparameters come from the config."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str, model: nn.Module) -> None:
+        self.optimizer, self.name, self.model = optimizer, name, model
+
+    def save(self, ctx: SaveContext) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load(self, sd: dict[str, Any], ctx: LoadContext) -> None:
+        ckpt = ctx.checkpoint
+        if not ckpt.ours:
+            family = optimizer_family(sd)
+            carried = carry_over_state(sd, self.optimizer, list(self.model.parameters())) \
+                if family == self.name else None
+            if carried is None:
+                why = (f"it is {family or 'of an unknown type'}, optim.name={self.name}" if family != self.name
+                       else "its parameters do not map onto the model's (count or shapes differ)")
+                log.warning("resume: optimizer state of the %s file skipped (%s)", ckpt.kind, why)
+            else:
+                log.info("resume: %s optimizer state of the %s file carried over for %d parameter(s); "
+                         "hyperparameters from the config", self.name, ckpt.kind, carried)
+            return
+        old_name = (ckpt.config or {}).get("optim", {}).get("name", self.name)
+        try:
+            if old_name != self.name:
+                raise ValueError(f"checkpoint optimizer {old_name!r} != optim.name {self.name!r}")
+            self.optimizer.load_state_dict(sd)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            log.warning("resume: optimizer state skipped, it does not fit the configured optimizer (%s)", exc)
+
+
+class ScalerState:
+    """fp16's gradient scaler (None in the file when it is off)."""
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+
+    def save(self, ctx: SaveContext) -> dict[str, Any] | None:
+        return self.scaler.state_dict() if self.scaler.is_enabled() else None
+
+    def load(self, sd: dict[str, Any], ctx: LoadContext) -> None:
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(sd)
+
+
+class LoopState:
+    """The loop counters (flat entries; see :class:`TrainState`), with the epoch's training-loss sums
+    over every rank (a collective: saved on every rank)."""
+
+    def __init__(self, state: TrainState, running: RunningLoss, dist: Dist) -> None:
+        self.state, self.running, self.dist = state, running, dist
+
+    def epoch_sums(self) -> tuple[float, float]:
+        """The epoch's training-loss sum and count so far, over every rank (a collective)."""
+        sums = torch.stack([self.running.loss_sum, self.running.count])
+        self.dist.all_reduce_sum(sums)
+        return self.state.loss_sum + sums[0].item(), self.state.loss_count + sums[1].item()
+
+    def save(self, ctx: SaveContext) -> dict[str, Any]:
+        loss_sum, loss_count = self.epoch_sums()
+        return self.state.entries(epoch_complete=ctx.epoch_complete, loss_sum=loss_sum, loss_count=loss_count)
+
+    def load(self, entries: Mapping[str, Any], ctx: LoadContext) -> None:
+        self.state.restore(entries)
+
+
+class TrainingSetCheck:
+    """The training index's count and hash. A mid-epoch resume continues the epoch's order by
+    position: only valid on the same training set. Otherwise the epoch's order restarts (or the
+    resume is refused: ``checkpoint.on_data_change``). Restored after the loop state (needs position)."""
+
+    def __init__(self, fingerprint: dict[str, Any], state: TrainState, on_change: str) -> None:
+        self.fingerprint, self.state, self.on_change = fingerprint, state, on_change
+
+    def save(self, ctx: SaveContext) -> dict[str, Any]:
+        return self.fingerprint
+
+    def load(self, saved: dict[str, Any], ctx: LoadContext) -> None:
+        state = self.state
+        if state.position == 0 or saved == self.fingerprint:
+            return
+        what = (f"the training set changed since the checkpoint ({saved.get('count')} -> "
+                f"{self.fingerprint['count']} images, or other files)")
+        if self.on_change == "error":
+            raise CheckpointError(f"resume: {what}, so the rest of epoch {state.epoch} cannot be continued "
+                                  f"by position; restore the data, or set checkpoint.on_data_change=restart_epoch",
+                                  shared=True)
+        log.warning("resume: %s; epoch %d restarts its order from the beginning (checkpoint.on_data_change="
+                    "restart_epoch)", what, state.epoch)
+        state.position, state.loss_sum, state.loss_count = 0, 0.0, 0.0
+
+
+class RngState:
+    """Every rank's random generators (flat entry ``rng``: one state per rank, gathered to rank 0).
+    A file whose states do not fit this world size (or has none) reseeds each rank instead, from
+    the seed, its rank and the step, so that ranks still draw different numbers."""
+
+    def __init__(self, dist: Dist, seed: int) -> None:
+        self.dist, self.seed = dist, seed
+
+    def _mine(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.dist.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.dist.device)
+        return state
+
+    def save(self, ctx: SaveContext) -> dict[str, Any]:
+        return {"rng": self.dist.all_gather_object(self._mine())}
+
+    def load(self, entries: Mapping[str, Any], ctx: LoadContext) -> None:
+        if not rng_fits(entries, ctx.world_size):
+            torch.manual_seed(self.seed + 1000 * ctx.rank + int(entries.get("step") or 0))
+            return
+        mine = entries["rng"][ctx.rank]
+        torch.set_rng_state(mine["torch"])
+        if mine.get("cuda") is not None and self.dist.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], self.dist.device)

@@ -1,0 +1,83 @@
+"""One training run in this process, from a validated config to its exit code: the launch session
+(process group, mode, device), the trainer, and the end of the run on every path."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..errors import EXIT_OK, ConfigError
+from ..launch.environment import LaunchEnv
+from ..launch.session import launched
+from ..launch.signals import Preempted, StopRequest, parse_signals
+from ..models import check_model_name
+from ..runlog import close_file_logs
+from .build import build_trainer
+
+log = logging.getLogger("ddp_trainer")
+
+
+def debug_config(cfg: Config) -> Config:
+    """``--debug``: one process, one device, no loader workers, a short run into ``<output_dir>.debug``."""
+    return cfg.replace(**{
+        "output_dir": str(Path(cfg.output_dir)) + ".debug", "resume": "none", "overwrite": True,
+        "dist.mode": "single", "data.num_workers": 0, "train.epochs": cfg.debug.epochs,
+        "train.log_every_steps": 1, "train.compile": False})
+
+
+def check_config(cfg: Config, env: LaunchEnv, debug: bool) -> Config:
+    """What only this launch can tell about the config (after :func:`~ddp_trainer.config.load`): the
+    run's config, ``--debug`` applied. Every rank sees the same argv and files, so the errors are
+    ``shared``: only rank 0 prints them."""
+    try:
+        if debug:
+            if env.world_size > 1:
+                raise ConfigError("--debug runs one process; start it with 'python launch.py --debug', not torchrun")
+            cfg = debug_config(cfg)
+        check_model_name(cfg.model.name)
+    except ConfigError as exc:
+        exc.shared = True
+        raise
+    return cfg
+
+
+def run_training(cfg: Config, env: LaunchEnv, stop: StopRequest, *, debug: bool = False,
+                 trust_checkpoint: bool = False) -> int:
+    """Train as ``cfg`` says; the exit code (0, or the stop's code after a checkpoint). ``stop``: the
+    stop-signal handling installed at process start; its signals become ``preempt.signals`` here,
+    before any loader worker exists (the workers ignore them)."""
+    stop.configure(parse_signals(cfg.preempt.signals))
+    trainer = None
+    try:
+        session = launched(env, cfg.dist.mode, cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.init_timeout_s)
+        with session as (dist, decision):
+            if debug:
+                torch.autograd.set_detect_anomaly(True)
+                log.info("debug: one process on %s, num_workers=0, anomaly detection on, %d step(s) x %d "
+                         "epoch(s), output in %s", dist.device, cfg.debug.steps_per_epoch, cfg.train.epochs,
+                         cfg.output_dir)
+            trainer = build_trainer(cfg, dist, decision, stop=stop, trust_checkpoint=trust_checkpoint,
+                                    max_steps_per_epoch=cfg.debug.steps_per_epoch if debug else None)
+            with dist.training():
+                result = trainer.fit()
+            if result.last_val is not None:
+                log.info("done: val_loss=%.4f val_acc=%.4f in %s", result.last_val.loss, result.last_val.acc,
+                         result.output_dir)
+            else:
+                log.info("done: nothing left to train (train.epochs=%d reached) in %s", cfg.train.epochs,
+                         result.output_dir)
+            if stop.received:
+                log.info("%s arrived after the last training step: the run is complete, nothing to stop or "
+                         "requeue", stop.received)
+    except Preempted as exc:
+        if env.rank == 0:
+            log.warning("%s", exc)
+        return exc.exit_code
+    finally:
+        stop.finish()
+        if trainer is not None:
+            trainer.close()
+        close_file_logs()
+    return EXIT_OK

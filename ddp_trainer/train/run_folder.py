@@ -1,0 +1,89 @@
+"""``output_dir`` as a run uses it: claimed (layout checked, no run clobbered, locked) before anything
+is written there, then opened (``config.yaml``, ``train.log`` with the records logged so far, the
+old stop marker cleared) once the run has decided how it starts, and ``metrics.jsonl``.
+
+Built on every rank; only global rank 0 touches the folder (a rank-0 decision made here, once).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoint.reader import has_checkpoints
+from ..config import Config, dump
+from ..errors import CheckpointError, ConfigError, UserError
+from ..fsutil import atomic_write_text
+from ..launch.dist import Dist
+from ..launch.runlock import RunLock
+from ..launch.signals import clear_marker
+from ..runlog import EarlyRecords, MetricsFile, add_file_log
+
+# what a run writes in output_dir, and whether each is a folder
+OUTPUT_ENTRIES = {"checkpoints": True, "tensorboard": True, "train.log": False, "metrics.jsonl": False,
+                  "config.yaml": False, "PREEMPTED": False, ".lock": False}
+
+
+def check_output_layout(out: Path) -> None:
+    """Refuse (exit 2, before anything is written) an output_dir where a name the run writes is taken
+    by the wrong kind of entry: ``checkpoints`` a file, ``train.log`` a folder, output_dir a file."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir '{out}' is a file, not a folder; choose another output_dir", shared=True)
+    for name, folder in OUTPUT_ENTRIES.items():
+        path = out / name
+        if path.exists() and path.is_dir() != folder:
+            want, found = ("a folder", "a file") if folder else ("a file", "a folder")
+            raise ConfigError(f"'{path}' is {found}, but the run writes {want} there; move it out of "
+                              f"output_dir '{out}' or choose another output_dir", shared=True)
+
+
+def _unwritable(out: Path, exc: OSError) -> UserError:
+    return UserError(f"output_dir '{out}' cannot be written ({exc.strerror}); choose a writable output_dir")
+
+
+class RunFolder:
+    def __init__(self, cfg: Config, dist: Dist) -> None:
+        self.cfg, self.dist = cfg, dist
+        self.path = Path(cfg.output_dir)
+        self.checkpoints = self.path / "checkpoints"
+        self.lock: RunLock | None = None  # rank 0, from claim() until close()
+        self._early = EarlyRecords() if dist.is_main else None  # log records before train.log opens
+        self.metrics = MetricsFile(self.path / "metrics.jsonl") if dist.is_main else None
+
+    def claim(self) -> None:
+        """Every rank: refuse to clobber a run, then rank 0 holds output_dir's lock for the whole run."""
+        with self.dist.waiting("rank 0 to lock output_dir"):
+            self.dist.main_then_broadcast(self._claim)
+
+    def _claim(self) -> None:
+        check_output_layout(self.path)
+        if self.cfg.resume == "none" and has_checkpoints(self.checkpoints) and not self.cfg.overwrite:
+            raise CheckpointError(
+                f"output_dir '{self.path}' already holds checkpoints and resume=none would overwrite them; "
+                f"use resume=auto to continue that run, another output_dir, or overwrite=true")
+        try:
+            self.lock = RunLock(self.path).acquire()
+        except OSError as exc:
+            raise _unwritable(self.path, exc) from None
+
+    def open(self) -> None:
+        """Every rank, once the run knows how it starts: rank 0 saves the resolved config, starts
+        train.log (with what was logged before) and clears an old stop marker."""
+        with self.dist.waiting("rank 0 to prepare output_dir"):
+            self.dist.main_then_broadcast(self._open)
+
+    def _open(self) -> None:
+        try:
+            atomic_write_text(self.path / "config.yaml", dump(self.cfg))
+        except OSError as exc:
+            raise _unwritable(self.path, exc) from None
+        add_file_log(self.path / "train.log", self.dist.rank, self._early)
+        self._early = None
+        clear_marker(self.path)
+
+    def close(self) -> None:
+        """Let go of held log records and of output_dir's lock (the process's end releases it too)."""
+        if self._early is not None:
+            self._early.detach()
+            self._early = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None

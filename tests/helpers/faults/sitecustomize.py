@@ -1,0 +1,119 @@
+"""Faults injected into ddp_trainer processes started by torchrun or srun, from outside the product.
+
+Python imports ``sitecustomize`` at start-up when it is on ``PYTHONPATH`` (tests/helpers/faults, which
+conftest's ``child_env`` puts there). Nothing happens unless a ``FAULT_*`` variable asks for it; then
+the named function of ddp_trainer is replaced right after its module is first imported (an import
+hook: importing the module here would load torch before the launcher installs its signal handling).
+Loader workers fork from a patched process, so they inherit the patch.
+
+- ``FAULT_PAUSE_IN_WRITE="S"`` or ``"S@N"``: the checkpoint writer pauses S seconds halfway through
+  writing the file's bytes (every write, or only the N-th), so a kill can land mid-write.
+- ``FAULT_SLOW_CACHE="RANK:S"``: global rank RANK sleeps S seconds per image while it builds its
+  share of the decoded cache.
+- ``FAULT_RECORD_SAMPLES=DIR``: every training sample a process loads (weight > 0) is appended as
+  ``"epoch index"`` to ``DIR/samples-<pid>.txt``.
+"""
+import importlib.abc
+import os
+import sys
+import time
+
+PATCHES = {}
+
+
+def _rank():
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
+def _pause_in_write(writer):
+    import io
+
+    import torch
+
+    from ddp_trainer.fsutil import atomic_write
+
+    seconds, _, nth = os.environ["FAULT_PAUSE_IN_WRITE"].partition("@")
+    count = [0]
+
+    def atomic_save(obj, path):
+        count[0] += 1
+        pause = float(seconds) if not nth or int(nth) == count[0] else 0.0
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data = buf.getvalue()
+        with atomic_write(path) as f:
+            f.write(data[: len(data) // 2])
+            if pause:
+                f.flush()
+                print(f"[fault] pausing {pause:g}s inside a checkpoint write of {path.name}", file=sys.stderr,
+                      flush=True)
+                time.sleep(pause)
+            f.write(data[len(data) // 2:])
+
+    writer.atomic_save = atomic_save
+
+
+def _slow_cache(cache):
+    who, _, seconds = os.environ["FAULT_SLOW_CACHE"].partition(":")
+    if int(who) != _rank():
+        return
+    real = cache.load_rgb
+
+    def load_rgb(path):
+        time.sleep(float(seconds))
+        return real(path)
+
+    cache.load_rgb = load_rgb
+
+
+def _record_samples(datasets):
+    folder = os.environ["FAULT_RECORD_SAMPLES"]
+    from ddp_trainer.data.samplers import SampleKey
+
+    real = datasets.FolderDataset.__getitem__
+
+    def getitem(self, key):
+        item = real(self, key)
+        if isinstance(key, SampleKey) and key.weight > 0:
+            with open(os.path.join(folder, f"samples-{os.getpid()}.txt"), "a") as f:
+                f.write(f"{key.epoch} {key.index}\n")
+        return item
+
+    datasets.FolderDataset.__getitem__ = getitem
+
+
+if os.environ.get("FAULT_PAUSE_IN_WRITE"):
+    PATCHES["ddp_trainer.checkpoint.writer"] = _pause_in_write
+if os.environ.get("FAULT_SLOW_CACHE"):
+    PATCHES["ddp_trainer.data.decoded_cache"] = _slow_cache
+if os.environ.get("FAULT_RECORD_SAMPLES"):
+    PATCHES["ddp_trainer.data.datasets"] = _record_samples
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps the real loader of a patched module so the patch runs after it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in PATCHES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        real_exec = spec.loader.exec_module
+        patch = PATCHES[name]
+
+        def exec_module(module):
+            real_exec(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if PATCHES:
+    sys.meta_path.insert(0, _PatchAfterImport())
