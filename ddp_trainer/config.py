@@ -161,7 +161,11 @@ class TrainConfig:
     clip_grad_norm: Optional[float] = None
     channels_last: bool = False
     compile: bool = False
-    deterministic: bool = False
+    # true: deterministic kernels only (an op without one is an error naming it), cuBLAS's fixed
+    # workspace, no cudnn.benchmark: what exact resume needs on GPU; warn: the same, but such an op
+    # only warns (and that run is not exact); false: the fastest kernels
+    deterministic: Literal[False, True, "warn"] = False
+    tf32: bool = True  # on GPUs: fp32 matmuls and convolutions on TF32 tensor cores (Ampere and newer)
     log_every_steps: int = 50
     stop_on_nonfinite: bool = True  # a nan/inf training loss stops the run, keeping the last good checkpoint
     label_smoothing: float = 0.0  # training loss only; validation loss stays plain cross-entropy

@@ -9,12 +9,15 @@ from types import ModuleType
 from .errors import ConfigError
 
 
-def optional(module: str, wanted_by: str, extra: str, package: str | None = None) -> ModuleType:
+def optional(module: str, wanted_by: str, extra: str, package: str | None = None,
+             instead: str | None = None) -> ModuleType:
     """``import module``, or a ConfigError: ``<wanted_by> needs <package>: pip install -e '.[extra]'``
-    (``package``: the distribution to install, when it is not the module's top-level name)."""
+    (``package``: the distribution to install, when it is not the module's top-level name;
+    ``instead``: the other way out, e.g. the key that turns the feature off)."""
     try:
         return importlib.import_module(module)
     except ImportError:
         package = package or module.split(".")[0]
+        other = f", or set {instead}" if instead else ""
         raise ConfigError(f"{wanted_by} needs {package}, which is not installed: pip install {package} "
-                          f"(or pip install -e '.[{extra}]')", shared=True) from None
+                          f"(or pip install -e '.[{extra}]'){other}", shared=True) from None

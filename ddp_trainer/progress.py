@@ -55,7 +55,8 @@ class Scalars:
         self.writer = None
         if enabled:
             # torch's module imports the tensorboard package: the extra
-            board = optional("torch.utils.tensorboard", "log.tensorboard=true", "tensorboard", package="tensorboard")
+            board = optional("torch.utils.tensorboard", "log.tensorboard=true", "tensorboard", package="tensorboard",
+                             instead="log.tensorboard=false")
             self.writer = board.SummaryWriter(folder)
 
     def add(self, row: dict[str, Any], step: int) -> None:

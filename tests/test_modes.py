@@ -1,11 +1,12 @@
 """Execution modes (pure decision), DataParallel wrapping on CPU, debug mode, precision and knobs."""
 import itertools
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as tdist
-from conftest import launch
+from conftest import ROOT, child_env, launch
 from torch import nn
 
 from ddp_trainer.checkpoint.weights import canonical_state_dict
@@ -33,9 +34,7 @@ def expected(request, backend, world, local_world, gpus, launched):
             return "error"
         cuda = gpus > 0 and backend != "gloo"
         chosen = backend if backend != "auto" else ("nccl" if cuda else "gloo")
-        if chosen == "nccl" and local_world > gpus:
-            return "error"
-        return ("ddp", chosen, cuda)
+        return ("ddp", chosen, cuda)  # two ranks on one GPU: told by the devices' UUIDs (test_gpu_placement)
     if world > 1:
         return "error"
     if mode == "dp":
@@ -64,17 +63,17 @@ def test_impossible_requests_explain_the_fix():
         decide_mode("ddp", "auto", 1, 1, 0)
     with pytest.raises(ConfigError, match="dist.mode=single"):
         decide_mode("dp", "auto", 1, 1, 0)
-    with pytest.raises(ConfigError, match="--nproc_per_node=2"):
-        decide_mode("auto", "nccl", 4, 4, 2)
+    # 4 processes and 2 GPUs: two ranks per GPU is found by the GPUs' UUIDs once the ranks have
+    # joined (tests/test_gpu_placement.py), not refused by counting (srun shows each task one GPU)
 
 
-def _step(model: nn.Module) -> nn.Module:
+def _step(model: nn.Module, replicas_prepare: bool = False) -> nn.Module:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (8,), generator=g)
     plan = EpochPlan(8, world=1, rank=0, batch_size=8, accum=1, seed=0, epoch=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    eng = Engine(model, opt, Normalize([0.5] * 3, [0.25] * 3), torch.device("cpu"))
+    eng = Engine(model, opt, Normalize([0.5] * 3, [0.25] * 3), torch.device("cpu"), replicas_prepare=replicas_prepare)
     list(eng.train_steps(iter([(images, labels, torch.full((8,), 1 / 8))]), plan, lambda c: 0.1))
     return model
 
@@ -90,6 +89,23 @@ def test_dataparallel_wrapper_trains_and_writes_canonical_keys():
     assert list(a) == list(b) and not any(k.startswith("module.") for k in b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_dataparallel_replicas_normalise_their_own_uint8_chunks():
+    """DataParallel without GPUs runs its module in place, so this is the CPU twin of the scatter:
+    the engine hands the uint8 batch to DataParallel, each replica normalises its chunk, and the
+    step equals the plain path's bitwise."""
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    seen = []
+    torch.manual_seed(0)
+    plain = _step(TinyCNN(10, batchnorm=True))
+    torch.manual_seed(0)
+    dp = wrap(TinyCNN(10, batchnorm=True), ModeDecision("dp", None, True, 2), torch.device("cpu"), prepare=norm)
+    dp.module.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    _step(dp, replicas_prepare=True)
+    assert seen == [torch.uint8]  # was: float32 normalised on cuda:0, then scattered (4x the bytes)
+    a, b = canonical_state_dict(plain), canonical_state_dict(dp)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_user_dp_request_without_gpus_stays_an_error(small_args):
@@ -111,6 +127,19 @@ def test_debug_mode_is_short_and_leaves_the_real_run_alone(small_args, tmp_path:
     state = torch.load(debug_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 3
     assert sum("step " in l and "samples" in l for l in res.stderr.splitlines()) == 3  # every step logged
+
+
+def test_debug_with_fp16_survives_the_grad_scalers_overflow_steps(small_args, tmp_path: Path):
+    # the loud model's fp16 gradients overflow at the scaler's first scale: the scaler skips that step
+    helpers = ROOT / "tests" / "helpers"
+    env = child_env(PYTHONPATH=f"{ROOT}{os.pathsep}{helpers}")
+    res = launch(0, "--debug", *small_args, "model.name=loud_model:build", "train.precision=fp16",
+                 "debug.steps_per_epoch=4", timeout=60, env=env)
+    # was: RuntimeError: Function 'AddmmBackward0' returned nan values (anomaly mode's nan check)
+    assert res.returncode == 0, res.stderr
+    assert "anomaly detection on (no nan check: fp16)" in res.stderr
+    state = torch.load(tmp_path / "run.debug" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 4 and state["scaler"]["scale"] < 65536.0  # an overflow happened and was skipped
 
 
 def _trainer(tmp_path: Path, demo_small: Path, *overrides: str, decision=None) -> Trainer:

@@ -167,6 +167,18 @@ def test_val_crop_pct_with_the_decoded_cache_validates_the_same_images(demo_smal
 
 # -- train.ema_decay ----------------------------------------------------------------------------------
 
+def _train_steps(model, steps: int, after_each) -> None:
+    """``steps`` SGD steps of ``model`` on the fixed batch, calling ``after_each()`` after each."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    for _ in range(steps):
+        images, labels, _ = _batch()
+        opt.zero_grad()
+        F.cross_entropy(model(norm(images)), labels).backward()
+        opt.step()
+        after_each()
+
+
 def test_ema_follows_the_formula_of_an_averaged_model_updated_by_hand():
     from ddp_trainer.checkpoint.registry import SaveContext
     from ddp_trainer.train.ema import WeightEMA
@@ -174,22 +186,34 @@ def test_ema_follows_the_formula_of_an_averaged_model_updated_by_hand():
     torch.manual_seed(0)
     model = build_model("tiny_cnn_bn", 10)
     ema = WeightEMA(model, 0.9)
-    by_hand = None
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    norm = Normalize([0.5] * 3, [0.25] * 3)
-    for step in range(4):
-        images, labels, _ = _batch()
-        opt.zero_grad()
-        F.cross_entropy(model(norm(images)), labels).backward()
-        opt.step()
+    by_hand = {}
+
+    def update():
         ema.update(model)
         now = {k: v.detach().clone().double() for k, v in model.state_dict().items()}
-        by_hand = now if by_hand is None else {k: 0.9 * by_hand[k] + 0.1 * now[k] for k in now}
+        by_hand.update(now if not by_hand else {k: 0.9 * by_hand[k] + 0.1 * now[k] for k in now})
+
+    _train_steps(model, 4, update)
     got = ema.module.state_dict()
     for k, v in by_hand.items():
         if v.is_floating_point() and "num_batches" not in k:
             assert torch.allclose(got[k].double(), v, rtol=1e-5, atol=1e-6), k
     assert ema.save(SaveContext())["n_averaged"] == 4
+
+
+def test_ema_equals_torchs_averaged_model_bitwise_without_a_tensor_counter():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from ddp_trainer.train.ema import WeightEMA
+
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn_bn", 10)
+    ours = WeightEMA(model, 0.9)
+    torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    _train_steps(model, 5, lambda: (ours.update(model), torchs.update_parameters(model)))
+    a, b = ours.module.state_dict(), torchs.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert isinstance(ours.n_averaged, int) and ours.n_averaged == int(torchs.n_averaged) == 5
 
 
 def test_ema_is_validated_saved_monitored_and_evaluated(demo_small: Path, tmp_path: Path):

@@ -18,8 +18,14 @@ WRAPPER_SEGMENTS = ("module", "_orig_mod")  # DataParallel / DDP, torch.compile
 
 
 def canonical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unwrapped model's state dict as CPU tensors."""
-    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    """The unwrapped model's state dict as CPU tensors (copies)."""
+    return {k: v.detach().cpu().clone() for k, v in canonical_tensors(model).items()}
+
+
+def canonical_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unwrapped model's state dict: its live tensors, wherever they are (what a checkpoint save
+    hands to the writer, which makes the one CPU copy)."""
+    return {k: v.detach() for k, v in unwrap(model).state_dict().items()}
 
 
 def is_state_dict(obj: Any) -> bool:

@@ -95,7 +95,7 @@ class CheckpointWriter:
         """
         first = self.folder / (f"epoch_{epoch_file:04d}.pt" if epoch_file is not None and self.keep_last > 0
                                else "last.pt")
-        state = with_checksum(state)
+        state = with_checksum(on_cpu(state))  # the same file whichever writer: CPU tensors only
         try:
             atomic_save(state, first)
             if first.name != "last.pt":
@@ -127,9 +127,22 @@ class CheckpointWriter:
             old.unlink(missing_ok=True)
 
 
-def cpu_snapshot(obj: Any, staging: list[torch.Tensor] | None = None) -> Any:
+def on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor on the CPU (device tensors copied; CPU tensors as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
+def cpu_snapshot(obj: Any, staging: list[torch.Tensor] | None = None) -> tuple[Any, torch.cuda.Event | None]:
     """A deep copy of ``obj`` with every tensor copied to the CPU (what a background write may hold
-    while training goes on changing the live tensors).
+    while training goes on changing the live tensors), and an event that marks when the copies from
+    the GPU have landed (None when there were none): the writer waits on it, the training thread
+    does not (the copies were queued on the training stream, before anything that changes the tensors).
 
     ``staging``: CPU buffers kept from the previous snapshot, reused in order when shape and dtype
     match (a ``copy_`` into warm memory instead of a fresh allocation: most of the cost of a snapshot).
@@ -155,11 +168,13 @@ def cpu_snapshot(obj: Any, staging: list[torch.Tensor] | None = None) -> Any:
         return value
 
     out = copy(obj)
-    if any(t.is_pinned() for t in fresh):
-        torch.cuda.synchronize()  # the non-blocking device-to-host copies must land before the write
+    ready = None
+    if any(t.is_pinned() for t in fresh):  # non-blocking copies from a GPU are in flight
+        ready = torch.cuda.Event()
+        ready.record()
     if staging is not None:
         staging[:] = fresh
-    return out
+    return out, ready
 
 
 class AsyncCheckpointWriter:
@@ -177,8 +192,10 @@ class AsyncCheckpointWriter:
         self._error: str | None = None
         self._staging: list[torch.Tensor] = []  # CPU buffers reused by every snapshot
 
-    def _run(self, state: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    def _run(self, state: dict[str, Any], ready: torch.cuda.Event | None, kwargs: dict[str, Any]) -> None:
         try:
+            if ready is not None:
+                ready.synchronize()  # the copies from the GPU have landed
             path = self.sync.save(state, **kwargs)
             log.info("checkpoint: %s written", path.name)
         except CheckpointError as exc:  # reported on the training thread, at the next step
@@ -205,10 +222,10 @@ class AsyncCheckpointWriter:
              also: Sequence[str] = (), remove: Sequence[str] = ()) -> Path:
         self.wait()
         self.check()
-        snapshot = cpu_snapshot(dict(state), self._staging)
+        snapshot, ready = cpu_snapshot(dict(state), self._staging)
         kwargs = {"epoch_file": epoch_file, "best": best, "also": tuple(also), "remove": tuple(remove)}
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=False,
-                                              args=(snapshot, kwargs))
+                                        args=(snapshot, ready, kwargs))
         self._thread.start()
         return self.folder / ("last.pt" if epoch_file is None or self.sync.keep_last == 0 else f"epoch_{epoch_file:04d}.pt")
 

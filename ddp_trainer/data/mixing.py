@@ -32,6 +32,8 @@ class BatchMixer:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int, micro: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mixed images, soft targets [B, classes], each row summing to 1)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed_of(step, micro))
+        with torch.random.fork_rng(devices=[]):  # the CPU generator is restored afterwards
+            # the CPU's generator only (v2's MixUp / CutMix draw there): torch.manual_seed would also
+            # reseed every GPU's generator, and never restore them
+            torch.default_generator.manual_seed(self.seed_of(step, micro))
             return self.transform(images, labels)

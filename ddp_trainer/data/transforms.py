@@ -22,8 +22,8 @@ def _seeded(transform: Any, img: torch.Tensor, gen: torch.Generator) -> torch.Te
     the sample's own generator: the result depends on (seed, epoch, sample) only, never on the
     worker, the order, or what ran before; the global generator is left as it was."""
     child = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(child)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator is restored afterwards
+        torch.default_generator.manual_seed(child)  # the CPU's only: torch.manual_seed would reseed every GPU's
         return transform(img)
 
 
@@ -126,15 +126,17 @@ class ImageTransform:
 
 
 class Normalize(torch.nn.Module):
-    """uint8 [B,3,H,W] batch -> normalised float, on whatever device the batch is on."""
+    """uint8 [B,3,H,W] batch -> normalised float, on whatever device the batch is on (channels-last
+    in memory with ``channels_last``)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False) -> None:
         super().__init__()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)), persistent=False)
         self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().mul_(self.scale).sub_(self.shift)
+        return x.float().mul_(self.scale).sub_(self.shift).contiguous(memory_format=self.memory_format)
 
 
 def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

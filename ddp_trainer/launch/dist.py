@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -157,22 +158,22 @@ class Dist:
                 self._run("a broadcast", lambda: tdist.broadcast(buf, 0))
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
-        """Rank ``src``'s ``obj`` on every rank (pickled; tensors travel on the CPU)."""
+        """Rank ``src``'s ``obj`` on every rank (pickled, on the CPU group: a checkpoint broadcast this
+        way never takes GPU memory, and a peer that never answers cannot trip NCCL's watchdog, which
+        would kill the process before the wait is named and the run folder let go)."""
         if not self.active:
             return obj
         box = [obj if self.rank == src else None]
-        self._run("a broadcast", lambda: tdist.broadcast_object_list(box, src=src, device=self._object_device()))
+        self._run("a broadcast", lambda: tdist.broadcast_object_list(box, src=src, group=self.cpu_group))
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (pickled, on the CPU group)."""
         if not self.active:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        self._run("an all-gather", lambda: tdist.all_gather_object(out, obj))
+        self._run("an all-gather", lambda: tdist.all_gather_object(out, obj, group=self.cpu_group))
         return out
-
-    def _object_device(self) -> torch.device | None:
-        return self.device if self.backend == "nccl" else None
 
     def main_then_broadcast(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and hand its result to every rank.
@@ -260,20 +261,57 @@ class GradientSyncWatch:
             raise CollectiveFailed("the gradient all-reduce", self.waited_s, timeout_s, exc) from exc
 
 
+def device_index(local_rank: int, visible_gpus: int) -> int:
+    """The GPU (among those this process sees) that local rank ``local_rank`` drives: its own when
+    every task sees all of the node's GPUs, the only one when srun binds one GPU per task."""
+    return local_rank % max(visible_gpus, 1)
+
+
 def pick_device(env: LaunchEnv, use_cuda: bool) -> torch.device:
     """The device of this process: its local rank's GPU, or the CPU."""
     if use_cuda:
-        return torch.device("cuda", env.local_rank % max(torch.cuda.device_count(), 1))
+        return torch.device("cuda", device_index(env.local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
+def device_uuid(device: torch.device) -> str | None:
+    """The GPU's UUID (the same whatever CUDA_VISIBLE_DEVICES calls it), None for the CPU."""
+    return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a rank runs: its host and its GPU's UUID (None on the CPU)."""
+
+    rank: int
+    host: str
+    gpu: str | None
+
+
+def shared_gpus(placements: list[Placement]) -> str | None:
+    """The fix to state when two ranks drive the same GPU (nccl refuses it, and the two would share
+    its memory), else None."""
+    seen: dict[tuple[str, str], int] = {}
+    for p in placements:
+        if p.gpu is None:
+            continue
+        other = seen.setdefault((p.host, p.gpu), p.rank)
+        if other != p.rank:
+            return (f"ranks {other} and {p.rank} on {p.host} both drive GPU {p.gpu}: each rank needs a GPU of its "
+                    f"own; start one process per GPU (torchrun --nproc_per_node=<GPUs of the node>; srun "
+                    f"--gpus-per-task=1 or --ntasks-per-node=<GPUs of the node>), or use dist.backend=gloo")
+    return None
+
+
 @contextlib.contextmanager
-def process_group(env: LaunchEnv, backend: str | None, device: torch.device,
-                  timeout_s: float, init_timeout_s: float | None = None) -> Iterator[Dist]:
+def process_group(env: LaunchEnv, backend: str | None, device: torch.device, timeout_s: float,
+                  init_timeout_s: float | None = None, trace_dir: Path | None = None) -> Iterator[Dist]:
     """Start the process group (when ``backend`` is given) and always destroy it on exit.
 
     Collectives time out after ``init_timeout_s`` until :meth:`Dist.end_preparation`, then after
-    ``timeout_s``."""
+    ``timeout_s``. With nccl, NCCL's flight recorder keeps the last collectives of each rank and
+    dumps them into ``trace_dir`` (``rank_<N>``, the folder made by the caller) when its watchdog sees
+    a timeout (as torchtitan does; variables already set are left alone)."""
     init_timeout_s = timeout_s if init_timeout_s is None else init_timeout_s
     if backend is None:
         yield Dist(env=env, backend=None, device=device, timeout_s=timeout_s, init_timeout_s=init_timeout_s)
@@ -282,14 +320,17 @@ def process_group(env: LaunchEnv, backend: str | None, device: torch.device,
         torch.cuda.set_device(device)
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
-    kwargs: dict[str, Any] = {}
-    if backend == "nccl":
-        kwargs["device_id"] = device
+    if backend == "nccl" and trace_dir is not None:
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+        os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(trace_dir / "rank_"))  # the folder: RunFolder
+    # no device_id for nccl: its communicators start at the first NCCL collective (DDP's weight
+    # broadcast), after launch.session has checked over gloo that no two ranks share a GPU
     with doing(f"waiting for the other ranks to join the process group (world size {env.world_size}, "
                f"{env.master_addr}:{env.master_port})"):
         tdist.init_process_group(
             backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=init_timeout_s), **kwargs)
+            timeout=datetime.timedelta(seconds=init_timeout_s))
     try:
         cpu_group = (tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=init_timeout_s))
                      if backend != "gloo" else None)

@@ -47,9 +47,9 @@ def decide_mode(requested: str, backend: str, world_size: int, local_world_size:
                               "'torchrun --nproc_per_node=N launch.py' or use dist.mode=auto")
         use_cuda = visible_gpus > 0 and backend != "gloo"
         chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
-        if chosen == "nccl" and local_world_size > visible_gpus:
-            raise ConfigError(f"{local_world_size} processes on this node but only {visible_gpus} GPU(s) "
-                              f"for nccl; use --nproc_per_node={visible_gpus} or dist.backend=gloo")
+        # whether two ranks would share a GPU is not a matter of counting the visible ones (srun's
+        # --gpus-per-task shows each task one GPU of its own): launch.session compares the devices'
+        # UUIDs across ranks once they have joined (shared_gpus)
         return ModeDecision("ddp", chosen, use_cuda, 1 if use_cuda else 0)
     if world_size > 1:
         raise ConfigError(f"dist.mode={requested} runs one process, but the launcher started {world_size}; "
@@ -74,10 +74,24 @@ def prepare(model: nn.Module, decision: ModeDecision, *, sync_batchnorm: bool, c
     return model
 
 
+class InputsOnReplicas(nn.Module):
+    """DataParallel's module when each replica prepares its own chunk of the batch on its GPU
+    (``prepare``: uint8 -> normalised float in the model's memory format): DataParallel then scatters
+    uint8 straight from the host, a quarter of float32's bytes and no stop on cuda:0."""
+
+    def __init__(self, model: nn.Module, prepare: nn.Module) -> None:
+        super().__init__()
+        self.model, self.prepare = model, prepare
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.prepare(x))
+
+
 def wrap(model: nn.Module, decision: ModeDecision, device: torch.device,
-         watch: GradientSyncWatch | None = None) -> nn.Module:
+         watch: GradientSyncWatch | None = None, prepare: nn.Module | None = None) -> nn.Module:
     """Wrap an (already placed) model for its mode. ``watch``: a GradientSyncWatch whose hook runs
-    DDP's gradient all-reduce (so that a failed one is recognised as such)."""
+    DDP's gradient all-reduce (so that a failed one is recognised as such). ``prepare``: with
+    DataParallel, what each replica applies to its uint8 chunk (see :class:`InputsOnReplicas`)."""
     if decision.mode == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         ddp = DDP(model, device_ids=ids)
@@ -85,7 +99,7 @@ def wrap(model: nn.Module, decision: ModeDecision, device: torch.device,
             watch.attach(ddp)
         return ddp
     if decision.mode == "dp":
-        return nn.DataParallel(model)
+        return nn.DataParallel(InputsOnReplicas(model, prepare.to(device)) if prepare is not None else model)
     return model
 
 
@@ -94,6 +108,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
+        elif isinstance(model, InputsOnReplicas):
+            model = model.model
         elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
             model = model._orig_mod  # torch.compile's OptimizedModule
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 from torch import nn
@@ -58,11 +59,18 @@ def check_trainable(n: int, world: int, batch_size: int, model: nn.Module) -> No
                           "one sample; use data.batch_size=2 or more", shared=True)
 
 
-def _determinism(cfg: Config, device: torch.device) -> None:
+def apply_numerics(cfg: Config, device: torch.device) -> None:
+    """``train.deterministic`` and ``train.tf32`` (before any matmul: cuBLAS reads its workspace
+    setting once). TF32 is a GPU matter: on the CPU torch's default precision stays."""
+    strict = cfg.train.deterministic is not False
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.train.deterministic  # fastest kernels unless asked not to
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = not strict  # fastest kernels unless asked not to
+        torch.set_float32_matmul_precision("high" if cfg.train.tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    if strict:
+        # cuBLAS is deterministic only with a fixed workspace (CUDA's documentation); kept if set
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=cfg.train.deterministic == "warn")
         torch.backends.cudnn.deterministic = True
 
 
@@ -86,7 +94,7 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
                     if starts_from and resume is None else None)
         folder.open()
 
-        _determinism(cfg, dist.device)
+        apply_numerics(cfg, dist.device)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
         model = build_model(cfg.model.name, num_classes)
         check_trainable(len(splits.train), dist.world_size, cfg.data.batch_size, model)
@@ -114,7 +122,9 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         registry.register("train_state", loop, every_rank=True, flat=True)
         check = TrainingSetCheck(splits.train.fingerprint(), loop.state, cfg.checkpoint.on_data_change)
         registry.register("train_data", check)  # after train_state: needs the position
-        registry.register("rng", RngState(dist, cfg.seed), every_rank=True, flat=True)
+        gpus = (list(range(decision.gpus)) if decision.mode == "dp"
+                else [dist.device.index or 0] if dist.device.type == "cuda" else [])
+        registry.register("rng", RngState(dist, cfg.seed, gpus), every_rank=True, flat=True)
         ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
         if ema is not None:
             registry.register("model_ema", ema)
@@ -122,17 +132,21 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         if resume is not None:  # before wrapping: canonical keys, CPU tensors
             registry.load_state_dict(LoadContext(resume, dist.world_size, dist.rank))
 
-        model = wrap(model, decision, dist.device, dist.gradient_watch)
+        mixer = (BatchMixer(num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.seed, dist.rank)
+                 if cfg.data.mixup_alpha or cfg.data.cutmix_alpha else None)
+        # DataParallel: each replica normalises its own uint8 chunk (mixing needs float images first)
+        on_replicas = decision.mode == "dp" and mixer is None
+        per_replica = Normalize(cfg.data.mean, cfg.data.std, cfg.train.channels_last) if on_replicas else None
+        model = wrap(model, decision, dist.device, dist.gradient_watch, per_replica)
         if cfg.train.compile:
             model = torch.compile(model)
         data = build_run_data(cfg, dist, splits, worker_init_fn=worker_init_ignoring(stop.signals),
                               before_fork=checkpoints.wait_local)  # no worker forks while a save is in flight
         undo.callback(data.close)
-        mixer = (BatchMixer(num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.seed, dist.rank)
-                 if cfg.data.mixup_alpha or cfg.data.cutmix_alpha else None)
         engine = Engine(model, optimizer, Normalize(cfg.data.mean, cfg.data.std).to(dist.device), dist.device,
                         cfg.train.precision, cfg.train.clip_grad_norm, cfg.train.channels_last, scaler,
-                        label_smoothing=cfg.train.label_smoothing, mixer=mixer, dist=dist, running=running)
+                        label_smoothing=cfg.train.label_smoothing, mixer=mixer, dist=dist, running=running,
+                        replicas_prepare=on_replicas)
         report = EpochReport(cfg, dist, folder)
         report.keep_rows_before(loop.state.epoch, resumed=resume is not None)
         log.info("model %s (%.2fM parameters); global batch %d = %d per process x %d process(es) x %d "

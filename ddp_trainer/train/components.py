@@ -11,7 +11,7 @@ from torch import nn
 
 from ..checkpoint.format import meta_entries, rng_fits
 from ..checkpoint.registry import LoadContext, SaveContext
-from ..checkpoint.weights import canonical_state_dict, load_weights
+from ..checkpoint.weights import canonical_tensors, load_weights
 from ..config import Config
 from ..errors import CheckpointError
 from ..launch.dist import Dist
@@ -40,7 +40,7 @@ class ModelWeights:
         self.model = model
 
     def save(self, ctx: SaveContext) -> dict[str, torch.Tensor]:
-        return canonical_state_dict(self.model)
+        return canonical_tensors(self.model)  # live tensors: the writer makes the one CPU copy
 
     def load(self, sd: dict[str, torch.Tensor], ctx: LoadContext) -> None:
         load_weights(self.model, sd, source=f"checkpoint '{ctx.checkpoint.path}'")
@@ -142,17 +142,22 @@ class TrainingSetCheck:
 
 
 class RngState:
-    """Every rank's random generators (flat entry ``rng``: one state per rank, gathered to rank 0).
+    """Every rank's random generators (flat entry ``rng``: one state per rank, gathered to rank 0):
+    the CPU's, ``cuda``: the GPU the rank drives, and with DataParallel (one process driving every
+    GPU, each replica drawing from its own GPU's generator) ``cuda_devices``: one per GPU.
     A file whose states do not fit this world size (or has none) reseeds each rank instead, from
     the seed, its rank and the step, so that ranks still draw different numbers."""
 
-    def __init__(self, dist: Dist, seed: int) -> None:
-        self.dist, self.seed = dist, seed
+    def __init__(self, dist: Dist, seed: int, gpus: list[int]) -> None:
+        """``gpus``: the indexes of the GPUs this process drives (empty on the CPU)."""
+        self.dist, self.seed, self.gpus = dist, seed, gpus
 
     def _mine(self) -> dict[str, Any]:
         state: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if self.dist.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.dist.device)
+        if self.gpus:
+            state["cuda"] = torch.cuda.get_rng_state(self.gpus[0])
+        if len(self.gpus) > 1:
+            state["cuda_devices"] = [torch.cuda.get_rng_state(i) for i in self.gpus]
         return state
 
     def save(self, ctx: SaveContext) -> dict[str, Any]:
@@ -164,5 +169,9 @@ class RngState:
             return
         mine = entries["rng"][ctx.rank]
         torch.set_rng_state(mine["torch"])
-        if mine.get("cuda") is not None and self.dist.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda"], self.dist.device)
+        every = mine.get("cuda_devices")
+        if every is not None and len(every) == len(self.gpus):
+            for i, state in zip(self.gpus, every):
+                torch.cuda.set_rng_state(state, i)
+        elif mine.get("cuda") is not None and self.gpus:
+            torch.cuda.set_rng_state(mine["cuda"], self.gpus[0])

@@ -56,7 +56,7 @@ class Engine:
                  device: torch.device, precision: str = "fp32", clip_grad_norm: float | None = None,
                  channels_last: bool = False, scaler: torch.amp.GradScaler | None = None,
                  label_smoothing: float = 0.0, mixer: BatchMixer | None = None, dist: Dist | None = None,
-                 running: RunningLoss | None = None) -> None:
+                 running: RunningLoss | None = None, replicas_prepare: bool = False) -> None:
         self.model = model
         self.optimizer = optimizer
         self.normalize = normalize
@@ -65,6 +65,8 @@ class Engine:
         self.label_smoothing = label_smoothing  # the training loss only (evaluate() uses plain cross-entropy)
         self.mixer = mixer  # mixed images and soft targets (None: plain labels)
         self.dist = dist  # its gradient watch names a failed gradient all-reduce (None: no process group)
+        # the model's DataParallel replicas normalise their own uint8 chunks (launch.mode.InputsOnReplicas)
+        self.replicas_prepare = replicas_prepare
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         dtype = AUTOCAST_DTYPES.get(precision)
         self.autocast: Callable[[], Any] = (
@@ -86,8 +88,9 @@ class Engine:
 
     def _to_device(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         images, labels, weights = batch
-        images = images.to(self.device, non_blocking=self.non_blocking)
-        images = self.normalize(images).contiguous(memory_format=self.memory_format)
+        if not self.replicas_prepare:  # (else DataParallel scatters the uint8 chunks to the replicas)
+            images = images.to(self.device, non_blocking=self.non_blocking)
+            images = self.normalize(images).contiguous(memory_format=self.memory_format)
         return (images, labels.to(self.device, non_blocking=self.non_blocking),
                 weights.to(self.device, non_blocking=self.non_blocking))
 
@@ -169,8 +172,10 @@ class CountMismatch(RuntimeError):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Batch], normalize: nn.Module, device: torch.device, dist: Dist,
-             num_classes: int, expected_count: int, precision: str = "fp32") -> EvalResult:
-    """Exact validation: per-sample sums reduced across ranks, each image counted once.
+             num_classes: int, expected_count: int, precision: str = "fp32", channels_last: bool = False
+             ) -> EvalResult:
+    """Exact validation: per-sample sums reduced across ranks, each image counted once. No host-device
+    sync per batch: the sums stay on the device until the one all-reduce at the end.
 
     ``model`` should be the unwrapped module (no DDP hooks). Raises CountMismatch when the reduced
     count differs from ``expected_count`` (a padding or overlapping sampler).
@@ -180,8 +185,9 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], normalize: nn.Module, de
     dtype = AUTOCAST_DTYPES.get(precision)
     sums = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=device)
     k5 = min(5, num_classes)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for images, labels, _ in loader:
-        images = normalize(images.to(device, non_blocking=True))
+        images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             logits = model(images)
@@ -191,8 +197,12 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], normalize: nn.Module, de
         hit1 = top[:, 0] == labels
         sums[1] += hit1.sum()
         sums[2] += (top == labels[:, None]).any(dim=1).sum()
-        sums[3: 3 + num_classes] += torch.bincount(labels[hit1], minlength=num_classes)
-        sums[3 + num_classes:] += torch.bincount(labels, minlength=num_classes)
+        # per-class hits and counts as sums of one-hot rows: no host sync (a boolean-mask index or
+        # bincount waits for the device to learn the output size) and deterministic on GPU
+        # (index_add_ / scatter_add_ use atomics: train.deterministic=true would refuse them)
+        onehot = F.one_hot(labels, num_classes).to(sums.dtype)
+        sums[3: 3 + num_classes] += (onehot * hit1[:, None]).sum(0)
+        sums[3 + num_classes:] += onehot.sum(0)
     dist.all_reduce_sum(sums)
     model.train(was_training)
     values = sums.tolist()

@@ -15,6 +15,7 @@ from ..launch.signals import Preempted, StopRequest, parse_signals
 from ..models import check_model_name
 from ..runlog import close_file_logs
 from .build import build_trainer
+from .run_folder import NCCL_TRACE
 
 log = logging.getLogger("ddp_trainer")
 
@@ -51,13 +52,17 @@ def run_training(cfg: Config, env: LaunchEnv, stop: StopRequest, *, debug: bool 
     stop.configure(parse_signals(cfg.preempt.signals))
     trainer = None
     try:
-        session = launched(env, cfg.dist.mode, cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.init_timeout_s)
+        session = launched(env, cfg.dist.mode, cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.init_timeout_s,
+                           trace_dir=Path(cfg.output_dir) / NCCL_TRACE)
         with session as (dist, decision):
             if debug:
-                torch.autograd.set_detect_anomaly(True)
-                log.info("debug: one process on %s, num_workers=0, anomaly detection on, %d step(s) x %d "
-                         "epoch(s), output in %s", dist.device, cfg.debug.steps_per_epoch, cfg.train.epochs,
-                         cfg.output_dir)
+                # with fp16 the grad scaler's overflow steps hold inf/nan gradients by design (the step
+                # is skipped and the scale lowered): anomaly mode must not call them errors
+                check_nan = cfg.train.precision != "fp16"
+                torch.autograd.set_detect_anomaly(True, check_nan=check_nan)
+                log.info("debug: one process on %s, num_workers=0, anomaly detection on%s, %d step(s) x %d "
+                         "epoch(s), output in %s", dist.device, "" if check_nan else " (no nan check: fp16)",
+                         cfg.debug.steps_per_epoch, cfg.train.epochs, cfg.output_dir)
             trainer = build_trainer(cfg, dist, decision, stop=stop, trust_checkpoint=trust_checkpoint,
                                     max_steps_per_epoch=cfg.debug.steps_per_epoch if debug else None)
             with dist.training():

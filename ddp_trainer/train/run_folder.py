@@ -17,9 +17,10 @@ from ..launch.runlock import RunLock
 from ..launch.signals import clear_marker
 from ..runlog import EarlyRecords, MetricsFile, add_file_log
 
+NCCL_TRACE = "nccl_trace"  # NCCL's flight-recorder dumps on a collective timeout (each node's own)
 # what a run writes in output_dir, and whether each is a folder
 OUTPUT_ENTRIES = {"checkpoints": True, "tensorboard": True, "train.log": False, "metrics.jsonl": False,
-                  "config.yaml": False, "PREEMPTED": False, ".lock": False}
+                  "config.yaml": False, "PREEMPTED": False, ".lock": False, NCCL_TRACE: True}
 
 
 def check_output_layout(out: Path) -> None:
@@ -69,6 +70,8 @@ class RunFolder:
         train.log (with what was logged before) and clears an old stop marker."""
         with self.dist.waiting("rank 0 to prepare output_dir"):
             self.dist.main_then_broadcast(self._open)
+        if self.dist.backend == "nccl" and self.dist.env.is_local_main:
+            (self.path / NCCL_TRACE).mkdir(parents=True, exist_ok=True)
 
     def _open(self) -> None:
         try:

@@ -79,7 +79,8 @@ class Trainer:
         batches = self.data.val_batches()
         self.dist.broadcast_buffers(model)
         return evaluate(model, batches, self.engine.normalize, self.dist.device, self.dist,
-                        len(self.data.splits.classes), len(self.data.val_set), self.cfg.train.precision)
+                        len(self.data.splits.classes), len(self.data.val_set), self.cfg.train.precision,
+                        self.cfg.train.channels_last)
 
     def _train_epoch(self, log_plan: bool = False) -> EpochFigures:
         """One pass over the rest of the epoch's plan: optimizer steps, progress, mid-epoch saves and
