@@ -7,10 +7,12 @@ when neither exists (``tests/test_compat.py``).
 from __future__ import annotations
 
 import datetime
+import inspect
 from typing import Callable
 
 import torch.distributed as tdist
 from torch.distributed import distributed_c10d
+from torch.nn.parallel import DistributedDataParallel
 
 
 def group_timeout_setter() -> Callable[..., None]:
@@ -24,6 +26,15 @@ def group_timeout_setter() -> Callable[..., None]:
         raise RuntimeError(f"this torch ({getattr(tdist, '__file__', '?')}) has neither torch.distributed.set_timeout "
                            f"nor distributed_c10d._set_pg_timeout; the supported releases have one of them")
     return private
+
+
+def ddp_no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's keyword for "no broadcast of rank 0's buffers at every forward": torch >= 2.14 names it
+    ``forward_sync_buffers`` (``broadcast_buffers`` warns there); older releases ``broadcast_buffers``.
+    Both still sync the buffers once, when DDP is built."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def set_group_timeout(timeout: datetime.timedelta, group: tdist.ProcessGroup | None = None) -> None:

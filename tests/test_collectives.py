@@ -89,3 +89,11 @@ def test_a_peer_dying_inside_backward_reads_as_lost_contact_in_the_gradient_all_
     assert len(errors) == 1, res.stderr
     assert "lost contact with another rank during training" in errors[0], errors[0]
     assert "the gradient all-reduce failed" in errors[0], errors[0]
+
+
+def test_ddp_is_built_without_a_buffer_broadcast_at_every_forward():
+    from torch.nn.parallel import DistributedDataParallel
+
+    kwargs = compat.ddp_no_forward_buffer_sync()
+    assert list(kwargs.values()) == [False]
+    assert next(iter(kwargs)) in __import__("inspect").signature(DistributedDataParallel.__init__).parameters

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..compat import ddp_no_forward_buffer_sync
 from ..errors import ConfigError
 from .dist import GradientSyncWatch
 
@@ -94,7 +95,11 @@ def wrap(model: nn.Module, decision: ModeDecision, device: torch.device,
     DataParallel, what each replica applies to its uint8 chunk (see :class:`InputsOnReplicas`)."""
     if decision.mode == "ddp":
         ids = [device.index] if device.type == "cuda" else None
-        ddp = DDP(model, device_ids=ids)
+        # no broadcast of rank 0's buffers (BatchNorm statistics) at every forward: only rank 0's
+        # ever count (validation and checkpoints take them, broadcast first: Trainer.validate), and
+        # rank 0's evolve exactly as with the broadcast. One collective less per forward, and none
+        # left inside forward() where a failure could not be told from the model's own errors
+        ddp = DDP(model, device_ids=ids, **ddp_no_forward_buffer_sync())
         if watch is not None:
             watch.attach(ddp)
         return ddp

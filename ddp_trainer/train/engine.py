@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data.mixing import BatchMixer
 from ..data.samplers import EpochPlan
-from ..errors import NonFiniteLoss
+from ..errors import CollectiveFailed, NonFiniteLoss
 from ..launch.dist import Dist
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images, labels, loss weights
@@ -113,22 +113,22 @@ class Engine:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 self.data_wait_s += time.perf_counter() - t0
+                started = time.monotonic()
                 images, labels, weights = self._to_device(batch)
                 targets = labels
                 if self.mixer is not None:  # soft targets; the seed follows the step, so resume is exact
                     images, targets = self.mixer(images, labels, first_step + j, m)
                 sync = contextlib.nullcontext() if m == last else self.no_sync()
-                with sync:
-                    with self.autocast():
-                        logits = self.model(images)
-                    losses = F.cross_entropy(logits.float(), targets, reduction="none",
-                                             label_smoothing=self.label_smoothing)
-                    try:
+                try:
+                    with sync:
+                        with self.autocast():
+                            logits = self.model(images)
+                        losses = F.cross_entropy(logits.float(), targets, reduction="none",
+                                                 label_smoothing=self.label_smoothing)
                         self.scaler.scale((losses * weights).sum()).backward()
-                    except RuntimeError as exc:
-                        if m == last and self.dist is not None:  # DDP's gradient all-reduce ran in there
-                            self.dist.gradient_watch.check(exc, self.dist.timeout_now)
-                        raise
+                except RuntimeError as exc:
+                    self._collective_failure(exc, time.monotonic() - started)
+                    raise
                 real = weights > 0
                 finite &= torch.isfinite(losses.detach()).all()
                 self.running.loss_sum += (losses.detach() * real).sum()
@@ -143,6 +143,17 @@ class Engine:
                                               first_step + j)
             consumed = plan.consumed_after(j)
             yield StepDone(j, consumed, lr)
+
+    def _collective_failure(self, exc: RuntimeError, waited_s: float) -> None:
+        """Raise CollectiveFailed from ``exc`` when the step's backward failed in DDP's gradient
+        all-reduce (its watch saw it), or after waiting out the timeout in force (no computation of
+        a step takes that long: a collective in it did)."""
+        dist = self.dist
+        if dist is None or not dist.active or isinstance(exc, torch.OutOfMemoryError):
+            return
+        dist.gradient_watch.check(exc, dist.timeout_now)
+        if waited_s >= CollectiveFailed.TIMEOUT_FRACTION * dist.timeout_now:
+            raise CollectiveFailed("a collective of the training step", waited_s, dist.timeout_now, exc) from exc
 
     def check_finite(self, dist: Dist, epoch: int, kept: Callable[[], str]) -> None:
         """Stop every rank (before anything is saved) once a training loss was nan/inf on any rank,
