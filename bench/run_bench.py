@@ -273,7 +273,7 @@ def bench_loader(data: Path, work: Path) -> None:
     t0 = time.perf_counter()
     cache_path = decoded_cache.build(idx, 64, work / "cache")
     build_s = time.perf_counter() - t0
-    cached = FolderDataset(idx, ImageTransform(64, ("flip",)), cached=decoded_cache.CachedImages(cache_path))
+    cached = FolderDataset(idx, ImageTransform(64, ("flip",)), cached=decoded_cache.CachedImages(cache_path, n, 64))
 
     def rate(get) -> float:
         best = 0.0
