@@ -55,13 +55,15 @@ def _per_class(index: FolderIndex) -> list[str]:
             "    smallest: " + ", ".join(f"{name} {n}" for name, n in smallest)]
 
 
-def _cache_lines(splits: Splits, cfg: Config) -> list[str]:
+def _cache_lines(splits: Splits, cfg: Config, verify: bool) -> tuple[list[str], bool]:
+    """What data.cache=decoded would use or build, and whether that is possible (False: a cache to
+    build in a folder that cannot be written). ``verify``: existing caches are checked in full."""
     folder = decoded_cache.cache_folder(cfg.data)
     parts = [("train", splits.train, cfg.data.train_cache_size, None),
              ("val", splits.val, cfg.data.image_size, cfg.data.val_resize)]
     total = sum(decoded_cache.nbytes(len(ix), size) for _, ix, size, _ in parts)
     if cfg.data.cache != "decoded":
-        return [f"cache: data.cache=none (data.cache=decoded would need {human_bytes(total)} in '{folder}')"]
+        return [f"cache: data.cache=none (data.cache=decoded would need {human_bytes(total)} in '{folder}')"], True
     lines = [f"cache: data.cache=decoded in '{folder}'"]
     need = 0
     for split, ix, size, resize in parts:
@@ -69,16 +71,24 @@ def _cache_lines(splits: Splits, cfg: Config) -> list[str]:
         path = folder / decoded_cache.file_name(key, len(ix), size)
         size_b = decoded_cache.nbytes(len(ix), size)
         state = "exists" if path.exists() else "to build"
-        need += 0 if path.exists() else size_b
+        if path.exists() and verify:
+            why = decoded_cache.damage(path, len(ix), size, sample=None)
+            state = f"exists, damaged ({why}): the next run builds it again" if why else "exists, every chunk intact"
+            need += size_b if why else 0
+        else:
+            need += 0 if path.exists() else size_b
         lines.append(f"    {split}: {path.name} ({len(ix)} images at {size}x{size}, {human_bytes(size_b)}) {state}")
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free
     verdict = "enough" if free >= need else "NOT enough: set data.cache_dir to a larger disk"
     lines.append(f"    to build: {human_bytes(need)}; free: {human_bytes(free)} ({verdict})")
-    return lines
+    if need and not decoded_cache.writable(probe):
+        lines.append(f"    '{probe}' is NOT writable: set data.cache_dir to a writable folder, or use data.cache=none")
+        return lines, False
+    return lines, True
 
 
-def _verify(index: FolderIndex, workers: int) -> list[tuple[str, str]]:
+def _verify(index: FolderIndex, workers: int, max_pixels: int) -> list[tuple[str, str]]:
     """(relative path, reason) of every image of ``index`` that does not decode."""
     class Probe(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -86,7 +96,7 @@ def _verify(index: FolderIndex, workers: int) -> list[tuple[str, str]]:
 
         def __getitem__(self, i: int) -> tuple[int, str]:
             try:
-                load_rgb(index.path(i))
+                load_rgb(index.path(i), max_pixels)
                 return i, ""
             except DataError as exc:
                 return i, exc.message
@@ -104,7 +114,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     scanned = time.monotonic() - t0
     model = build_model(cfg.model.name, len(splits.classes))
     world = max(1, args.nproc)
-    check_trainable(len(splits.train), world, cfg.data.batch_size, model)
+    check_trainable(len(splits.train), world, cfg.data.batch_size, model, len(splits.classes), cfg.checkpoint.monitor)
     print(f"config: valid ({len(config_mod.valid_keys())} keys); model {cfg.model.name} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(splits.classes)} classes)")
     print(f"data: root '{root}', scanned in {scanned:.1f} s; val from {splits.source}")
@@ -123,14 +133,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         tail = "every image used each epoch"
     print(f"batches: global batch {global_batch} = {cfg.data.batch_size} x {world} process(es) x "
           f"{cfg.train.grad_accum_steps}; {len(plan)} optimizer step(s) per epoch; {tail}")
-    for line in _cache_lines(splits, cfg):
+    lines, cache_ok = _cache_lines(splits, cfg, args.verify)
+    for line in lines:
         print(line)
+    if not cache_ok:
+        return EXIT_USER_ERROR
     if not args.verify:
         print("images: not decoded (add --verify to decode every image)")
         return EXIT_OK
     t1 = time.monotonic()
     bad = [(split, rel, why) for split, index in (("train", splits.train), ("val", splits.val))
-           for rel, why in _verify(index, cfg.data.num_workers)]
+           for rel, why in _verify(index, cfg.data.num_workers, cfg.data.max_image_pixels)]
     n = len(splits.train) + len(splits.val)
     print(f"images: decoded {n} in {time.monotonic() - t1:.1f} s; {len(bad)} unreadable")
     for split, rel, why in bad[:50]:

@@ -28,7 +28,7 @@ from .errors import (
     one_line,
 )
 from .launch.environment import process_rank, resolve
-from .launch.signals import StopRequest, die_with_parent
+from .launch.signals import StopRequest, stop_with_parent
 from .runlog import setup_logging
 
 log = logging.getLogger("ddp_trainer")
@@ -113,7 +113,7 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> int:
 
     env = resolve(os.environ)
     if env.source == "torchrun":
-        die_with_parent()
+        stop_with_parent()
     setup_logging(env.rank)
     try:  # every rank sees the same argv and files, so only rank 0 reports what is wrong with them
         cfg = config_mod.load(args.config, args.overrides)

@@ -129,12 +129,12 @@ def cmd_grid(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     splits = build_splits(cfg, Dist.single())
     if args.split == "train":
-        ds = FolderDataset(splits.train, train_transform(cfg.data), cfg.seed)
+        ds = FolderDataset(splits.train, train_transform(cfg.data), cfg.seed, max_pixels=cfg.data.max_image_pixels)
         plan = EpochPlan(len(ds), world=1, rank=0, batch_size=min(args.count, len(ds)), accum=1, seed=cfg.seed,
                          epoch=0, max_steps=1)
         keys = plan.step(0)[0]
     else:
-        ds = FolderDataset(splits.val, eval_transform(cfg.data), cfg.seed)
+        ds = FolderDataset(splits.val, eval_transform(cfg.data), cfg.seed, max_pixels=cfg.data.max_image_pixels)
         keys = list(range(min(args.count, len(ds))))
     items = [ds[k] for k in keys]
     images = torch.stack([it[0] for it in items])
@@ -244,7 +244,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model = build_model(loaded.model_name or cfg.model.name, len(splits.classes))
         load_weights(model, loaded.weights(args.ema), source=f"checkpoint '{args.checkpoint}'")
         model.to(dist.device)
-        val = FolderDataset(splits.val, eval_transform(cfg.data), cfg.seed)
+        val = FolderDataset(splits.val, eval_transform(cfg.data), cfg.seed, max_pixels=cfg.data.max_image_pixels)
         loader = make_eval_loader(val, cfg.data, dist, dist.device)
         res = evaluate(model, loader, Normalize(cfg.data.mean, cfg.data.std).to(dist.device), dist.device,
                        dist, len(splits.classes), len(val), cfg.train.precision)

@@ -20,6 +20,7 @@ import yaml
 
 from .errors import ConfigError
 
+MAX_LR = 10.0  # above it every optimizer here diverges at once (and past float32's range it cannot even step)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 AUGMENTATIONS = ("flip", "random_resized_crop", "trivialaugment", "randaugment", "autoaugment", "random_erasing")
@@ -56,6 +57,7 @@ class DataConfig:
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # every resize (antialiased)
     val_crop_pct: float = 1.0  # validation: shorter side to image_size / val_crop_pct, centre crop image_size
     random_erasing_p: float = 0.1  # data.augment random_erasing: the chance per image (torchvision's recipe: 0.1)
+    max_image_pixels: int = 89_478_485  # a larger image is refused before it is decoded (PIL's default limit)
     mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) (torchvision's recipe: 0.2); 0: off
     cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha) (torchvision's recipe: 1.0); 0: off
 
@@ -68,6 +70,8 @@ class DataConfig:
         _check(0 < self.val_crop_pct <= 1, "data.val_crop_pct", self.val_crop_pct,
                "use a fraction in (0, 1], e.g. 0.875 (224 of 256)")
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "use at least 1")
+        _check(self.max_image_pixels >= 1, "data.max_image_pixels", self.max_image_pixels,
+               "use a positive number of pixels (width x height), e.g. 89478485")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
                "use a fraction in [0, 1)")
@@ -80,8 +84,10 @@ class DataConfig:
                                   f"choose from {', '.join(AUGMENTATIONS)} or none{_hint(name, AUGMENTATIONS)}")
         policies = [a for a in self.augment if a in POLICIES]
         _check(len(policies) <= 1, "data.augment", self.augment, f"use at most one of {', '.join(POLICIES)}")
-        _check(self.mixup_alpha >= 0, "data.mixup_alpha", self.mixup_alpha, "use 0 (off) or a positive number")
-        _check(self.cutmix_alpha >= 0, "data.cutmix_alpha", self.cutmix_alpha, "use 0 (off) or a positive number")
+        # Beta(a, a) below 1e-3 puts all its mass at 0 and 1 (nothing mixes), and torch's sampler
+        # fails on tiny values (1e-300): refused here rather than at the first mixed batch
+        for key, alpha in (("data.mixup_alpha", self.mixup_alpha), ("data.cutmix_alpha", self.cutmix_alpha)):
+            _check(alpha == 0 or alpha >= 1e-3, key, alpha, "use 0 (off) or a number from 0.001, e.g. 0.2 or 1.0")
         _check(0.0 <= self.random_erasing_p <= 1.0, "data.random_erasing_p", self.random_erasing_p,
                "use a probability in [0, 1]")
         if self.classes is not None:
@@ -131,7 +137,8 @@ class OptimConfig:
     #                                            on normalisation layers, weight_decay on everything else
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", self.lr, "use a positive learning rate")
+        _check(0 < self.lr <= MAX_LR, "optim.lr", self.lr,
+               f"use a positive learning rate up to {MAX_LR:g}, e.g. 0.1 (sgd) or 0.001 (adamw)")
         _check(self.momentum >= 0, "optim.momentum", self.momentum, "use 0 or more")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use 0 or more")
         _check(self.norm_weight_decay is None or self.norm_weight_decay >= 0, "optim.norm_weight_decay",
@@ -151,6 +158,8 @@ class SchedConfig:
     def __post_init__(self) -> None:
         _check(self.warmup_epochs >= 0, "sched.warmup_epochs", self.warmup_epochs, "use 0 or more")
         _check(self.step_epochs >= 1, "sched.step_epochs", self.step_epochs, "use at least 1")
+        _check(0 < self.gamma <= 1, "sched.gamma", self.gamma, "use a factor in (0, 1], e.g. 0.1")
+        _check(self.min_lr >= 0, "sched.min_lr", self.min_lr, "use 0 or a positive learning rate below optim.lr")
 
 
 @dataclass(frozen=True)
@@ -228,6 +237,7 @@ def signal_name(name: str) -> str:
 class PreemptConfig:
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM", "SIGINT"])
     check_every_steps: int = 1  # how often the ranks agree on a stop (one tiny CPU all-reduce)
+    orphan_deadline_s: float = 120.0  # a worker whose torchrun agent died: time to stop at a checkpoint
 
     def __post_init__(self) -> None:
         for name in self.signals:
@@ -236,6 +246,8 @@ class PreemptConfig:
                 raise ConfigError(f"preempt.signals: {name!r} is not a signal that can be caught; "
                                   f"use names such as SIGUSR1, SIGTERM, SIGINT")
         _check(self.check_every_steps >= 1, "preempt.check_every_steps", self.check_every_steps, "use at least 1")
+        _check(self.orphan_deadline_s > 0, "preempt.orphan_deadline_s", self.orphan_deadline_s,
+               "use a positive number of seconds")
 
 
 @dataclass(frozen=True)
@@ -248,6 +260,10 @@ class LogConfig:
 class DebugConfig:
     steps_per_epoch: int = 5
     epochs: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.steps_per_epoch >= 1, "debug.steps_per_epoch", self.steps_per_epoch, "use at least 1")
+        _check(self.epochs >= 1, "debug.epochs", self.epochs, "use at least 1")
 
 
 @dataclass(frozen=True)
@@ -273,6 +289,8 @@ class Config:
         _check(0 <= self.seed < 2 ** 63, "seed", self.seed, "use a whole number from 0 to 2**63 - 1")
         _check(not self.checkpoint.monitor.endswith("_ema") or self.train.ema_decay is not None,
                "checkpoint.monitor", self.checkpoint.monitor, "set train.ema_decay too (the EMA is off)")
+        _check(self.sched.min_lr <= self.optim.lr or self.sched.name != "cosine", "sched.min_lr", self.sched.min_lr,
+               f"use a floor of at most optim.lr={self.optim.lr:g} (the cosine decays from optim.lr to sched.min_lr)")
 
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self)

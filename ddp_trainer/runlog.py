@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import sys
 from pathlib import Path
@@ -60,8 +61,10 @@ class EarlyRecords(logging.Handler):
 def add_file_log(path: Path, rank: int, earlier: EarlyRecords | None = None) -> None:
     """Append the log to ``path`` too (call on rank 0 only), starting with ``earlier`` records."""
     logger = logging.getLogger(LOGGER)
-    # a file name that is not valid UTF-8 is logged with \xNN escapes, never as a logging error
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
+    # a file name that is not valid UTF-8 is logged with \xNN escapes, never as a logging error; a
+    # train.log deleted or moved during the run is opened again at its path (the watched handler
+    # compares the path's file with the open one at each record: one stat)
+    handler = logging.handlers.WatchedFileHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
     handler.addFilter(_RankFilter(rank))
     handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)d] %(levelname)s %(message)s"))
     for record in earlier.detach() if earlier is not None else []:
@@ -78,7 +81,8 @@ def close_file_logs() -> None:
 
 
 class MetricsFile:
-    """``metrics.jsonl``: exactly one JSON line per finished epoch, appended and fsynced."""
+    """``metrics.jsonl``: exactly one JSON line per finished epoch, appended and fsynced (opened by
+    path for each row: a file deleted or moved during the run is created again)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -191,3 +191,47 @@ def test_a_build_killed_midway_leaves_nothing_after_the_next_run(small_args, tmp
     assert f"data.cache: removed {left[0]}" in res.stderr
     assert not list(cache.glob(".*.tmp-*"))
     assert len(list(cache.glob("decoded-*.u8"))) == 2
+
+
+def test_a_damaged_cache_is_noticed_when_opened_and_built_again(demo_small: Path, tmp_path: Path, caplog):
+    idx = scan(demo_small / "train")  # 120 images: two checksummed chunks
+    path = decoded_cache.build(idx, 16, tmp_path)
+    good = path.read_bytes()
+    with open(path, "r+b") as f:  # the second half zeroed on disk
+        f.seek(len(good) // 2)
+        f.write(b"\0" * (len(good) - len(good) // 2))
+    assert "differ from what was written (damaged on disk)" in decoded_cache.damage(path, len(idx), 16)
+    with caplog.at_level("WARNING", logger="ddp_trainer"):
+        assert decoded_cache.build(idx, 16, tmp_path) == path  # was: reused, trained on black images, exit 0
+    assert f"{path} is damaged (images 0-63 differ from what was written (damaged on disk)); building it again" \
+        in caplog.text
+    assert path.read_bytes() == good
+    with open(path, "r+b") as f:
+        f.truncate(len(good) - 100)
+    assert "holds 92,060 bytes where 92,160 were written" in decoded_cache.damage(path, len(idx), 16)
+    decoded_cache.build(idx, 16, tmp_path)  # was: ValueError: mmap length is greater than file size; not rebuilt
+    assert path.read_bytes() == good
+    with open(path, "r+b") as f:  # one byte: a sample of chunks may miss it, check --verify does not
+        f.seek(100)
+        f.write(bytes([good[100] ^ 1]))
+    assert decoded_cache.damage(path, len(idx), 16, sample=None) is not None
+
+
+def test_a_read_only_cache_folder_is_named_by_the_run_and_by_check(small_args, tmp_path: Path, require_root):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    subprocess.run(["mount", "--bind", str(cache), str(cache)], check=True)
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(cache)], check=True)
+    try:
+        res = launch(0, *small_args, "data.cache=decoded", f"data.cache_dir={cache}", "train.epochs=1", timeout=120)
+        # was: a raw OSError, exit 1, while check said the space was enough
+        assert res.returncode == 2, res.stderr
+        assert f"data.cache_dir '{cache}' is not writable" in res.stderr
+        data = next(a for a in small_args if a.startswith("data.root="))
+        chk = subprocess.run([PY, "-m", "ddp_trainer", "check", data, "data.cache=decoded", f"data.cache_dir={cache}",
+                              "model.name=tiny_cnn_bn", "data.image_size=16"], capture_output=True, text=True,
+                             timeout=120, env=child_env(), cwd=ROOT)
+        assert chk.returncode == 2, chk.stdout + chk.stderr
+        assert f"'{cache}' is NOT writable" in chk.stdout
+    finally:
+        subprocess.run(["umount", "-l", str(cache)])

@@ -1,4 +1,5 @@
 """Kill -9 at any moment, resume with one command, end bitwise equal to an uninterrupted run."""
+import json
 import os
 import signal
 import subprocess
@@ -280,8 +281,9 @@ def test_max_restarts_worker_group_resumes_by_itself(reference: Path, demo_small
     args = resume_args(demo_small, out)
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.2",
            str(ROOT / "launch.py"), *args]
-    # restarted rendezvous rounds need their own store (as the sbatch scripts set it; README, SLURM)
-    proc = subprocess.Popen(cmd, env=env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), cwd=ROOT,
+    # plain torchrun: was "Gloo connectFullMesh failed ... Connection refused" in both tries unless
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the agent's shared store kept the dead round's addresses)
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(mid_epoch_checkpoint(out / "checkpoints"), proc=proc)
     os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)  # one worker dies; the agent restarts the group
@@ -289,3 +291,31 @@ def test_max_restarts_worker_group_resumes_by_itself(reference: Path, demo_small
     log = (out / "train.log").read_text()
     assert "samples into the epoch" in log  # the restarted group resumed from the mid-epoch checkpoint
     assert_bitwise_equal(out / "checkpoints" / "last.pt", reference / "checkpoints" / "last.pt")
+
+
+def test_a_signal_that_kills_the_plain_torchrun_agent_stops_the_workers_at_a_checkpoint(reference, demo_small,
+                                                                                      tmp_path):
+    out = tmp_path / "run"
+    args = [*resume_args(demo_small, out), "train.log_every_steps=1", "checkpoint.every_steps=0"]
+    proc = start(2, args)
+    wait_for(steps_logged(out, 3), proc=proc)
+    workers = list(worker_pids(proc.pid).values())
+    os.kill(proc.pid, signal.SIGUSR1)  # plain torchrun does not handle SIGUSR1: the agent dies of it
+    assert proc.wait(60) == -signal.SIGUSR1
+    wait_for(lambda: not any(Path(f'/proc/{w}').exists() and 'Z' not in _proc_state(w) for w in workers), timeout=60)
+    stderr = proc.stderr.read()
+    # was: the workers were SIGKILLed by their parent-death signal: no checkpoint since the start
+    assert "the torchrun agent (pid" in stderr and "is gone: stopping at the next step with a checkpoint" in stderr
+    state = load(out / "checkpoints" / "last.pt")
+    assert not state["epoch_complete"] and state["step"] >= 3
+    assert json.loads((out / "PREEMPTED").read_text())["signal"] == "SIGTERM"
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), *args], env=env())
+    assert res.returncode == 0, res.stderr
+    assert_bitwise_equal(out / "checkpoints" / "last.pt", reference / "checkpoints" / "last.pt")
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

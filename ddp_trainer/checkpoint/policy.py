@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from ..config import CheckpointConfig
 from ..launch.dist import Dist
+from .format import monitored_metric
 from .registry import LoadContext, SaveContext, StateRegistry
 from .writer import AsyncCheckpointWriter, CheckpointWriter
 
@@ -34,12 +35,15 @@ class Judgement:
 @dataclass
 class BestRanking:
     """The best monitored value so far and the K best epochs (a component: entries ``best`` and
-    ``best_k``, ``[[value, epoch], ...]`` best first)."""
+    ``best_k``, ``[[value, epoch], ...]`` best first). A file ranked by another metric or mode is
+    not continued: the ranking starts anew, and ``replaced`` says what the file's ranking was."""
 
+    monitor: str  # checkpoint.monitor
     mode: str  # "min" | "max"
     keep: int  # checkpoint.keep_best
     best: float | None = None
     best_k: list = field(default_factory=list)
+    replaced: str | None = None  # "val_loss (min)": the restored file was ranked by that
 
     def judge(self, value: float, epoch: int) -> Judgement:
         """Rank epoch ``epoch``'s ``value`` (and remember it)."""
@@ -66,6 +70,14 @@ class BestRanking:
         return {"best": self.best, "best_k": [list(e) for e in self.best_k]}
 
     def load(self, entries: Mapping[str, Any], ctx: LoadContext) -> None:
+        theirs = (monitored_metric(entries), ((entries.get("config") or {}).get("checkpoint") or {}).get("mode"))
+        if ctx.checkpoint.ours and theirs[0] is not None and theirs != (self.monitor, self.mode):
+            self.replaced = f"{theirs[0]} ({theirs[1]})"
+            log.warning("resume: the checkpoint's best epochs were ranked by %s, this run ranks by %s (%s): "
+                        "the ranking starts anew; the files the old one kept stay", self.replaced, self.monitor,
+                        self.mode)
+            self.best, self.best_k = None, []
+            return
         self.best = entries.get("best")
         self.best_k = [list(e) for e in entries.get("best_k") or []]
 
@@ -80,7 +92,7 @@ class CheckpointManager:
         self.dist = dist
         self.registry = registry
         self.total_epochs = total_epochs
-        self.ranking = BestRanking(cfg.mode, cfg.keep_best)
+        self.ranking = BestRanking(cfg.monitor, cfg.mode, cfg.keep_best)
         registry.register("best", self.ranking, flat=True)
         writer_cls = AsyncCheckpointWriter if cfg.async_ else CheckpointWriter
         self.writer = writer_cls(folder, cfg.keep_last) if dist.is_main else None
@@ -125,6 +137,22 @@ class CheckpointManager:
     def finish(self) -> None:
         """Wait for the save in flight (rank 0) and fail every rank if it failed."""
         self.dist.main_then_broadcast(self.writer.close if self.writer is not None else lambda: None)
+
+    def keep_replaced_best(self) -> None:
+        """After a resume whose best ranking was replaced (another monitor or mode): rank 0 renames
+        best.pt, the old ranking's best, to ``best_<metric>_<mode>.pt`` before the new ranking's first
+        best takes its name."""
+        old = self.ranking.replaced
+        if old is None or self.writer is None or not (self.writer.folder / "best.pt").exists():
+            return
+        metric, mode = old.replace("(", "").replace(")", "").split()
+        target = self.writer.folder / f"best_{metric}_{mode}.pt"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.writer.folder / f"best_{metric}_{mode}.{n}.pt"
+        (self.writer.folder / "best.pt").rename(target)
+        log.info("checkpoint: best.pt (best by %s) kept as %s", old, target.name)
 
     def failed_locally(self) -> bool:
         """Rank 0: its last background write has failed (no wait, no collective)."""

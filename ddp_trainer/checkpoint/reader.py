@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import pickle
+import pickletools
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,23 +24,28 @@ from ..launch.mode import unwrap
 from . import layouts
 from .format import FORMAT, FORMAT_VERSION, OURS, Checkpoint, checksum_matches
 from .weights import is_state_dict, strip_wrapper_prefixes
-from .writer import EPOCH_FILE
+from .writer import BEST_EPOCH_FILE, EPOCH_FILE
 
 log = logging.getLogger("ddp_trainer")
 
 
 def resume_candidates(folder: Path) -> list[Path]:
-    """Checkpoints to try on ``resume=auto``, newest first: last.pt, then epoch files by number."""
+    """Checkpoints to try on ``resume=auto``, newest first: last.pt, the epoch files by number, then
+    the best files (best_epoch_NNNN.pt by number, best.pt): every checkpoint of the folder is a
+    candidate, so a folder whose newer files were pruned or deleted still resumes, never starts over."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    out = [folder / "last.pt"] if (folder / "last.pt").exists() else []
-    epochs = sorted((p for p in folder.iterdir() if EPOCH_FILE.match(p.name)), reverse=True)
-    return out + epochs
+    names = [p.name for p in folder.iterdir()]
+    epochs = sorted((n for n in names if EPOCH_FILE.match(n)), reverse=True)
+    bests = sorted((n for n in names if BEST_EPOCH_FILE.match(n)), reverse=True)
+    first = [n for n in ("last.pt",) if n in names]
+    last = [n for n in ("best.pt",) if n in names]
+    return [folder / n for n in first + epochs + bests + last]
 
 
 def has_checkpoints(folder: Path) -> bool:
-    return bool(resume_candidates(folder)) or (Path(folder) / "best.pt").exists()
+    return bool(resume_candidates(folder))
 
 
 # Plain data that other trainers pickle into their checkpoints: torchvision's references and timm
@@ -58,6 +65,23 @@ def _looks_like_torch_save(path: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
+def _pickle_is_whole(path: Path) -> bool:
+    """The file's pickle reads to its end (a zip written by torch.save: its data.pkl; the legacy format:
+    the file's first pickle), so a refusal by weights_only was about what it references, not damage."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                data = z.read(name)
+        else:
+            data = path.read_bytes()
+        for _ in pickletools.genops(data):
+            pass
+    except Exception:  # noqa: BLE001 - any failure to walk the pickle means it is damaged
+        return False
+    return True
+
+
 def _torch_load(path: Path, trust: bool) -> Any:
     try:
         if not _looks_like_torch_save(path):
@@ -67,10 +91,10 @@ def _torch_load(path: Path, trust: bool) -> Any:
     except CheckpointError:
         raise
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):
+        if not _pickle_is_whole(path):
             raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({_first_line(exc)}); use another file") from None
-        if not trust:
-            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if not trust:  # a whole pickle that weights_only refused: it references code
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)  # which one, when torch says
             what = f"the Python object {found.group(1)}" if found else "pickled Python objects"
             raise CheckpointError(
                 f"checkpoint '{path}' holds {what}, which is code, not data: loading it runs code from the file. "

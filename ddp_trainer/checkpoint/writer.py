@@ -23,6 +23,7 @@ from .format import with_checksum
 log = logging.getLogger("ddp_trainer")
 
 EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.pt$")
+BEST_EPOCH_FILE = re.compile(r"^best_epoch_(\d{4,})\.pt$")
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -7,6 +7,7 @@ training device.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..progress import Ticker
 from . import decoded_cache, demo
 from .decoded_cache import CachedImages
 from .folder_index import FolderIndex, check_same_classes, scan, split_holdout
-from .images import load_rgb
+from .images import MAX_IMAGE_PIXELS, load_rgb
 from .samplers import SampleKey
 from .transforms import ImageTransform, sample_seed
 
@@ -35,10 +36,11 @@ class FolderDataset(Dataset):
     """
 
     def __init__(self, index: FolderIndex, transform: ImageTransform, seed: int = 0,
-                 cached: CachedImages | None = None) -> None:
+                 cached: CachedImages | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
         self.index = index
         self.transform = transform
         self.seed = seed
+        self.max_pixels = max_pixels  # data.max_image_pixels
         self.cached = cached  # None: decode the files
 
     def __len__(self) -> int:
@@ -49,7 +51,7 @@ class FolderDataset(Dataset):
             i, epoch, weight = key
         else:
             i, epoch, weight = int(key), 0, 1.0
-        img = self.cached[i] if self.cached is not None else load_rgb(self.index.path(i))
+        img = self.cached[i] if self.cached is not None else load_rgb(self.index.path(i), self.max_pixels)
         gen = None
         if self.transform.random:
             gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i))
@@ -95,20 +97,25 @@ def scan_splits(cfg: DataConfig, root: Path) -> Splits:
     if cfg.val_fraction <= 0:
         raise DataError(f"no val folder '{val_folder}' and data.val_fraction is 0; add a val/ folder "
                         f"or set data.val_fraction (for example 0.1)")
+    largest = max(Counter(label for _, label in train.samples).values())
     train, val = split_holdout(train, cfg.val_fraction)
     if len(val) == 0:
-        raise DataError(f"data.val_fraction={cfg.val_fraction} holds out no image of '{root / cfg.train_dir}'; "
-                        f"raise it or add a val/ folder")
+        # the holdout takes a share of each class: below one image in every class, none at all
+        fix = ("no share can be held out without taking a class's only image: add a val/ folder" if largest < 2 else
+               f"hold out at least 1/{largest} of each class (data.val_fraction={1 / largest:.3g} or more) or "
+               f"add a val/ folder")
+        raise DataError(f"data.val_fraction={cfg.val_fraction} holds out no image of '{root / cfg.train_dir}' (its "
+                        f"largest class has {largest} image(s)); {fix}")
     return Splits(train, val, f"{cfg.val_fraction:.0%} of '{root / cfg.train_dir}' (no '{val_folder}')")
 
 
-def _unreadable(index: FolderIndex, dist: Dist) -> set[str]:
+def _unreadable(index: FolderIndex, dist: Dist, max_pixels: int) -> set[str]:
     """Relative paths of files that do not decode; each rank checks a strided share."""
     bad = []
     ticker = Ticker(f"data.bad_images=skip: checking {index.root}", total=len(index), scale=dist.world_size)
     for i in range(dist.rank, len(index), dist.world_size):
         try:
-            load_rgb(index.path(i))
+            load_rgb(index.path(i), max_pixels)
         except DataError:
             bad.append(index.samples[i][0])
         ticker.tick()
@@ -116,8 +123,8 @@ def _unreadable(index: FolderIndex, dist: Dist) -> set[str]:
         return {p for part in dist.all_gather_object(bad) for p in part}
 
 
-def _drop_unreadable(index: FolderIndex, dist: Dist, split: str) -> FolderIndex:
-    bad = _unreadable(index, dist)
+def _drop_unreadable(index: FolderIndex, dist: Dist, split: str, max_pixels: int) -> FolderIndex:
+    bad = _unreadable(index, dist, max_pixels)
     if bad:
         shown = ", ".join(show_path(b) for b in sorted(bad)[:3]) + (" ..." if len(bad) > 3 else "")
         log.warning("data.bad_images=skip: skipped %d unreadable %s image(s) under %s: %s",
@@ -138,8 +145,9 @@ def build_splits(cfg: Config, dist: Dist) -> Splits:
     with dist.waiting("rank 0 to scan the data folders"):
         splits = dist.main_then_broadcast(lambda: scan_splits(cfg.data, root))
     if cfg.data.bad_images == "skip":
-        splits = Splits(_drop_unreadable(splits.train, dist, "train"),
-                        _drop_unreadable(splits.val, dist, "val"), splits.source)
+        limit = cfg.data.max_image_pixels
+        splits = Splits(_drop_unreadable(splits.train, dist, "train", limit),
+                        _drop_unreadable(splits.val, dist, "val", limit), splits.source)
     return splits
 
 
@@ -151,7 +159,7 @@ def with_decoded_cache(index: FolderIndex, cfg: DataConfig, dist: Dist, size: in
     if cfg.cache != "decoded":
         return None
     path = decoded_cache.ensure(index, size, decoded_cache.cache_folder(cfg), dist, workers=cfg.num_workers,
-                                resize=resize, interpolation=cfg.interpolation)
+                                resize=resize, interpolation=cfg.interpolation, max_pixels=cfg.max_image_pixels)
     return CachedImages(path, len(index), size)
 
 

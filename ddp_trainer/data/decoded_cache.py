@@ -36,13 +36,14 @@ from ..launch.dist import Dist
 from ..progress import Ticker
 from .demo import cache_root
 from .folder_index import FolderIndex
-from .images import load_rgb
+from .images import MAX_IMAGE_PIXELS, load_rgb
 from .transforms import ImageTransform
 
 log = logging.getLogger("ddp_trainer")
-VERSION = 2
+VERSION = 3  # 3: pictures turned by their EXIF orientation, 16-bit and float images scaled
 TMP_GLOB = ".decoded-*.tmp-*"
-CHUNK = 64  # images per loader item when decoding
+CHUNK = 64  # images per loader item when decoding (and per checksum)
+SAMPLE_CHUNKS = 8  # chunks re-hashed when a run opens a cache (all of them under check --verify)
 STAT_CHUNK = 4096  # files per digest of the cache key
 
 
@@ -143,20 +144,29 @@ class _NodeBuilder:
     def prepare(self, key: str) -> _Target:
         path = self.folder / file_name(key, len(self.index), self.size)
         if path.exists():
-            self.target = _Target(path, None)
-            return self.target
+            why = damage(path, len(self.index), self.size)
+            if why is None:
+                self.target = _Target(path, None)
+                return self.target
+            log.warning("data.cache: %s is damaged (%s); building it again", path, why)
+            path.unlink()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DataError(f"data.cache_dir '{self.folder}' cannot be created ({exc.strerror}); set "
                             f"data.cache_dir to a writable folder") from None
+        if not writable(self.folder):
+            raise DataError(_not_writable(self.folder))
         remove_dead_builds(self.folder)
         need = nbytes(len(self.index), self.size)
         free = shutil.disk_usage(self.folder).free
         if free < need:
             raise DataError(self._no_space(need, free))
         tmp = path.with_name(f".{path.name}.tmp-{os.uname().nodename}-{os.getpid()}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise DataError(_not_writable(self.folder, exc.strerror)) from None
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until rename or death: the next build knows we are alive
         self.fd, self.tmp = fd, tmp
         try:
@@ -174,18 +184,20 @@ class _NodeBuilder:
                 f"in '{self.folder}', but {human_bytes(free)} is free there{f' ({why})' if why else ''}; set "
                 f"data.cache_dir to a folder with more space, lower data.cache_size, or use data.cache=none")
 
-    def finish(self) -> None:
+    def finish(self, chunks: list[tuple[int, int, str]]) -> None:
+        """Publish the cache, its record first (the chunks' checksums): a published cache always has one."""
         target = self.target
         if target is None or target.tmp is None:
             return
         assert self.fd is not None
         os.fsync(self.fd)
+        atomic_write_text(record_path(target.path), json.dumps(
+            {"root": self.index.root, "images": len(self.index), "size": self.size, "version": VERSION,
+             "chunks": sorted(chunks)}))
         publish(target.tmp, target.path)
         self.tmp = None
         os.close(self.fd)
         self.fd = None
-        atomic_write_text(target.path.with_suffix(".json"), json.dumps(
-            {"root": self.index.root, "images": len(self.index), "size": self.size, "version": VERSION}))
 
     def abort(self) -> None:
         """Remove our temporary file (a failed build leaves nothing behind)."""
@@ -201,24 +213,24 @@ class _DecodeInto(torch.utils.data.Dataset):
     """Item ``k`` decodes chunk ``k`` of this rank's share and writes it into the temporary file
     (one ``pwrite`` per chunk at its offset: no shared mapping whose page faults the ranks contend on)."""
 
-    def __init__(self, index: FolderIndex, fit: ImageTransform, tmp: Path, lo: int, hi: int) -> None:
-        self.index, self.size, self.tmp, self.lo, self.hi = index, fit.size, tmp, lo, hi
+    def __init__(self, index: FolderIndex, fit: ImageTransform, tmp: Path, lo: int, hi: int, max_pixels: int) -> None:
+        self.index, self.size, self.tmp, self.lo, self.hi, self.max_pixels = index, fit.size, tmp, lo, hi, max_pixels
         self.fit = fit
         self._fd: int | None = None
 
     def __len__(self) -> int:
         return -(-(self.hi - self.lo) // CHUNK)
 
-    def __getitem__(self, k: int) -> int:
+    def __getitem__(self, k: int) -> tuple[int, int, str]:
         if self._fd is None:
             self._fd = os.open(self.tmp, os.O_WRONLY)
         start = self.lo + k * CHUNK
         stop = min(start + CHUNK, self.hi)
         out = np.empty((stop - start, 3, self.size, self.size), dtype=np.uint8)
         for i in range(start, stop):
-            out[i - start] = self.fit.fit(load_rgb(self.index.path(i))).numpy()
+            out[i - start] = self.fit.fit(load_rgb(self.index.path(i), self.max_pixels)).numpy()
         os.pwrite(self._fd, out.data, start * nbytes(1, self.size))
-        return stop - start
+        return start, stop, _digest(out.tobytes())
 
     def close(self) -> None:
         if self._fd is not None:
@@ -229,24 +241,29 @@ class _DecodeInto(torch.utils.data.Dataset):
         return {**self.__dict__, "_fd": None}  # each worker opens the file itself
 
 
-def _fill(index: FolderIndex, fit: ImageTransform, tmp: Path, share: int, shares: int, workers: int) -> None:
-    """Decode this process's contiguous share of the images into ``tmp``."""
+def _fill(index: FolderIndex, fit: ImageTransform, tmp: Path, share: int, shares: int, workers: int,
+          max_pixels: int) -> list[tuple[int, int, str]]:
+    """Decode this process's contiguous share of the images into ``tmp``; returns the checksum of
+    each chunk written, ``(first image, end, digest)``."""
     n = len(index)
     lo, hi = n * share // shares, n * (share + 1) // shares
+    chunks: list[tuple[int, int, str]] = []
     if hi <= lo:
-        return
-    ds = _DecodeInto(index, fit, tmp, lo, hi)
+        return chunks
+    ds = _DecodeInto(index, fit, tmp, lo, hi, max_pixels)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     ticker = Ticker(f"data.cache: decoding {index.root}", total=n, scale=shares)
     try:
-        for count in loader:
-            ticker.tick(int(count))
+        for start, stop, digest in loader:
+            chunks.append((int(start), int(stop), digest))
+            ticker.tick(int(stop) - int(start))
     finally:
         ds.close()
+    return chunks
 
 
 def ensure(index: FolderIndex, size: int, folder: Path, dist: Dist, workers: int = 0, resize: int | None = None,
-           interpolation: str = "bilinear") -> Path:
+           interpolation: str = "bilinear", max_pixels: int = MAX_IMAGE_PIXELS) -> Path:
     """This node's cache of ``index`` at ``size`` (shorter side resized to ``resize``, default
     ``size``, then centre-cropped), built first if missing. Every rank calls this; every local rank of
     a node that builds decodes a share. A failure on any rank fails all."""
@@ -267,12 +284,14 @@ def ensure(index: FolderIndex, size: int, folder: Path, dist: Dist, workers: int
             t0 = time.monotonic()
             with dist.waiting("the decoded cache build (every local rank decodes a share)"):
                 if target.tmp is not None:
-                    dist.all_ok(lambda: _fill(index, fit, target.tmp, env.local_rank, env.local_world_size,
-                                              workers))
+                    mine = dist.all_ok(lambda: _fill(index, fit, target.tmp, env.local_rank, env.local_world_size,
+                                                     workers, max_pixels))
                 else:
-                    dist.all_ok(lambda: None)  # this node has its cache; join the others' collectives
+                    mine = dist.all_ok(lambda: [])  # this node has its cache; join the others' collectives
                 decoded = time.monotonic() - t0
-                dist.all_ok(lambda: builder.finish() if builder is not None else None)
+                chunks = [c for node, part in dist.all_gather_object((env.node_rank, mine))
+                          if node == env.node_rank for c in part]
+                dist.all_ok(lambda: builder.finish(chunks) if builder is not None else None)
             if target.tmp is not None:
                 log.info("data.cache: decoded %d images of %s in %.1f s (%.0f images/s, %d process(es) on the "
                          "node), on disk %.1f s later: %s", len(index), index.root, decoded,
@@ -303,9 +322,48 @@ class CachedImages:
 
 
 def build(index: FolderIndex, size: int, folder: Path, workers: int = 0, resize: int | None = None,
-          interpolation: str = "bilinear") -> Path:
+          interpolation: str = "bilinear", max_pixels: int = MAX_IMAGE_PIXELS) -> Path:
     """:func:`ensure` in one process without a process group (tools, tests, benchmarks)."""
-    return ensure(index, size, folder, Dist.single(), workers, resize, interpolation)
+    return ensure(index, size, folder, Dist.single(), workers, resize, interpolation, max_pixels)
+
+
+def record_path(path: Path) -> Path:
+    """The cache's record: what it holds and each chunk's checksum."""
+    return path.with_suffix(".json")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def damage(path: Path, images: int, size: int, sample: int | None = SAMPLE_CHUNKS) -> str | None:
+    """Why the cache file ``path`` cannot be trusted, or None: its size, then the checksums of
+    ``sample`` chunks spread over it (None: every chunk), against its record."""
+    try:
+        record = json.loads(record_path(path).read_text())
+        chunks = [tuple(c) for c in record["chunks"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its record {record_path(path).name} is missing or unreadable"
+    have, want = path.stat().st_size, nbytes(images, size)
+    if have != want:
+        return f"it holds {have:,} bytes where {want:,} were written (truncated or overwritten)"
+    if sample is not None and len(chunks) > sample:
+        chunks = [chunks[round(i * (len(chunks) - 1) / (sample - 1))] for i in range(sample)]
+    per_image = nbytes(1, size)
+    with open(path, "rb") as f:
+        for start, stop, digest in chunks:
+            if _digest(os.pread(f.fileno(), (stop - start) * per_image, start * per_image)) != digest:
+                return f"images {start}-{stop - 1} differ from what was written (damaged on disk)"
+    return None
+
+
+def writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _not_writable(folder: Path, why: str | None = None) -> str:
+    return (f"data.cache_dir '{folder}' is not writable{f' ({why})' if why else ''}, so the decoded cache cannot "
+            f"be built there; set data.cache_dir to a writable folder, or use data.cache=none")
 
 
 def cache_folder(cfg: DataConfig) -> Path:

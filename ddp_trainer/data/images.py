@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
@@ -61,15 +61,37 @@ def read_regular_file(path: str) -> bytes:
             os.close(fd)
 
 
-def load_rgb(path: str) -> torch.Tensor:
-    """Decode ``path`` to a uint8 CHW RGB tensor (grayscale, palette, RGBA and CMYK converted).
+MAX_IMAGE_PIXELS = 89_478_485  # data.max_image_pixels' default: PIL's own (Image.MAX_IMAGE_PIXELS)
+_ORIENTATION = 0x0112  # the EXIF tag: how the camera held the picture (1: as stored)
 
-    JPEG, PNG, GIF and WebP are decoded by torchvision.io (libjpeg-turbo / libpng: faster than PIL,
-    and strict about truncated files); other formats by PIL. Raises DataError naming the file when it
-    cannot be decoded (corrupt or truncated).
-    """
+
+def load_rgb(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Decode ``path`` to a uint8 CHW RGB tensor, as the picture is meant to be seen: turned as its
+    EXIF orientation says (phones store pictures sideways), grayscale, palette, RGBA and CMYK
+    converted, 16-bit and float images scaled to 8 bits (not clipped), an animation's first frame.
+
+    The header is read first: an image of more than ``max_pixels`` pixels (``data.max_image_pixels``;
+    a decompression bomb: a few hundred KB on disk, gigabytes decoded) is refused before it is
+    decoded. JPEG, PNG, GIF and still WebP are decoded by torchvision.io (libjpeg-turbo / libpng:
+    faster than PIL, and strict about truncated files); turned pictures, animated WebP and the other
+    formats by PIL. Raises DataError naming the file when it cannot be decoded."""
     data = read_regular_file(path)
-    if _decode_with_torchvision(data):
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the limit is checked below, by key
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # the header only: nothing is decoded yet
+            width, height = probe.size
+            frames = getattr(probe, "n_frames", 1)
+            turned = "exif" in probe.info and probe.getexif().get(_ORIENTATION, 1) != 1
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise _bad(path, _pil_reason(exc)) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
+    if width * height > max_pixels:
+        raise DataError(f"image '{show_path(path)}' is {width}x{height} = {width * height:,} pixels, more than "
+                        f"data.max_image_pixels={max_pixels:,} (a decompression bomb, or a far larger scan than "
+                        f"training needs); shrink or remove the file, raise data.max_image_pixels, or set "
+                        f"data.bad_images=skip")
+    if _decode_with_torchvision(data) and not turned and not (frames > 1 and data[:4] == b"RIFF"):
         try:
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError) as exc:
@@ -80,12 +102,32 @@ def load_rgb(path: str) -> torch.Tensor:
         if img.dtype != torch.uint8:  # a 16-bit PNG: scale to 8 bits as PIL does (not the low byte)
             img = F.to_dtype(img, torch.uint8, scale=True)
         return img.contiguous()
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # checked above
     try:
         with Image.open(io.BytesIO(data)) as pil:
-            pil.load()
-            rgb = pil.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        # PIL names the in-memory buffer it was given; the file is named by _bad already
-        raise _bad(path, re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))) from None
-    arr = np.asarray(rgb, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+            pil.load()  # the first frame of an animation
+            arr = _to_rgb8(ImageOps.exif_transpose(pil))
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise _bad(path, _pil_reason(exc)) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _pil_reason(exc: BaseException) -> str:
+    # PIL names the in-memory buffer it was given; the file is named by _bad already
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))
+
+
+def _to_rgb8(pil: Image.Image) -> np.ndarray:
+    """An HxWx3 uint8 array. 16-bit modes are scaled (the top byte: as torchvision scales a 16-bit
+    PNG), float images from [0, 1] (clipped outside); PIL's own conversion would clip them instead
+    (a 16-bit scan almost all white, a float one all black)."""
+    if pil.mode.startswith("I;16") or pil.mode == "I":
+        grey = (np.clip(np.asarray(pil, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+    elif pil.mode == "F":
+        values = np.nan_to_num(np.asarray(pil, dtype=np.float64), nan=0.0)
+        grey = np.round(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8)
+    else:
+        return np.array(pil.convert("RGB"), dtype=np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)

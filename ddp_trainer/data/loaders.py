@@ -135,9 +135,10 @@ def build_run_data(cfg: Config, dist: Dist, splits: Splits, *, worker_init_fn: C
     missing) and their loaders. ``before_fork`` runs before loader workers fork (see LoaderOwner)."""
     d = cfg.data
     train_cache = with_decoded_cache(splits.train, d, dist, d.train_cache_size)
-    train_set = FolderDataset(splits.train, train_transform(d), cfg.seed, train_cache)
+    train_set = FolderDataset(splits.train, train_transform(d), cfg.seed, train_cache, d.max_image_pixels)
     val_cache = with_decoded_cache(splits.val, d, dist, d.image_size, d.val_resize)
-    val_set = FolderDataset(splits.val, eval_transform(d, cached=val_cache is not None), cfg.seed, val_cache)
+    val_set = FolderDataset(splits.val, eval_transform(d, cached=val_cache is not None), cfg.seed, val_cache,
+                            d.max_image_pixels)
     train_loader, batches = make_train_loader(train_set, d, dist.device, worker_init_fn=worker_init_fn)
     val_loader = make_eval_loader(val_set, d, dist, dist.device, worker_init_fn=worker_init_fn)
     return RunData(splits, train_set, val_set, LoaderOwner(before_fork), train_loader, batches, val_loader)

@@ -303,6 +303,17 @@ def shared_gpus(placements: list[Placement]) -> str | None:
     return None
 
 
+def _store(env: LaunchEnv, timeout: datetime.timedelta) -> tdist.Store:
+    """The env:// store (torch's own choice of who hosts it), its keys under a prefix per torchrun
+    restart round. torchrun's agent keeps one store across the rounds of ``--max-restarts`` and
+    hands every round's workers the same address (unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): a
+    restarted rank could read the previous round's keys, the addresses of dead peers, and gloo's
+    mesh would fail to connect ("Connection refused")."""
+    store, _, _ = next(tdist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    return tdist.PrefixStore(f"ddp_trainer/attempt_{attempt}", store) if attempt is not None else store
+
+
 @contextlib.contextmanager
 def process_group(env: LaunchEnv, backend: str | None, device: torch.device, timeout_s: float,
                   init_timeout_s: float | None = None, trace_dir: Path | None = None) -> Iterator[Dist]:
@@ -326,11 +337,20 @@ def process_group(env: LaunchEnv, backend: str | None, device: torch.device, tim
         os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(trace_dir / "rank_"))  # the folder: RunFolder
     # no device_id for nccl: its communicators start at the first NCCL collective (DDP's weight
     # broadcast), after launch.session has checked over gloo that no two ranks share a GPU
-    with doing(f"waiting for the other ranks to join the process group (world size {env.world_size}, "
-               f"{env.master_addr}:{env.master_port})"):
-        tdist.init_process_group(
-            backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=init_timeout_s))
+    joining = (f"the other ranks to join the process group (world size {env.world_size}, "
+               f"{env.master_addr}:{env.master_port})")
+    t0 = time.monotonic()
+    timeout = datetime.timedelta(seconds=init_timeout_s)
+    with doing(f"waiting for {joining}"):
+        try:
+            tdist.init_process_group(backend=backend, store=_store(env, timeout), rank=env.rank,
+                                     world_size=env.world_size, timeout=timeout)
+        except RuntimeError:  # torch's DistError family: classified by the wait, as collectives are
+            if time.monotonic() - t0 < CollectiveFailed.TIMEOUT_FRACTION * init_timeout_s:
+                raise
+            raise PeerTimeout(f"gave up after waiting {init_timeout_s:g} s for {joining} (dist.init_timeout_s="
+                              f"{init_timeout_s:g}); start every rank with the same MASTER_ADDR, MASTER_PORT and "
+                              f"WORLD_SIZE, or raise dist.init_timeout_s if some start late") from None
     try:
         cpu_group = (tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=init_timeout_s))
                      if backend != "gloo" else None)

@@ -124,6 +124,8 @@ class StopRequest:
         self._previous: dict[signal.Signals, Any] = {}
         self._pair: tuple[socket.socket, socket.socket] | None = None
         self._lock = threading.Lock()
+        self.orphan_deadline_s = 120.0  # preempt.orphan_deadline_s
+        self._deadline_armed = False
 
     @classmethod
     def early(cls) -> "StopRequest":
@@ -144,8 +146,11 @@ class StopRequest:
         threading.Thread(target=self._watch, name="stop-signals", daemon=True).start()
         return self
 
-    def configure(self, signals: Sequence[signal.Signals]) -> "StopRequest":
-        """Handle exactly ``signals`` from now on (the ones dropped get their previous handler back)."""
+    def configure(self, signals: Sequence[signal.Signals], orphan_deadline_s: float = 120.0) -> "StopRequest":
+        """Handle exactly ``signals`` from now on (the ones dropped get their previous handler back).
+        ``orphan_deadline_s``: how long a worker whose torchrun agent died may take to stop at a
+        checkpoint before it stops at once."""
+        self.orphan_deadline_s = orphan_deadline_s
         if self._pair is None:
             self.signals = list(signals)
             return self.install()
@@ -195,6 +200,15 @@ class StopRequest:
 
     def _on(self, name: str) -> None:
         now = time.monotonic()
+        if name == "SIGTERM" and _orphaned() and not self._deadline_armed:
+            self._deadline_armed = True
+            _say(f"error: the torchrun agent (pid {_AGENT[0]}) is gone: stopping at the next step with a "
+                 f"checkpoint, at once if that takes over {self.orphan_deadline_s:g} s (preempt.orphan_deadline_s)")
+            timer = threading.Timer(self.orphan_deadline_s, self._exit_now, (name, f"the torchrun agent is gone "
+                                    f"and the stop did not end within preempt.orphan_deadline_s="
+                                    f"{self.orphan_deadline_s:g} s: stopping at once"))
+            timer.daemon = True
+            timer.start()
         with self._lock:
             if not self.armed and name not in WARNING_SIGNALS:
                 self._exit_now(name, f"stopped by {name} during start-up, while {current_activity()}; no "
@@ -228,19 +242,31 @@ def _no_op(signum: int, frame: Any) -> None:
     """The Python-level handler: the watcher thread acts on the signal (see the module docstring)."""
 
 
-def die_with_parent() -> None:
-    """A torchrun worker ends when its agent dies (Linux parent-death signal): a SIGKILLed agent must
-    not leave workers training and writing on their own."""
+_AGENT: list[int] = []  # the torchrun agent's pid, once stop_with_parent() has run
+
+
+def stop_with_parent() -> None:
+    """A torchrun worker stops when its agent dies, however it dies (SIGKILL, or a signal it does not
+    handle, such as SIGUSR1 to a plain torchrun): the kernel sends the worker SIGTERM (Linux's
+    parent-death signal), which stops it at the next step with a checkpoint, as a SIGTERM to the
+    worker does, within a bounded time (see :meth:`StopRequest.configure`). A worker never trains
+    on alone, and the steps since the last save are not lost."""
     if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:  # the agent died before the call
         os._exit(1)
+    _AGENT[:] = [parent]
+
+
+def _orphaned() -> bool:
+    """The torchrun agent this worker started under is gone (its parent is someone else now)."""
+    return bool(_AGENT) and os.getppid() != _AGENT[0]
 
 
 def write_ready() -> None:

@@ -48,9 +48,15 @@ from .trainer import Trainer
 log = logging.getLogger("ddp_trainer")
 
 
-def check_trainable(n: int, world: int, batch_size: int, model: nn.Module) -> None:
-    """Refuse, before training, a training set or batch that BatchNorm or the ranks cannot use.
-    Every rank checks the same figures, so only rank 0 prints the error (``shared``)."""
+def check_trainable(n: int, world: int, batch_size: int, model: nn.Module, num_classes: int, monitor: str) -> None:
+    """Refuse, before training, what cannot train: fewer than two classes, a training set or batch
+    that BatchNorm or the ranks cannot use, a monitored metric the classes cannot give. Every rank
+    checks the same figures, so only rank 0 prints the error (``shared``)."""
+    if num_classes < 2:
+        raise DataError(f"the data has {num_classes} class; a classifier needs 2 or more class folders", shared=True)
+    if monitor == "val_acc5" and num_classes < 5:
+        raise ConfigError(f"checkpoint.monitor=val_acc5 needs 5 or more classes (the data has {num_classes}, so no "
+                          f"top-5 accuracy is measured); monitor val_acc or val_loss", shared=True)
     if n < 2 * world:
         raise DataError(f"the training set has {n} image(s), fewer than 2 per process for {world} process(es); "
                         f"add images or run fewer processes", shared=True)
@@ -75,10 +81,11 @@ def apply_numerics(cfg: Config, device: torch.device) -> None:
 
 
 def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: StopRequest,
-                  trust_checkpoint: bool = False, max_steps_per_epoch: int | None = None) -> Trainer:
+                  trust_checkpoint: bool = False, max_steps_per_epoch: int | None = None,
+                  scratch: bool = False) -> Trainer:
     """Every rank builds the same run (the collectives inside run on every rank, in the same order).
     A build that fails lets go of what it took (the lock, loader workers) before raising."""
-    folder = RunFolder(cfg, dist)
+    folder = RunFolder(cfg, dist, scratch)  # scratch: --debug's own folder
     with contextlib.ExitStack() as undo:
         undo.callback(folder.close)
         folder.claim()
@@ -97,7 +104,8 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         apply_numerics(cfg, dist.device)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
         model = build_model(cfg.model.name, num_classes)
-        check_trainable(len(splits.train), dist.world_size, cfg.data.batch_size, model)
+        check_trainable(len(splits.train), dist.world_size, cfg.data.batch_size, model, num_classes,
+                        cfg.checkpoint.monitor)
         if init is not None:
             apply_initial_weights(model, init)
         model = prepare(model.to(dist.device), decision, sync_batchnorm=cfg.model.sync_batchnorm,
@@ -131,6 +139,7 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         checkpoints = CheckpointManager(cfg.checkpoint, folder.checkpoints, dist, registry, cfg.train.epochs)
         if resume is not None:  # before wrapping: canonical keys, CPU tensors
             registry.load_state_dict(LoadContext(resume, dist.world_size, dist.rank))
+            checkpoints.keep_replaced_best()
 
         mixer = (BatchMixer(num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.seed, dist.rank)
                  if cfg.data.mixup_alpha or cfg.data.cutmix_alpha else None)

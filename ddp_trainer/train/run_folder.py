@@ -6,6 +6,10 @@ Built on every rank; only global rank 0 touches the folder (a rank-0 decision ma
 """
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 from ..checkpoint.reader import has_checkpoints
@@ -18,9 +22,13 @@ from ..launch.signals import clear_marker
 from ..runlog import EarlyRecords, MetricsFile, add_file_log
 
 NCCL_TRACE = "nccl_trace"  # NCCL's flight-recorder dumps on a collective timeout (each node's own)
+REPLACED = "replaced"  # resume=none over an earlier run: that run's files, moved here (replaced/<UTC time>/)
+PREVIOUS_RUN = ("checkpoints", "metrics.jsonl", "train.log", "tensorboard", "config.yaml", "PREEMPTED")
+log = logging.getLogger("ddp_trainer")
+
 # what a run writes in output_dir, and whether each is a folder
 OUTPUT_ENTRIES = {"checkpoints": True, "tensorboard": True, "train.log": False, "metrics.jsonl": False,
-                  "config.yaml": False, "PREEMPTED": False, ".lock": False, NCCL_TRACE: True}
+                  "config.yaml": False, "PREEMPTED": False, ".lock": False, NCCL_TRACE: True, REPLACED: True}
 
 
 def check_output_layout(out: Path) -> None:
@@ -41,8 +49,9 @@ def _unwritable(out: Path, exc: OSError) -> UserError:
 
 
 class RunFolder:
-    def __init__(self, cfg: Config, dist: Dist) -> None:
-        self.cfg, self.dist = cfg, dist
+    def __init__(self, cfg: Config, dist: Dist, scratch: bool = False) -> None:
+        """``scratch``: the folder of ``--debug`` runs, whose earlier run is deleted, not kept."""
+        self.cfg, self.dist, self.scratch = cfg, dist, scratch
         self.path = Path(cfg.output_dir)
         self.checkpoints = self.path / "checkpoints"
         self.lock: RunLock | None = None  # rank 0, from claim() until close()
@@ -74,6 +83,8 @@ class RunFolder:
             (self.path / NCCL_TRACE).mkdir(parents=True, exist_ok=True)
 
     def _open(self) -> None:
+        if self.cfg.resume == "none":
+            self._set_aside_previous_run()
         try:
             atomic_write_text(self.path / "config.yaml", dump(self.cfg))
         except OSError as exc:
@@ -81,6 +92,31 @@ class RunFolder:
         add_file_log(self.path / "train.log", self.dist.rank, self._early)
         self._early = None
         clear_marker(self.path)
+
+    def _set_aside_previous_run(self) -> None:
+        """Starting over (``resume=none``, with ``overwrite=true`` where checkpoints exist): the earlier
+        run's files move to ``replaced/<UTC time>/``, so that nothing of it is where this run's resume
+        looks, and nothing is lost. A scratch folder's earlier run is deleted."""
+        found = [n for n in PREVIOUS_RUN if (self.path / n).exists()]
+        if not found:
+            return
+        if self.scratch:
+            for name in found:
+                if (self.path / name).is_dir():
+                    shutil.rmtree(self.path / name)
+                else:
+                    (self.path / name).unlink()
+            return
+        first = aside = self.path / REPLACED / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        n = 1
+        while aside.exists():  # two starts over within a second
+            n += 1
+            aside = first.with_name(f"{first.name}.{n}")
+        aside.mkdir(parents=True)
+        for name in found:
+            os.rename(self.path / name, aside / name)
+        log.warning("resume=none: the earlier run's %s moved to %s (nothing of it is resumed or overwritten)",
+                    ", ".join(found), aside)
 
     def close(self) -> None:
         """Let go of held log records and of output_dir's lock (the process's end releases it too)."""

@@ -59,9 +59,9 @@ def _slow_cache(cache):
         return
     real = cache.load_rgb
 
-    def load_rgb(path):
+    def load_rgb(*args, **kwargs):
         time.sleep(float(seconds))
-        return real(path)
+        return real(*args, **kwargs)
 
     cache.load_rgb = load_rgb
 
