@@ -20,7 +20,7 @@ import yaml
 
 from .errors import ConfigError
 
-MAX_LR = 10.0  # above it every optimizer here diverges at once (and past float32's range it cannot even step)
+MAX_LR = 3.0e38  # float32's range: past it the rate itself becomes inf in the optimizer (large finite rates are allowed: a diverging run is reported as such)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 AUGMENTATIONS = ("flip", "random_resized_crop", "trivialaugment", "randaugment", "autoaugment", "random_erasing")
@@ -138,7 +138,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check(0 < self.lr <= MAX_LR, "optim.lr", self.lr,
-               f"use a positive learning rate up to {MAX_LR:g}, e.g. 0.1 (sgd) or 0.001 (adamw)")
+               f"use a positive, finite learning rate (at most {MAX_LR:g}), e.g. 0.1 (sgd) or 0.001 (adamw)")
         _check(self.momentum >= 0, "optim.momentum", self.momentum, "use 0 or more")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use 0 or more")
         _check(self.norm_weight_decay is None or self.norm_weight_decay >= 0, "optim.norm_weight_decay",

@@ -17,7 +17,7 @@ from ddp_trainer.errors import ConfigError
     ("sched.min_lr=0.5", "sched.min_lr: bad value 0.5; use a floor of at most optim.lr=0.002"),
     ("data.mixup_alpha=1e-300", "data.mixup_alpha: bad value 1e-300; use 0 (off) or a number from 0.001"),
     ("data.cutmix_alpha=1e-9", "data.cutmix_alpha: bad value 1e-09"),
-    ("optim.lr=1e300", "optim.lr: bad value 1e+300; use a positive learning rate up to 10"),  # was: raw overflow
+    ("optim.lr=1e300", "optim.lr: bad value 1e+300; use a positive, finite learning rate (at most 3e+38)"),  # was: raw overflow
     ("debug.steps_per_epoch=0", "debug.steps_per_epoch: bad value 0; use at least 1"),  # was: ran nothing
     ("debug.steps_per_epoch=-3", "debug.steps_per_epoch: bad value -3"),  # was: a whole epoch
     ("debug.epochs=0", "debug.epochs: bad value 0; use at least 1"),  # was: blamed train.epochs

@@ -81,11 +81,11 @@ def test_adding_a_component_is_one_register_call():
 
 def test_train_state_round_trip_mid_epoch_and_after_a_complete_epoch():
     s = TrainState(epoch=2, position=48, step=11)
-    best = BestRanking("min", 1, best=0.5)
+    best = BestRanking("val_loss", "min", 1, best=0.5)
     mid = {**s.entries(epoch_complete=False, loss_sum=12.5, loss_count=48.0), **best.save(SaveContext())}
-    back, back_best = TrainState(), BestRanking("min", 1)
+    back, back_best = TrainState(), BestRanking("val_loss", "min", 1)
     back.restore(mid)
-    back_best.load(mid, None)
+    back_best.load(mid, LoadContext(Checkpoint("last.pt", "ddp_trainer", mid)))
     assert (back.epoch, back.position, back.step, back_best.best, back.loss_sum, back.loss_count) == \
         (2, 48, 11, 0.5, 12.5, 48.0)
     done = s.entries(epoch_complete=True, loss_sum=30.0, loss_count=120.0)
@@ -96,7 +96,7 @@ def test_train_state_round_trip_mid_epoch_and_after_a_complete_epoch():
 
 
 def test_best_ranking_keeps_the_k_best_and_names_the_files():
-    r = BestRanking("max", 2)
+    r = BestRanking("val_acc1", "max", 2)
     assert r.judge(0.5, 0).is_best and r.judge(0.7, 1).also == ("best_epoch_0001.pt",)
     j = r.judge(0.6, 2)  # better than epoch 0, not the best: it takes epoch 0's place among the 2 best
     assert (j.is_best, j.also, j.remove) == (False, ("best_epoch_0002.pt",), ("best_epoch_0000.pt",))
