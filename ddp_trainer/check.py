@@ -25,7 +25,7 @@ from .errors import EXIT_OK, EXIT_USER_ERROR, DataError, show_path
 from .fsutil import human_bytes
 from .launch.dist import Dist
 from .models import build_model, check_model_name
-from .train.build import check_trainable
+from .training.build import check_trainable
 
 
 def register(sub: argparse._SubParsersAction) -> None:

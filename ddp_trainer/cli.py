@@ -109,7 +109,7 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace, stop: StopRequest) -> int:
     """Train as ``args`` say (stop signals are handled already: see :func:`train_main`)."""
     # torch loads here, after the stop-signal handling is installed (module docstring)
-    from .train.run import check_config, run_training
+    from .training.run import check_config, run_training
 
     env = resolve(os.environ)
     if env.source == "torchrun":

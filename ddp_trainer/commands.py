@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import api
 from . import config as config_mod
 from .checkpoint.format import Checkpoint
 from .checkpoint.reader import read_checkpoint
@@ -20,18 +21,14 @@ from .checkpoint.writer import atomic_save
 from .data.datasets import FolderDataset, build_splits, eval_transform, train_transform
 from .data.demo import CLASSES, write_demo_data
 from .data.images import load_rgb
-from .data.loaders import make_eval_loader
 from .data.samplers import EpochPlan
 from .data.transforms import ImageTransform, Normalize
 from .errors import EXIT_OK, CheckpointError
 from .launch.dist import Dist
-from .launch.environment import resolve
-from .launch.session import launched
+from .launch.environment import process_rank
 from .models import build_model, check_model_name
 from .pictures import save_curves, save_grid
 from .pretrained import resolve as resolve_weights
-from .runlog import setup_logging
-from .train.engine import evaluate
 
 log = logging.getLogger("ddp_trainer")
 
@@ -229,38 +226,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    env = resolve(os.environ)
-    setup_logging(env.rank)
-
-    def body(dist: Dist) -> int:
-        loaded = dist.main_then_broadcast(lambda: read_checkpoint(args.checkpoint, args.trust_checkpoint))
-        base = config_mod.read_yaml(args.config) if args.config else (loaded.config or {})
-        base = {k: v for k, v in base.items() if k in ("data", "model", "seed", "train")}
-        cfg = config_mod.apply_overrides(base, args.overrides)
-        splits = build_splits(cfg, dist)
-        if loaded.class_to_idx is not None and dict(loaded.class_to_idx) != splits.class_to_idx:
-            raise CheckpointError(f"checkpoint '{args.checkpoint}' classes {list(loaded.class_to_idx)} differ "
-                                  f"from the data's {list(splits.classes)}; point data.root at its dataset")
-        model = build_model(loaded.model_name or cfg.model.name, len(splits.classes))
-        load_weights(model, loaded.weights(args.ema), source=f"checkpoint '{args.checkpoint}'")
-        model.to(dist.device)
-        val = FolderDataset(splits.val, eval_transform(cfg.data), cfg.seed, max_pixels=cfg.data.max_image_pixels)
-        loader = make_eval_loader(val, cfg.data, dist, dist.device)
-        res = evaluate(model, loader, Normalize(cfg.data.mean, cfg.data.std).to(dist.device), dist.device,
-                       dist, len(splits.classes), len(val), cfg.train.precision)
-        if dist.is_main:
-            per_class = dict(zip(splits.classes, res.per_class_acc))
-            if args.json:
-                print(json.dumps({"val_loss": res.loss, "val_acc": res.acc, "val_acc5": res.acc5,
-                                  "count": res.count, "per_class_acc": per_class}))
-            else:
-                for name, acc in per_class.items():
-                    print(f"{name:>24}: {acc:.4f}")
-                print(f"val_loss={res.loss:.6f} val_acc={res.acc:.6f} count={res.count}")
-        return EXIT_OK
-
-    with launched(env, mode_request="auto", backend="auto", timeout_s=300.0) as (dist, _):
-        return body(dist)
+    metrics = api.evaluate(args.checkpoint, args.config, ema=args.ema, trust_checkpoint=args.trust_checkpoint,
+                           **config_mod.parse_overrides(args.overrides))
+    if process_rank(os.environ) == 0:
+        if args.json:
+            print(api.dumps(metrics))
+        else:
+            for name, acc in metrics["per_class_acc"].items():
+                print(f"{name:>24}: {acc:.4f}")
+            print(f"val_loss={metrics['val_loss']:.6f} val_acc={metrics['val_acc']:.6f} count={metrics['count']}")
+    return EXIT_OK
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

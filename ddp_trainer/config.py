@@ -254,6 +254,14 @@ class PreemptConfig:
 class LogConfig:
     progress: Literal["auto", "on", "off"] = "auto"  # auto: a bar when stderr is a terminal
     tensorboard: bool = False  # scalars in <output_dir>/tensorboard (needs the tensorboard package)
+    wandb: bool = False  # Weights & Biases (pip install -e '.[wandb]'): the config once, each epoch's row
+    wandb_project: str = "ddp_trainer"
+    wandb_name: Optional[str] = None  # the run's name; null: output_dir's folder name
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: files in <output_dir>/wandb, `wandb sync` later
+    mlflow: bool = False  # MLflow (pip install -e '.[mlflow]'): the config once, each epoch's row
+    mlflow_uri: Optional[str] = None  # tracking URI; null: MLFLOW_TRACKING_URI, else the folder ./mlruns
+    mlflow_experiment: str = "ddp_trainer"
 
 
 @dataclass(frozen=True)
@@ -513,6 +521,33 @@ def apply_overrides(values: Mapping[str, Any], overrides: Sequence[str]) -> Conf
     """``values`` (a nested mapping, e.g. a checkpoint's stored config) with command-line
     ``key=value`` overrides applied on top, validated."""
     return from_dict(_merge(dict(values), _nest(parse_overrides(overrides), source="command line")))
+
+
+def build(source: str | Path | Mapping[str, Any] | Config | None = None,
+          overrides: Mapping[str, Any] | None = None) -> Config:
+    """A config from Python values (the Python API): ``source`` a YAML file, a nested mapping or a
+    Config (None: the defaults), then ``overrides``: dotted keys (``{"train.epochs": 5}``), whole
+    sections as mappings (``train={"epochs": 5}``) or top-level keys (``output_dir="runs/x"``).
+    Validated as the command line's are; errors name the key."""
+    if isinstance(source, Config):
+        values: dict[str, Any] = source.to_dict()
+    elif isinstance(source, Mapping):
+        values = dict(source)
+    elif source is not None:
+        values = read_yaml(source)
+        try:
+            from_dict(values)  # report the file's own errors with its name
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc.message}") from None
+    else:
+        values = {}
+    sections, flat = {}, {}
+    for key, value in (overrides or {}).items():
+        if "." not in key and isinstance(value, Mapping):
+            sections[key] = value
+        else:
+            flat[key] = value
+    return from_dict(_merge(_merge(values, sections), _nest(flat, source="overrides")))
 
 
 def load(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

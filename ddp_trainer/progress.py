@@ -70,6 +70,7 @@ class Scalars:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 PREPARATION_PROGRESS_S = 10.0  # seconds between progress lines of a long preparation step

@@ -5,6 +5,8 @@ appends everything it logs to ``<output_dir>/train.log``.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import logging.handlers
@@ -82,10 +84,13 @@ def close_file_logs() -> None:
 
 class MetricsFile:
     """``metrics.jsonl``: exactly one JSON line per finished epoch, appended and fsynced (opened by
-    path for each row: a file deleted or moved during the run is created again)."""
+    path for each row: a file deleted or moved during the run is created again); and beside it
+    ``metrics.csv``, the same rows and columns as a table (timm's ``summary.csv`` habit: what
+    spreadsheets and plotting scripts open), rewritten from the JSON lines after each change."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.csv = path.with_suffix(".csv")
 
     def append(self, row: dict[str, Any]) -> None:
         line = json.dumps(row, sort_keys=False) + "\n"
@@ -93,6 +98,30 @@ class MetricsFile:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        self._write_csv()
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The complete rows (a line torn by a kill is left out)."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                out.append(row)
+        return out
+
+    def _write_csv(self) -> None:
+        rows = self.rows()
+        columns = list(dict.fromkeys(k for row in rows for k in row))  # first row's order, new ones after
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.csv, text.getvalue())
 
     def cut_back(self, first_epoch_to_drop: int) -> int:
         """Keep only complete rows of epochs before ``first_epoch_to_drop``; returns rows kept.
@@ -110,4 +139,5 @@ class MetricsFile:
             if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] < first_epoch_to_drop:
                 kept.append(line)
         atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        self._write_csv()
         return len(kept)

@@ -32,8 +32,8 @@ from ddp_trainer.launch.dist import Dist  # noqa: E402
 from ddp_trainer.launch.mode import ModeDecision  # noqa: E402
 from ddp_trainer.launch.signals import StopRequest  # noqa: E402
 from ddp_trainer.models import build_model  # noqa: E402
-from ddp_trainer.train.build import build_trainer  # noqa: E402
-from ddp_trainer.train.engine import Engine  # noqa: E402
+from ddp_trainer.training.build import build_trainer  # noqa: E402
+from ddp_trainer.training.engine import Engine  # noqa: E402
 
 PY = sys.executable
 # a small, quick run on the demo data (2,000 train / 500 val images, generated on first use)

@@ -97,3 +97,12 @@ def test_unknown_model_name_gets_the_closest_one():
     check_model_name("tiny_cnn")
     check_model_name("resnet50")
     check_model_name("mypkg.models:build")  # checked when imported
+
+
+def test_every_key_is_in_the_readmes_configuration_table():
+    from ddp_trainer.config import valid_keys
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration"): readme.index("## Data")]
+    missing = [k for k in valid_keys() if f"`{k}`" not in table]
+    assert not missing, missing

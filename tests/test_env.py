@@ -65,3 +65,37 @@ def test_bad_values_are_errors():
         resolve({"RANK": "0", "WORLD_SIZE": "two"})
     with pytest.raises(ConfigError, match="outside"):
         resolve({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+# a Kubeflow PyTorchJob (training-operator) pod's variables: the pod's index is its RANK, no LOCAL_RANK
+KUBEFLOW_POD = {"MASTER_ADDR": "pytorchjob-demo-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "3", "RANK": "2",
+                "PYTHONUNBUFFERED": "1", "KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+
+
+def test_kubeflow_pytorchjob_pods_are_one_process_each():
+    e = resolve(KUBEFLOW_POD)
+    # was: read as torchrun on one node with 3 local processes (pod 2 waited for "local rank 0")
+    assert (e.rank, e.local_rank, e.world_size, e.local_world_size, e.node_rank, e.num_nodes) == (2, 0, 3, 1, 2, 3)
+    assert e.is_local_main and (e.master_addr, e.master_port) == ("pytorchjob-demo-master-0", 23456)
+    assert e.source == "kubeflow" and e.engine == "Kubeflow PyTorchJob"
+    by_hand = {k: v for k, v in KUBEFLOW_POD.items() if not k.startswith("KUBERNETES_")}
+    assert resolve(by_hand).engine == "RANK/WORLD_SIZE variables" and resolve(by_hand).local_world_size == 1
+
+
+def test_torchrun_inside_a_kubeflow_pod():
+    # nprocPerNode: the operator sets PET_* for torchrun, which gives its workers their own variables
+    worker = {**KUBEFLOW_POD, "PET_NPROC_PER_NODE": "2", "PET_NNODES": "3", "PET_NODE_RANK": "2", "RANK": "5",
+              "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "2",
+              "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0"}
+    e = resolve(worker)
+    assert (e.rank, e.local_rank, e.local_world_size, e.node_rank, e.num_nodes) == (5, 1, 2, 2, 3)
+    assert e.source == "torchrun" and e.engine == "torchrun in a Kubeflow PyTorchJob"
+
+
+def test_ray_train_workers():
+    # Ray Train's torch backend sets torchrun's names and NODE_RANK, in a Ray worker process
+    worker = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "NODE_RANK": "0",
+              "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "40123", "RAY_JOB_ID": "01000000", "RAY_RAYLET_PID": "77"}
+    e = resolve(worker)
+    assert (e.rank, e.local_rank, e.world_size, e.node_rank) == (1, 1, 2, 0)
+    assert e.source == "ray" and e.engine == "Ray Train"

@@ -5,7 +5,7 @@ import ast
 from conftest import ROOT
 
 PACKAGE = ROOT / "ddp_trainer"
-WINGS = ("launch", "data", "checkpoint", "train")
+WINGS = ("launch", "data", "checkpoint", "training")
 TOP = ("cli", "commands", "check", "api", "__main__", "__init__")  # the entry points: may import anything
 # what each part may import from the package (besides itself); "shared": the top-level helper modules
 ALLOWED = {
@@ -13,7 +13,7 @@ ALLOWED = {
     "launch": {"shared"},
     "data": {"shared", "launch"},
     "checkpoint": {"shared", "launch"},
-    "train": {"shared", "launch", "data", "checkpoint"},
+    "training": {"shared", "launch", "data", "checkpoint"},
 }
 MAX_LOCAL_IMPORTS = 5
 
@@ -87,7 +87,7 @@ def test_the_product_holds_no_test_hooks():
 
 
 def test_the_trainer_is_only_the_loop():
-    lines = (PACKAGE / "train" / "trainer.py").read_text().splitlines()
+    lines = (PACKAGE / "training" / "trainer.py").read_text().splitlines()
     assert len(lines) <= 250, len(lines)
     tree = ast.parse("\n".join(lines))
     trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")

@@ -17,7 +17,7 @@ from ddp_trainer.checkpoint.weights import load_weights
 from ddp_trainer.commands import summary
 from ddp_trainer.config import OptimConfig
 from ddp_trainer.errors import CheckpointError
-from ddp_trainer.train.optim import build_optimizer, carry_over_state
+from ddp_trainer.training.optim import build_optimizer, carry_over_state
 
 CLASSES = 10
 

@@ -19,9 +19,9 @@ from ddp_trainer.launch.environment import LaunchEnv
 from ddp_trainer.launch.mode import ModeDecision, decide_mode, unwrap, wrap
 from ddp_trainer.launch.signals import StopRequest
 from ddp_trainer.models import TinyCNN
-from ddp_trainer.train.build import build_trainer
-from ddp_trainer.train.engine import Engine
-from ddp_trainer.train.trainer import Trainer
+from ddp_trainer.training.build import build_trainer
+from ddp_trainer.training.engine import Engine
+from ddp_trainer.training.trainer import Trainer
 
 
 def expected(request, backend, world, local_world, gpus, launched):

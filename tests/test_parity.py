@@ -18,7 +18,7 @@ import torchvision
 from conftest import ROOT, TORCHRUN, launch, metrics, run
 
 from ddp_trainer.config import OptimConfig
-from ddp_trainer.train.optim import parameter_groups
+from ddp_trainer.training.optim import parameter_groups
 
 SEED = 3
 

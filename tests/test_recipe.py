@@ -16,8 +16,8 @@ from ddp_trainer.errors import ConfigError
 from ddp_trainer.launch.dist import Dist
 from ddp_trainer.launch.environment import LaunchEnv
 from ddp_trainer.models import build_model
-from ddp_trainer.train.engine import Engine, evaluate
-from ddp_trainer.train.optim import build_optimizer, parameter_groups, scaled_lr
+from ddp_trainer.training.engine import Engine, evaluate
+from ddp_trainer.training.optim import build_optimizer, parameter_groups, scaled_lr
 
 
 def _batch(n: int = 8, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,7 +181,7 @@ def _train_steps(model, steps: int, after_each) -> None:
 
 def test_ema_follows_the_formula_of_an_averaged_model_updated_by_hand():
     from ddp_trainer.checkpoint.registry import SaveContext
-    from ddp_trainer.train.ema import WeightEMA
+    from ddp_trainer.training.ema import WeightEMA
 
     torch.manual_seed(0)
     model = build_model("tiny_cnn_bn", 10)
@@ -204,7 +204,7 @@ def test_ema_follows_the_formula_of_an_averaged_model_updated_by_hand():
 def test_ema_equals_torchs_averaged_model_bitwise_without_a_tensor_counter():
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from ddp_trainer.train.ema import WeightEMA
+    from ddp_trainer.training.ema import WeightEMA
 
     torch.manual_seed(0)
     model = build_model("tiny_cnn_bn", 10)

@@ -80,7 +80,7 @@ def test_starting_over_sets_the_earlier_run_aside_and_resume_continues_the_new_o
     old_last = (out / "checkpoints" / "last.pt").read_bytes()
     res = _train(demo_small, out, "train.epochs=2", "resume=none", "overwrite=true")
     (aside,) = (out / "replaced").iterdir()
-    assert f"the earlier run's checkpoints, metrics.jsonl, train.log, config.yaml moved to {aside}" in res.stderr
+    assert f"the earlier run's checkpoints, metrics.jsonl, metrics.csv, train.log, config.yaml moved to {aside}" in res.stderr
     assert (aside / "checkpoints" / "last.pt").read_bytes() == old_last and len(metrics(aside)) == 4
     # was: the new run's epoch files were pruned while the old run's epoch_0002..0004.pt stayed
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch_0000.pt", "epoch_0001.pt",

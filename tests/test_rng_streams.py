@@ -29,7 +29,7 @@ def test_augmentation_and_mixing_never_reseed_the_gpu_generators(monkeypatch):
 def test_deterministic_is_strict_and_fixes_the_cublas_workspace(monkeypatch):
     from ddp_trainer.config import load
     from ddp_trainer.errors import ConfigError
-    from ddp_trainer.train.build import apply_numerics
+    from ddp_trainer.training.build import apply_numerics
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
@@ -56,7 +56,7 @@ def test_dataparallel_saves_and_restores_every_gpus_generator(monkeypatch):
     from ddp_trainer.checkpoint.format import Checkpoint
     from ddp_trainer.checkpoint.registry import LoadContext, SaveContext
     from ddp_trainer.launch.dist import Dist
-    from ddp_trainer.train.components import RngState
+    from ddp_trainer.training.components import RngState
 
     gpus = {0: torch.tensor([10]), 1: torch.tensor([11]), 2: torch.tensor([12])}
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda i: gpus[i].clone())
@@ -74,7 +74,7 @@ def test_dataparallel_saves_and_restores_every_gpus_generator(monkeypatch):
 
 def test_tf32_is_a_gpu_setting():
     from ddp_trainer.config import load
-    from ddp_trainer.train.build import apply_numerics
+    from ddp_trainer.training.build import apply_numerics
 
     before = torch.get_float32_matmul_precision()
     try:

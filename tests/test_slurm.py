@@ -72,7 +72,7 @@ def test_every_sbatch_script_runs_to_completion(slurm, demo_small: Path, tmp_pat
         log = (tmp_path / f"{script}.log").read_text()
         assert res.returncode == 0, f"{script}: {res.stderr}\n{log}"
         assert "launch: DDP world_size=2 nodes=1 backend=gloo device=cpu" in log, log
-        assert "(slurm)" in log if script == "per_task.sbatch" else "(torchrun)" in log
+        assert "(SLURM srun)" in log if script == "per_task.sbatch" else "(torchrun)" in log
         assert "SLURM_RESTART_COUNT=0" in log and "[slurm] training finished" in log
         if script == "per_task.sbatch":  # srun sets no thread count: the script does (one CPU per task here)
             assert "[slurm] OMP_NUM_THREADS=1 per task" in log and "1 CPU thread(s) per process" in log, log

@@ -9,7 +9,7 @@ from ddp_trainer.checkpoint.policy import BestRanking, CheckpointManager
 from ddp_trainer.checkpoint.registry import LoadContext, SaveContext, StateRegistry
 from ddp_trainer.config import CheckpointConfig
 from ddp_trainer.launch.dist import Dist
-from ddp_trainer.train.state import TrainState
+from ddp_trainer.training.state import TrainState
 
 
 class Piece:

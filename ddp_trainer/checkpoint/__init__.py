@@ -7,5 +7,5 @@ trainers' files as adapters to the format (``layouts``), model weights between f
 with the ranking of the best epochs (``policy``).
 
 May import: the top-level shared modules and launch/ (``Dist`` for the save collectives, ``unwrap``).
-Never data/ or train/: components of the training state register here; this wing does not know them.
+Never data/ or training/: components of the training state register here; this wing does not know them.
 """

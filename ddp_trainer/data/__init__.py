@@ -5,6 +5,6 @@ reproducible randomness, the samplers (the exact epoch plan, exact evaluation), 
 decoded cache, the demo data, and the datasets and loaders of a run.
 
 May import: the top-level shared modules and launch/ (``Dist``, for collectives while preparing
-data). Never checkpoint/ or train/: what a checkpoint keeps of the data (the index fingerprint) is
-decided in train/.
+data). Never checkpoint/ or training/: what a checkpoint keeps of the data (the index fingerprint) is
+decided in training/.
 """

@@ -6,6 +6,6 @@ its collectives (``Dist``), stop signals and their agreement, the run lock, and 
 that ties them together.
 
 May import: the top-level shared modules (config, errors, fsutil, compat, runlog, ...). Nothing of
-data/, checkpoint/ or train/. ``signals`` and ``environment`` load without torch: the command line
+data/, checkpoint/ or training/. ``signals`` and ``environment`` load without torch: the command line
 imports them before torch, to handle signals during the seconds torch takes to import.
 """

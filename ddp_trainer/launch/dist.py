@@ -24,7 +24,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from .. import compat
-from ..errors import CollectiveFailed, PeerLost, PeerTimeout, UserError
+from ..errors import CollectiveFailed, ConfigError, PeerLost, PeerTimeout, UserError
 from .environment import LaunchEnv
 from .signals import doing
 
@@ -303,6 +303,27 @@ def shared_gpus(placements: list[Placement]) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _existing_group(env: LaunchEnv, device: torch.device, timeout_s: float,
+                    init_timeout_s: float) -> Iterator[Dist]:
+    """The default process group another engine started, checked against the launch environment;
+    never destroyed here (the engine does that). Its timeout is the run's from now on."""
+    backend = tdist.get_backend()
+    if (tdist.get_rank(), tdist.get_world_size()) != (env.rank, env.world_size):
+        raise ConfigError(f"the process group already started is rank {tdist.get_rank()} of "
+                          f"{tdist.get_world_size()}, but RANK / WORLD_SIZE say {env.rank} of {env.world_size}")
+    compat.set_group_timeout(datetime.timedelta(seconds=init_timeout_s))
+    cpu_group = tdist.new_group(backend="gloo") if backend != "gloo" else None
+    log.info("dist: using the %s process group the launching engine started (it is not started again)", backend)
+    try:
+        yield Dist(env=env, backend=backend, device=device, cpu_group=cpu_group, timeout_s=timeout_s,
+                   init_timeout_s=init_timeout_s)
+    finally:
+        if cpu_group is not None:
+            with contextlib.suppress(Exception):
+                tdist.destroy_process_group(cpu_group)
+
+
 def _store(env: LaunchEnv, timeout: datetime.timedelta) -> tdist.Store:
     """The env:// store (torch's own choice of who hosts it), its keys under a prefix per torchrun
     restart round. torchrun's agent keeps one store across the rounds of ``--max-restarts`` and
@@ -329,6 +350,10 @@ def process_group(env: LaunchEnv, backend: str | None, device: torch.device, tim
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if tdist.is_initialized():  # an engine started it (Ray Train): used as it is, and left to the engine
+        with _existing_group(env, device, timeout_s, init_timeout_s) as dist:
+            yield dist
+        return
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     if backend == "nccl" and trace_dir is not None:

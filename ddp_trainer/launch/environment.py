@@ -2,7 +2,10 @@
 
 Order, first match wins (torchrun also runs inside SLURM jobs, so it must come first):
 
-1. torchrun / torch.distributed.run: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` (+ ``MASTER_ADDR``/``PORT``)
+1. ``RANK`` and ``WORLD_SIZE`` set by an engine: torchrun (``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+   ``GROUP_RANK``), Ray Train (the same names, and ``NODE_RANK``; it has already started the process
+   group), or a Kubeflow PyTorchJob without torchrun (each pod one process: ``RANK`` is the pod's
+   index, no ``LOCAL_RANK``; with torchrun inside the pod, torchrun's variables).
 2. SLURM, one task per process (``srun python launch.py``): ``SLURM_PROCID``, ``SLURM_NTASKS``,
    ``SLURM_LOCALID``, ``SLURM_NODEID``; the main address is ``MASTER_ADDR`` or the first host of the
    job's node list, the port ``MASTER_PORT`` or one derived from the job id.
@@ -18,7 +21,13 @@ from typing import Literal, Mapping
 
 from ..errors import ConfigError
 
-Source = Literal["torchrun", "slurm", "single"]
+Source = Literal["torchrun", "slurm", "ray", "kubeflow", "env", "single"]
+# each engine's own variables, how it is recognised (the pod of any Kubernetes job has the first)
+_KUBERNETES = "KUBERNETES_SERVICE_HOST"
+_RAY = ("RAY_JOB_ID", "RAY_RAYLET_PID", "RAY_NODE_ID")
+_TORCHRUN = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+ENGINES = {"torchrun": "torchrun", "slurm": "SLURM srun", "ray": "Ray Train", "kubeflow": "Kubeflow PyTorchJob",
+           "env": "RANK/WORLD_SIZE variables", "single": "one process"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class LaunchEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     source: Source = "single"
+    inside: str = ""  # the engine around the launcher, when there is one (torchrun in a Kubeflow pod)
 
     @property
     def is_main(self) -> bool:
@@ -48,6 +58,11 @@ class LaunchEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def engine(self) -> str:
+        """Which engine started this process, for the launch line."""
+        return ENGINES[self.source] + (f" in a {self.inside}" if self.inside else "")
 
 
 def process_rank(env: Mapping[str, str]) -> int:
@@ -133,18 +148,27 @@ def resolve(env: Mapping[str, str]) -> LaunchEnv:
     """Resolve the launch environment from ``env``; raises ConfigError when it is inconsistent."""
     if "RANK" in env and "WORLD_SIZE" in env:
         world = _int(env, "WORLD_SIZE")
-        local_world = _int(env, "LOCAL_WORLD_SIZE", world)
         rank = _int(env, "RANK")
+        pod = _KUBERNETES in env
+        if "LOCAL_RANK" not in env:  # one process per host: a PyTorchJob's pod, or RANK set by hand
+            local_rank, local_world, node_rank, source, inside = 0, 1, rank, "kubeflow" if pod else "env", ""
+        else:
+            local_rank, local_world = _int(env, "LOCAL_RANK"), _int(env, "LOCAL_WORLD_SIZE", world)
+            node_rank = _int(env, "GROUP_RANK", _int(env, "NODE_RANK", rank // max(local_world, 1)))
+            ray = any(k in env for k in _RAY) and not any(k in env for k in _TORCHRUN)
+            source = "ray" if ray else "torchrun"
+            inside = "Kubeflow PyTorchJob" if pod and not ray else ""
         return _checked(LaunchEnv(
             rank=rank,
-            local_rank=_int(env, "LOCAL_RANK", 0),
+            local_rank=local_rank,
             world_size=world,
             local_world_size=local_world,
-            node_rank=_int(env, "GROUP_RANK", rank // max(local_world, 1)),
+            node_rank=node_rank,
             num_nodes=max(1, world // max(local_world, 1)),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=_int(env, "MASTER_PORT", 29500),
-            source="torchrun",
+            source=source,
+            inside=inside,
         ))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         ntasks = _int(env, "SLURM_NTASKS")

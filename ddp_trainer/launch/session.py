@@ -30,9 +30,9 @@ def launched(env: LaunchEnv, mode_request: str, backend: str, timeout_s: float,
     device = pick_device(env, decision.use_cuda)
     if decision.backend is not None:
         log.info("launch: DDP world_size=%d nodes=%d backend=%s device=%s (%s), %d CPU thread(s) per process",
-                 env.world_size, env.num_nodes, decision.backend, device.type, env.source, torch.get_num_threads())
+                 env.world_size, env.num_nodes, decision.backend, device.type, env.engine, torch.get_num_threads())
     else:
-        log.info("launch: %s device=%s (%s)", decision.describe(), device, env.source)
+        log.info("launch: %s device=%s (%s)", decision.describe(), device, env.engine)
     if decision.mode == "dp":
         log.info("hint: DDP is faster than DataParallel: torchrun --standalone --nproc_per_node=%d launch.py ...",
                  decision.gpus)

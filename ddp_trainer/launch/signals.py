@@ -18,6 +18,7 @@ Signals reach a watcher thread through :func:`signal.set_wakeup_fd`, so a main t
 """
 from __future__ import annotations
 
+import _thread
 import contextlib
 import ctypes
 import json
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ..config import signal_name
+from ..errors import UserError
 from ..fsutil import atomic_write_text
 from .environment import process_rank
 
@@ -69,7 +71,7 @@ def stop_exit_code() -> int:
     return 0 if os.environ.get(MARKER_ENV) else EXIT_PREEMPTED
 
 
-class Preempted(Exception):
+class Preempted(UserError):
     """Raised on every rank after the ranks agreed to stop (and saved, when ``saved``)."""
 
     def __init__(self, signal_name: str, where: str, saved: bool = True) -> None:
@@ -116,8 +118,13 @@ class StopRequest:
     a cancel (SIGTERM/SIGINT) replaces an earlier warning (SIGUSR1).
     """
 
-    def __init__(self, signals: Sequence[signal.Signals]) -> None:
+    def __init__(self, signals: Sequence[signal.Signals], hard_exit: bool = True) -> None:
+        """``hard_exit``: a signal that ends the run at once ends the process (the command line);
+        False (the Python API): it interrupts the main thread instead (KeyboardInterrupt), and the
+        caller's interpreter lives on."""
         self.signals = list(signals)
+        self.hard_exit = hard_exit
+        self._wakeup_before = -1
         self.received: str | None = None
         self.armed = False
         self._first_at = 0.0
@@ -140,7 +147,7 @@ class StopRequest:
         reader, writer = socket.socketpair()
         writer.setblocking(False)
         self._pair = (reader, writer)
-        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._wakeup_before = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         for s in self.signals:
             self._previous[s] = signal.signal(s, _no_op)
         threading.Thread(target=self._watch, name="stop-signals", daemon=True).start()
@@ -227,12 +234,33 @@ class StopRequest:
 
     def _exit_now(self, name: str, text: str) -> None:
         _say(f"error: {text}")
+        if not self.hard_exit:
+            _thread.interrupt_main()  # the API's caller gets a KeyboardInterrupt; its process lives on
+            return
         os._exit(128 + int(signal.Signals[name]))
+
+    def uninstall(self) -> None:
+        """Put back what :meth:`install` replaced (the handlers, the wakeup fd) and end the watcher
+        thread: nothing of the run's signal handling is left (the Python API)."""
+        if self._pair is None:
+            return
+        for s, before in self._previous.items():
+            signal.signal(s, before)
+        self._previous.clear()
+        signal.set_wakeup_fd(self._wakeup_before)
+        reader, writer = self._pair
+        reader.shutdown(socket.SHUT_RDWR)  # the watcher's recv returns: its thread ends (close alone may not wake it)
+        reader.close()
+        writer.close()
+        self._pair = None
 
     def finish(self) -> None:
         """The run's outcome is decided: a warning signal from now on is ignored, also while the
         interpreter shuts down (which would otherwise restore the default action: death by signal,
-        and a finished run reported as failed)."""
+        and a finished run reported as failed). Nothing when :meth:`install` installed nothing (off
+        the main thread: Ray Train runs the training function in a thread of its worker)."""
+        if self._pair is None:
+            return
         for s in self.signals:
             if s.name in WARNING_SIGNALS:
                 signal.signal(s, signal.SIG_IGN)

@@ -15,7 +15,7 @@ from ddp_trainer.launch.dist import process_group
 from ddp_trainer.launch.environment import resolve
 from ddp_trainer.launch.mode import decide_mode, unwrap, wrap
 from ddp_trainer.models import TinyCNN
-from ddp_trainer.train.engine import Engine
+from ddp_trainer.training.engine import Engine
 
 out, batch, accum, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 env = resolve(os.environ)

@@ -17,7 +17,7 @@ from ddp_trainer.data.transforms import Normalize
 from ddp_trainer.launch.dist import process_group
 from ddp_trainer.launch.environment import resolve
 from ddp_trainer.models import build_model
-from ddp_trainer.train.engine import CountMismatch, evaluate
+from ddp_trainer.training.engine import CountMismatch, evaluate
 
 weights, root, model_name, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 env = resolve(os.environ)

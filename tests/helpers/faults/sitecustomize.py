@@ -12,6 +12,10 @@ Loader workers fork from a patched process, so they inherit the patch.
   share of the decoded cache.
 - ``FAULT_RECORD_SAMPLES=DIR``: every training sample a process loads (weight > 0) is appended as
   ``"epoch index"`` to ``DIR/samples-<pid>.txt``.
+- ``FAULT_EXIT_AFTER_ROW=N``: global rank 0 ends (exit 9, like a kill) right after epoch N's metrics
+  row went to metrics.jsonl and the trackers, before that epoch's checkpoint.
+- ``FAULT_EXIT_AT_STEP="RANK:N:MARKER"``: that global rank ends (exit 9) after its N-th optimizer
+  step, once: only while the file MARKER does not exist (it creates it first).
 """
 import importlib.abc
 import os
@@ -82,6 +86,39 @@ def _record_samples(datasets):
     datasets.FolderDataset.__getitem__ = getitem
 
 
+def _exit_after_row(report):
+    epoch = int(os.environ["FAULT_EXIT_AFTER_ROW"])
+    real = report.EpochReport.epoch
+
+    def patched(self, fig, *args, **kwargs):
+        row = real(self, fig, *args, **kwargs)
+        if fig.epoch == epoch and _rank() == 0:
+            print(f"[fault] exiting after epoch {epoch}'s row, before its checkpoint", file=sys.stderr, flush=True)
+            os._exit(9)
+        return row
+
+    report.EpochReport.epoch = patched
+
+
+def _exit_at_step(engine):
+    who, step, marker = os.environ["FAULT_EXIT_AT_STEP"].split(":", 2)
+    real = engine.Engine.train_steps
+
+    def patched(self, *args, **kwargs):
+        for n, done in enumerate(real(self, *args, **kwargs), 1):
+            yield done
+            if _rank() == int(who) and n == int(step) and not os.path.exists(marker):
+                open(marker, "w").close()
+                print(f"[fault] rank {who} exiting after step {step}", file=sys.stderr, flush=True)
+                os._exit(9)
+
+    engine.Engine.train_steps = patched
+
+
+if os.environ.get("FAULT_EXIT_AFTER_ROW"):
+    PATCHES["ddp_trainer.training.report"] = _exit_after_row
+if os.environ.get("FAULT_EXIT_AT_STEP"):
+    PATCHES["ddp_trainer.training.engine"] = _exit_at_step
 if os.environ.get("FAULT_PAUSE_IN_WRITE"):
     PATCHES["ddp_trainer.checkpoint.writer"] = _pause_in_write
 if os.environ.get("FAULT_SLOW_CACHE"):

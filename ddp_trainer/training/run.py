@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +21,7 @@ from ..models import check_model_name
 from ..runlog import close_file_logs
 from .build import build_trainer
 from .run_folder import NCCL_TRACE
+from .trainer import FitResult
 
 log = logging.getLogger("ddp_trainer")
 
@@ -47,29 +50,58 @@ def check_config(cfg: Config, env: LaunchEnv, debug: bool) -> Config:
     return cfg
 
 
-def run_training(cfg: Config, env: LaunchEnv, stop: StopRequest, *, debug: bool = False,
-                 trust_checkpoint: bool = False) -> int:
-    """Train as ``cfg`` says; the exit code (0, or the stop's code after a checkpoint). ``stop``: the
-    stop-signal handling installed at process start; its signals become ``preempt.signals`` here,
-    before any loader worker exists (the workers ignore them)."""
+@dataclass(frozen=True)
+class RunResult:
+    """What a training run ended with, on every rank (its files are on global rank 0's node)."""
+
+    output_dir: Path
+    config: Config
+    epochs_run: int  # epochs this call trained (0: train.epochs was reached already)
+    final: dict[str, Any] | None  # the last epoch's metrics row (None: nothing was left to train)
+    best: float | None  # the best checkpoint.monitor value of the run so far
+    monitor: str
+    checkpoints: dict[str, Any]  # "last", "best": paths (None when absent); "epochs": epoch files
+
+    @classmethod
+    def of(cls, cfg: Config, fit: FitResult, best: float | None) -> "RunResult":
+        folder = Path(cfg.output_dir) / "checkpoints"
+        files = {name: (folder / f"{name}.pt" if (folder / f"{name}.pt").exists() else None)
+                 for name in ("last", "best")}
+        epochs = sorted(folder.glob("epoch_*.pt")) if folder.is_dir() else []
+        return cls(fit.output_dir, cfg, fit.epochs_run, fit.last_row, best, cfg.checkpoint.monitor,
+                   {**files, "epochs": epochs})
+
+
+def execute(cfg: Config, env: LaunchEnv, stop: StopRequest, *, debug: bool = False,
+            trust_checkpoint: bool = False) -> RunResult:
+    """Train as ``cfg`` says. ``stop``: the stop-signal handling of this process; its signals become
+    ``preempt.signals`` here, before any loader worker exists (the workers ignore them). Raises
+    Preempted when a stop signal ended the run at a checkpoint, a UserError for bad input."""
     stop.configure(parse_signals(cfg.preempt.signals), cfg.preempt.orphan_deadline_s)
     try:
         session = launched(env, cfg.dist.mode, cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.init_timeout_s,
                            trace_dir=Path(cfg.output_dir) / NCCL_TRACE)
         with session as (dist, decision):
-            _train(cfg, dist, decision, stop, debug, trust_checkpoint)
+            return _train(cfg, dist, decision, stop, debug, trust_checkpoint)
+    finally:
+        stop.finish()
+        close_file_logs()
+
+
+def run_training(cfg: Config, env: LaunchEnv, stop: StopRequest, *, debug: bool = False,
+                 trust_checkpoint: bool = False) -> int:
+    """:func:`execute` for the command line: its exit code (0, or the stop's code after a checkpoint)."""
+    try:
+        execute(cfg, env, stop, debug=debug, trust_checkpoint=trust_checkpoint)
     except Preempted as exc:
         if env.rank == 0:
             log.warning("%s", exc)
         return exc.exit_code
-    finally:
-        stop.finish()
-        close_file_logs()
     return EXIT_OK
 
 
 def _train(cfg: Config, dist: Dist, decision: ModeDecision, stop: StopRequest, debug: bool,
-           trust_checkpoint: bool) -> None:
+           trust_checkpoint: bool) -> RunResult:
     """Build and fit, then let go of everything the run built, whatever happened: DDP's wrapper (its
     reducer and communication hook hold the process group and Python objects) must be destroyed while
     the interpreter runs and before the process group is. Left to interpreter shutdown, destroying it
@@ -99,6 +131,7 @@ def _train(cfg: Config, dist: Dist, decision: ModeDecision, stop: StopRequest, d
         if stop.received:
             log.info("%s arrived after the last training step: the run is complete, nothing to stop or "
                      "requeue", stop.received)
+        return RunResult.of(cfg, result, trainer.checkpoints.ranking.best)
     finally:
         if trainer is not None:
             trainer.close()

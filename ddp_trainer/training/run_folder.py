@@ -23,11 +23,13 @@ from ..runlog import EarlyRecords, MetricsFile, add_file_log
 
 NCCL_TRACE = "nccl_trace"  # NCCL's flight-recorder dumps on a collective timeout (each node's own)
 REPLACED = "replaced"  # resume=none over an earlier run: that run's files, moved here (replaced/<UTC time>/)
-PREVIOUS_RUN = ("checkpoints", "metrics.jsonl", "train.log", "tensorboard", "config.yaml", "PREEMPTED")
+PREVIOUS_RUN = ("checkpoints", "metrics.jsonl", "metrics.csv", "train.log", "tensorboard", "config.yaml", "PREEMPTED",
+                "wandb")
 log = logging.getLogger("ddp_trainer")
 
 # what a run writes in output_dir, and whether each is a folder
 OUTPUT_ENTRIES = {"checkpoints": True, "tensorboard": True, "train.log": False, "metrics.jsonl": False,
+                  "metrics.csv": False, "wandb": True,
                   "config.yaml": False, "PREEMPTED": False, ".lock": False, NCCL_TRACE: True, REPLACED: True}
 
 

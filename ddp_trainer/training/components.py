@@ -15,6 +15,7 @@ from ..checkpoint.weights import canonical_tensors, load_weights
 from ..config import Config
 from ..errors import CheckpointError
 from ..launch.dist import Dist
+from ..trackers import Tracker
 from .engine import RunningLoss
 from .optim import carry_over_state, optimizer_family
 from .state import TrainState
@@ -139,6 +140,21 @@ class TrainingSetCheck:
         log.warning("resume: %s; epoch %d restarts its order from the beginning (checkpoint.on_data_change="
                     "restart_epoch)", what, state.epoch)
         state.position, state.loss_sum, state.loss_count = 0, 0.0, 0.0
+
+
+class TrackerRuns:
+    """The experiment trackers' run ids (entry ``trackers``: ``{"wandb": id, "mlflow": id}``), so that
+    a resumed or requeued run continues the same tracker runs. Registered when a tracker is on."""
+
+    def __init__(self) -> None:
+        self.resumed: dict[str, str] = {}  # from the checkpoint
+        self.trackers: list[Tracker] = []  # started after the restore (global rank 0)
+
+    def save(self, ctx: SaveContext) -> dict[str, str]:
+        return {**self.resumed, **{t.name: t.run_id for t in self.trackers if t.run_id}}
+
+    def load(self, ids: dict[str, str], ctx: LoadContext) -> None:
+        self.resumed = dict(ids)
 
 
 class RngState:

@@ -35,6 +35,7 @@ class FitResult:
     epochs_run: int
     last_val: EvalResult | None
     output_dir: Path
+    last_row: dict | None = None  # the last epoch's metrics row (None: nothing left to train)
 
 
 class Trainer:
@@ -64,12 +65,14 @@ class Trainer:
             self.state.start_epoch(self.state.epoch + 1)
             epochs_run += 1
         self.checkpoints.finish()
-        self.report.close()
-        return FitResult(epochs_run, last_val, self.folder.path)
+        self.report.close(finished=True)
+        return FitResult(epochs_run, last_val, self.folder.path, self.report.last_row)
 
     def close(self) -> None:
-        """Stop the loader workers now; let go of output_dir (held log records, the lock)."""
+        """Stop the loader workers now; close what the report writes to (a tracker of a run that
+        did not finish is marked so); let go of output_dir (held log records, the lock)."""
         self.data.close()
+        self.report.close(finished=False)
         self.folder.close()
 
     def validate(self, model: nn.Module | None = None) -> EvalResult:

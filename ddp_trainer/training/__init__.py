@@ -1,4 +1,4 @@
-"""train: a training run, assembled from the other wings.
+"""training: a training run, assembled from the other wings.
 
 Owns the trainer (the loop: epochs, steps, validation, saves, stops), its assembly (``build``), the
 engine (optimizer steps and exact evaluation, no file I/O), optimizers and schedules, the EMA, the
@@ -7,5 +7,5 @@ folder (``run_folder``), what the user sees of each epoch (``report``), and one 
 exit code (``run``).
 
 May import: everything below it: the top-level shared modules, launch/, data/ and checkpoint/. Only
-the command line (cli, commands, check) and the Python API import train/.
+the command line (cli, commands, check) and the Python API import training/.
 """

@@ -27,6 +27,7 @@ from ..launch.dist import Dist
 from ..launch.mode import ModeDecision, prepare, wrap
 from ..launch.signals import StopRequest, worker_init_ignoring
 from ..models import build_model
+from ..trackers import EpochSink, RayReport, start_trackers
 from .components import (
     LoopState,
     ModelWeights,
@@ -34,6 +35,7 @@ from .components import (
     RngState,
     RunMeta,
     ScalerState,
+    TrackerRuns,
     TrainingSetCheck,
 )
 from .ema import WeightEMA
@@ -136,10 +138,17 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
         if ema is not None:
             registry.register("model_ema", ema)
+        runs = TrackerRuns()
+        if cfg.log.wandb or cfg.log.mlflow:
+            registry.register("trackers", runs)
         checkpoints = CheckpointManager(cfg.checkpoint, folder.checkpoints, dist, registry, cfg.train.epochs)
         if resume is not None:  # before wrapping: canonical keys, CPU tensors
             registry.load_state_dict(LoadContext(resume, dist.world_size, dist.rank))
             checkpoints.keep_replaced_best()
+        if dist.is_main:  # after the restore: a resumed run continues its tracker runs
+            runs.trackers = start_trackers(cfg, folder.path, runs.resumed)
+        sinks: list[EpochSink] = [*runs.trackers, *([RayReport()] if dist.env.source == "ray" else [])]
+        undo.callback(lambda: [s.close(False) for s in sinks])
 
         mixer = (BatchMixer(num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha, cfg.seed, dist.rank)
                  if cfg.data.mixup_alpha or cfg.data.cutmix_alpha else None)
@@ -156,7 +165,7 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
                         cfg.train.precision, cfg.train.clip_grad_norm, cfg.train.channels_last, scaler,
                         label_smoothing=cfg.train.label_smoothing, mixer=mixer, dist=dist, running=running,
                         replicas_prepare=on_replicas)
-        report = EpochReport(cfg, dist, folder)
+        report = EpochReport(cfg, dist, folder, sinks)
         report.keep_rows_before(loop.state.epoch, resumed=resume is not None)
         log.info("model %s (%.2fM parameters); global batch %d = %d per process x %d process(es) x %d "
                  "accumulation step(s); optimizer %s lr=%g", cfg.model.name,

@@ -6,11 +6,12 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from ..config import Config
 from ..launch.dist import Dist
 from ..progress import Progress, Scalars, use_progress_bar
+from ..trackers import EpochSink
 from .engine import EvalResult, RunningLoss
 from .run_folder import RunFolder
 
@@ -36,18 +37,26 @@ def peak_rss_mb() -> int:
 
 
 class EpochReport:
-    def __init__(self, cfg: Config, dist: Dist, folder: RunFolder) -> None:
+    """``sinks``: where each epoch's row also goes (trackers on rank 0, Ray's report on every rank)."""
+
+    def __init__(self, cfg: Config, dist: Dist, folder: RunFolder, sinks: Sequence[EpochSink] = ()) -> None:
         self.dist = dist
         self.metrics = folder.metrics  # rank 0 only
         self.show_bar = {"on": dist.is_main, "off": False}.get(cfg.log.progress, use_progress_bar(dist.is_main))
         self.scalars = Scalars(cfg.log.tensorboard and dist.is_main, str(folder.path / "tensorboard"))
+        self.sinks = list(sinks)
+        self.last_row: dict[str, Any] | None = None
 
     def keep_rows_before(self, epoch: int, resumed: bool) -> None:
-        """Drop the rows of epochs this run trains again (and a torn last line)."""
+        """Drop the rows of epochs this run trains again (and a torn last line); the trackers get
+        the kept rows their runs lack."""
         if self.metrics is not None:
             kept = self.metrics.cut_back(epoch)
             if resumed:
                 log.info("metrics.jsonl: kept %d row(s) before epoch %d", kept, epoch)
+                rows = self.metrics.rows()
+                for sink in self.sinks:
+                    sink.catch_up(rows)
 
     def bar(self, total: int, epoch: int, initial: int) -> Progress:
         return Progress(self.show_bar, total, f"epoch {epoch}", initial=initial)
@@ -83,7 +92,17 @@ class EpochReport:
         if self.metrics is not None:
             self.metrics.append(row)
         self.scalars.add(row, step)
+        for sink in self.sinks:
+            sink.epoch(row)
+        self.last_row = row
         return row
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        """Close every sink (idempotent); ``finished``: the run completed (not stopped or failed)."""
         self.scalars.close()
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            try:
+                sink.close(finished)
+            except Exception as exc:  # noqa: BLE001 - closing a tracker never fails the run
+                log.warning("closing %s failed (%s: %s)", type(sink).__name__, type(exc).__name__, exc)

@@ -1,0 +1,250 @@
+"""Where each epoch's metrics row goes besides ``metrics.jsonl``: experiment trackers (``log.wandb``,
+``log.mlflow``: global rank 0 only) and Ray Train's ``report`` (every rank, under Ray).
+
+A tracker logs the resolved config once, when its run is created, and every epoch's row with the
+epoch as its step. Its run id travels in the checkpoints, so a resumed or requeued run continues the
+same tracker run; and a tracker skips the epochs its run already holds (a run killed after logging
+an epoch but before its checkpoint trains that epoch again, to the same values, since resume is
+exact): every epoch is in the tracker's history exactly once. A tracker that cannot start or log
+(package missing, server unreachable) is one warning line, never a failed run.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from .config import Config
+
+log = logging.getLogger("ddp_trainer")
+
+
+class EpochSink(Protocol):
+    """Something that receives each epoch's metrics row."""
+
+    def epoch(self, row: dict[str, Any]) -> None: ...
+
+    def catch_up(self, rows: list[dict[str, Any]]) -> None:
+        """On a resume: the rows ``metrics.jsonl`` keeps from before it (rank 0 only)."""
+
+    def close(self, finished: bool) -> None: ...
+
+
+def _numbers(row: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step")}
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+class Tracker:
+    """One tracker's run: ``run_id`` (kept in checkpoints) and the epochs it already holds."""
+
+    name = ""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.logged: set[int] = set()
+        self._failed = False
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        if self._failed or row["epoch"] in self.logged:
+            return
+        try:
+            self._log(row)
+            self.logged.add(row["epoch"])
+        except Exception as exc:  # noqa: BLE001 - a tracker never fails the run
+            self._failed = True
+            log.warning("log.%s: cannot log epoch %d (%s: %s); the run goes on without it", self.name,
+                        row["epoch"], type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+
+    def catch_up(self, rows: list[dict[str, Any]]) -> None:
+        """Log the earlier epochs this tracker's run lacks (a kill can cost a tracker what it had not
+        written yet: W&B's offline writer buffers until the run finishes)."""
+        missing = [row for row in rows if row.get("epoch") not in self.logged]
+        for row in missing:
+            self.epoch(row)
+        if missing:
+            log.info("log.%s: logged epoch(s) %s from metrics.jsonl (its run lacked them)", self.name,
+                     [row["epoch"] for row in missing])
+
+    def _log(self, row: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def close(self, finished: bool) -> None:
+        raise NotImplementedError
+
+
+class WandbTracker(Tracker):
+    """Weights & Biases. Offline (the default) writes ``<output_dir>/wandb/offline-run-*-<id>/``;
+    ``wandb sync`` uploads them later, into one run."""
+
+    name = "wandb"
+
+    def __init__(self, cfg: Config, folder: Path, run_id: str | None) -> None:
+        super().__init__()
+        wandb = importlib.import_module("wandb")
+        opts = cfg.log
+        (folder / "wandb").mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=opts.wandb_project, name=opts.wandb_name or folder.name,
+                              tags=list(opts.wandb_tags), mode=opts.wandb_mode, dir=str(folder), id=run_id,
+                              resume="allow" if run_id else None, config=cfg.to_dict(),
+                              settings=wandb.Settings(console="off", silent=True))
+        self.run_id = self.run.id
+        self.logged = (_wandb_offline_steps(folder / "wandb", self.run_id) if opts.wandb_mode == "offline"
+                       else set(range(int(getattr(self.run, "step", 0) or 0))))
+
+    def _log(self, row: dict[str, Any]) -> None:
+        self.run.log(_numbers(row), step=int(row["epoch"]), commit=True)  # the row is whole: written now, not at the next step
+
+    def close(self, finished: bool) -> None:
+        self.run.finish(exit_code=0 if finished else 1)
+
+
+def _wandb_offline_steps(folder: Path, run_id: str) -> set[int]:
+    """The steps earlier offline runs with this id wrote (W&B merges them on sync; a step written
+    twice would be two rows of that epoch)."""
+    records = importlib.import_module("wandb.proto.wandb_internal_pb2")
+    steps: set[int] = set()
+    for path in sorted(folder.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        for data in wandb_file_records(path):
+            rec = records.Record()
+            rec.ParseFromString(data)
+            if rec.WhichOneof("record_type") == "history" and rec.history.HasField("step"):
+                steps.add(int(rec.history.step.num))
+    return steps
+
+
+_WANDB_MAGIC = b":W&B\xe1\xbe\x00"  # ident, magic 0xBEE1 (little-endian), version 0
+_BLOCK, _RECORD_HEAD = 32768, 7  # the LevelDB log layout: 32 KiB blocks; crc32, length, kind per record
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_file_records(path: Path) -> Iterator[bytes]:
+    """The serialized records of a W&B run file (``run-<id>.wandb``), in order; a torn tail (the
+    writer was killed mid-record) ends the scan. wandb 0.19+ writes these files from its Go core
+    and no longer ships a Python reader, so this follows the layout the files have: a 7-byte header,
+    then LevelDB-log blocks whose records carry ``zlib.crc32(kind + data)``."""
+    raw = Path(path).read_bytes()
+    if not raw.startswith(_WANDB_MAGIC):
+        raise ValueError(f"{path}: not a W&B run file (its first bytes are {raw[:7]!r})")
+    pos, parts = len(_WANDB_MAGIC), []
+    while True:
+        left = _BLOCK - pos % _BLOCK
+        if left < _RECORD_HEAD:  # a block's last bytes are padding when a record head does not fit
+            pos += left
+            continue
+        if pos + _RECORD_HEAD > len(raw):
+            return
+        crc, length, kind = struct.unpack_from("<IHB", raw, pos)
+        data = raw[pos + _RECORD_HEAD: pos + _RECORD_HEAD + length]
+        if kind == 0 or len(data) < length or zlib.crc32(bytes([kind]) + data) != crc:
+            return
+        pos += _RECORD_HEAD + length
+        if kind == _FULL:
+            yield data
+        elif kind == _FIRST:
+            parts = [data]
+        elif kind == _MIDDLE:
+            parts.append(data)
+        elif kind == _LAST:
+            yield b"".join(parts + [data])
+            parts = []
+
+
+class MlflowTracker(Tracker):
+    """MLflow through its client (no process-wide active run: a notebook may train twice)."""
+
+    name = "mlflow"
+
+    def __init__(self, cfg: Config, folder: Path, run_id: str | None) -> None:
+        super().__init__()
+        tracking = importlib.import_module("mlflow.tracking")
+        entities = importlib.import_module("mlflow.entities")
+        self._Metric, self._Param = entities.Metric, entities.Param
+        self.client = tracking.MlflowClient(tracking_uri=mlflow_uri(cfg.log.mlflow_uri))
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            self.logged = {int(m.step) for m in self.client.get_metric_history(run_id, "val_loss")}
+            return
+        name = cfg.log.mlflow_experiment
+        found = self.client.get_experiment_by_name(name)
+        experiment = found.experiment_id if found is not None else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(experiment, run_name=folder.name).info.run_id
+        params = [self._Param(k, str(v)[:6000]) for k, v in sorted(_flat(cfg.to_dict()).items())]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[i: i + 100])
+
+    def _log(self, row: dict[str, Any]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [self._Metric(k, v, now, int(row["epoch"])) for k, v in _numbers(row).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self, finished: bool) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED" if finished else "KILLED")
+
+
+def mlflow_uri(configured: str | None) -> str:
+    """The tracking URI: ``log.mlflow_uri``, else ``MLFLOW_TRACKING_URI``, else ``./mlruns`` (a file
+    store; MLflow 3 asks for ``MLFLOW_ALLOW_FILE_STORE=true`` before it opens one, which is set here
+    unless the user set it: the file store is what this key promises, and it needs no database)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"
+    if "://" not in uri or uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        if "://" not in uri:
+            uri = Path(uri).resolve().as_uri()
+    return uri
+
+
+def start_trackers(cfg: Config, folder: Path, run_ids: dict[str, str]) -> list[Tracker]:
+    """The trackers ``log.*`` asks for (global rank 0), continuing the runs of ``run_ids``."""
+    wanted = [(WandbTracker, cfg.log.wandb, "wandb"), (MlflowTracker, cfg.log.mlflow, "mlflow")]
+    started: list[Tracker] = []
+    for cls, on, extra in wanted:
+        if not on:
+            continue
+        try:
+            tracker = cls(cfg, folder, run_ids.get(cls.name))
+        except ImportError as exc:
+            log.warning("log.%s=true but %s is not installed (pip install -e '.[%s]'); the run goes on without "
+                        "it", cls.name, exc.name or cls.name, extra)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a tracker that cannot start never fails the run
+            log.warning("log.%s: cannot start (%s: %s); the run goes on without it", cls.name, type(exc).__name__,
+                        str(exc).splitlines()[0][:200] if str(exc) else "")
+            continue
+        resumed = f", continuing run {tracker.run_id} (epochs {sorted(tracker.logged)} already there)" \
+            if run_ids.get(cls.name) else f", run {tracker.run_id}"
+        log.info("log.%s: on%s", cls.name, resumed)
+        started.append(tracker)
+    return started
+
+
+class RayReport:
+    """Under Ray Train, every rank reports each epoch's row (``ray.train.report``: every worker
+    must, the same number of times)."""
+
+    def __init__(self) -> None:
+        self.train = importlib.import_module("ray.train")
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        self.train.report(metrics={k: v for k, v in row.items() if v is not None})
+
+    def catch_up(self, rows: list[dict[str, Any]]) -> None:
+        """Nothing: Ray keeps what it was reported (and every rank must report alike)."""
+
+    def close(self, finished: bool) -> None:
+        """Nothing to close: Ray owns the session."""
