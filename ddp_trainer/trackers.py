@@ -119,12 +119,29 @@ def _wandb_offline_steps(folder: Path, run_id: str) -> set[int]:
     records = importlib.import_module("wandb.proto.wandb_internal_pb2")
     steps: set[int] = set()
     for path in sorted(folder.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        settled(path)
         for data in wandb_file_records(path):
             rec = records.Record()
             rec.ParseFromString(data)
             if rec.WhichOneof("record_type") == "history" and rec.history.HasField("step"):
                 steps.add(int(rec.history.step.num))
     return steps
+
+
+def settled(path: Path, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
+    """Wait until ``path`` has stopped growing for ``quiet_s`` (at most ``limit_s``): ``run.finish()``
+    returns before wandb-core has written the file's last blocks (seen here: 131072 of 142753 bytes on
+    disk when finish returned, the rest a moment later), so a run resumed in the same process (a
+    notebook) would read a file still being written."""
+    deadline = time.monotonic() + limit_s
+    size, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = path.stat().st_size if path.exists() else -1
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.05)
 
 
 _WANDB_MAGIC = b":W&B\xe1\xbe\x00"  # ident, magic 0xBEE1 (little-endian), version 0

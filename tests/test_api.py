@@ -2,10 +2,8 @@
 Kubeflow's pods started by hand with the operator's variables."""
 import csv
 import json
-import os
 import socket
 import subprocess
-from pathlib import Path
 
 from conftest import PY, ROOT, child_env, metrics, run
 

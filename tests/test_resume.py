@@ -135,7 +135,6 @@ def test_kill_during_checkpoint_write_leaves_previous_intact(reference: Path, de
     assert_bitwise_equal(ck / "last.pt", reference / "checkpoints" / "last.pt")
 
 
-@pytest.mark.stacks
 def test_resume_two_to_one_process_sees_each_sample_once(demo_small: Path, tmp_path: Path):
     out = tmp_path / "run"
     args = resume_args(demo_small, out)
@@ -225,7 +224,6 @@ def steps_logged(out: Path, k: int):
     return ready
 
 
-@pytest.mark.stacks
 def test_signal_to_one_rank_stops_all_with_a_checkpoint_then_resume_is_exact(
         reference: Path, demo_small: Path, tmp_path: Path):
     out = tmp_path / "run"

@@ -93,36 +93,38 @@ def _wait_text(path: Path, text: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("route", ["step", "batch"])
-def test_preemption_signal_checkpoints_requeues_resumes_and_matches(slurm, demo_small: Path, tmp_path: Path,
-                                                                    route: str):
-    env = _env(tmp_path, SLOW_MODEL_SLEEP="0.4")
+def test_preemption_signal_checkpoints_requeues_resumes_and_matches(slurm, demo_small: Path, tmp_path: Path):
+    """USR1 to the job step (``scancel --signal``) and to the batch shell (``--batch``), two jobs at
+    once: each checkpoints, requeues, resumes mid-epoch and ends bitwise equal to an unbroken run."""
     ref = tmp_path / "ref"
     r = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"), *train_args(demo_small, ref)],
             env=_env(tmp_path, SLOW_MODEL_SLEEP="0"))
     assert r.returncode == 0, r.stderr
-    out = tmp_path / "run"
-    log = tmp_path / "job.log"
-    sub = sbatch("single_node.sbatch", log, train_args(demo_small, out), env, wait=False)
-    assert sub.returncode == 0, sub.stderr
-    job = sub.stdout.strip().split(";")[0]
-    _wait_text(log, "epoch 0 step 3:", 180)  # mid-training
-    cmd = ["scancel", "--signal=USR1", job] if route == "step" else ["scancel", "--batch", "--signal=USR1", job]
-    assert subprocess.run(cmd, capture_output=True).returncode == 0
-    t0 = time.monotonic()
-    while _job_state(job) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") or "SLURM_RESTART_COUNT=1" not in log.read_text():
-        assert time.monotonic() - t0 < 240, log.read_text()
-        time.sleep(1)
-    text = log.read_text()
-    assert _job_state(job) == "COMPLETED", text
-    assert "stopped by SIGUSR1 after saving a checkpoint" in text
-    assert "requeueing job" in text and "SLURM_RESTART_COUNT=1" in text
-    if route == "batch":
-        assert "batch shell got SIGUSR1" in text
-    assert "Traceback" not in text and "srun: error" not in text, text  # a normal stop reads as one
-    assert re.search(r"resume: from .*last.pt .* samples into the epoch", text), text
-    assert [r["epoch"] for r in metrics(out)] == [0, 1]
-    assert_bitwise_equal(out / "checkpoints" / "last.pt", ref / "checkpoints" / "last.pt")
+    env = _env(tmp_path, SLOW_MODEL_SLEEP="0.4")
+    routes = {"step": ["--signal=USR1"], "batch": ["--batch", "--signal=USR1"]}
+    jobs = {}
+    for route in routes:
+        out, log = tmp_path / route, tmp_path / f"{route}.log"
+        sub = sbatch("single_node.sbatch", log, train_args(demo_small, out), env, wait=False)
+        assert sub.returncode == 0, sub.stderr
+        jobs[route] = (sub.stdout.strip().split(";")[0], log, out)
+    for route, (job, log, out) in jobs.items():
+        _wait_text(log, "epoch 0 step 3:", 180)  # mid-training
+        assert subprocess.run(["scancel", *routes[route], job], capture_output=True).returncode == 0
+    for route, (job, log, out) in jobs.items():
+        t0 = time.monotonic()
+        while _job_state(job) not in FINAL or "SLURM_RESTART_COUNT=1" not in log.read_text():
+            assert time.monotonic() - t0 < 240, log.read_text()
+            time.sleep(1)
+        text = log.read_text()
+        assert _job_state(job) == "COMPLETED", f"{route}: {text}"
+        assert "stopped by SIGUSR1 after saving a checkpoint" in text, f"{route}: {text}"
+        assert "requeueing job" in text and "SLURM_RESTART_COUNT=1" in text
+        assert ("batch shell got SIGUSR1" in text) == (route == "batch"), f"{route}: {text}"
+        assert "Traceback" not in text and "srun: error" not in text, text  # a normal stop reads as one
+        assert re.search(r"resume: from .*last.pt .* samples into the epoch", text), text
+        assert [r["epoch"] for r in metrics(out)] == [0, 1]
+        assert_bitwise_equal(out / "checkpoints" / "last.pt", ref / "checkpoints" / "last.pt")
 
 
 # -- signals as SLURM delivers them (issue: cancel means cancel, late warnings, TERM/INT, start-up) ---

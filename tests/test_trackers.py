@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import child_env, launch, metrics
 
-from ddp_trainer.trackers import wandb_file_records
+from ddp_trainer.trackers import settled, wandb_file_records
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -94,6 +94,7 @@ def test_the_wandb_file_reader_reads_what_wandb_wrote(tmp_path):
         run.log({"x": step * 0.5, "note": "y" * (70000 if step == 2 else 1)}, step=step)  # step 2 spans 3 blocks
     run.finish()
     (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    settled(path)  # finish() returns before wandb-core has written the last blocks (1 run in 6 here)
 
     def history(p):
         out = {}

@@ -11,8 +11,6 @@ from PIL import Image
 
 from ddp_trainer.data.demo import CLASSES, write_demo_data
 
-pytestmark = pytest.mark.stacks
-
 REQUIRED = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"}
 
 
@@ -27,6 +25,7 @@ def trained(demo_small: Path, tmp_path_factory) -> tuple[Path, str]:
     return out, res.stderr
 
 
+@pytest.mark.stacks  # train and evaluate on the second stack too
 def test_two_process_run_trains_and_writes_from_rank_0(trained):
     out, stderr = trained
     assert "launch: DDP world_size=2 nodes=1 backend=gloo device=cpu (torchrun)" in stderr
@@ -49,6 +48,7 @@ def test_two_process_run_trains_and_writes_from_rank_0(trained):
     assert state["epoch"] == 1 and state["epoch_complete"] and state["world_size"] == 2
 
 
+@pytest.mark.stacks
 def test_validation_metrics_equal_single_and_three_process_evaluation(trained):
     out, _ = trained
     last = metrics(out)[-1]
