@@ -20,7 +20,7 @@ from .config import Config, build
 from .data.datasets import FolderDataset, build_splits, eval_transform
 from .data.loaders import make_eval_loader
 from .data.transforms import Normalize
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .launch.environment import resolve
 from .launch.session import launched
 from .launch.signals import StopRequest, parse_signals, stop_with_parent
@@ -52,8 +52,9 @@ def train(config: str | Path | Mapping[str, Any] | Config | None = None, *, trus
 
 
 def evaluate(checkpoint: str | Path, config: str | Path | Mapping[str, Any] | None = None, *, ema: bool = False,
-             trust_checkpoint: bool = False, **overrides: Any) -> dict[str, Any]:
-    """Exact validation of ``checkpoint`` (its EMA weights with ``ema``): ``{"val_loss", "val_acc",
+             tta: str | None = None, trust_checkpoint: bool = False, **overrides: Any) -> dict[str, Any]:
+    """Exact validation of ``checkpoint`` (its EMA weights with ``ema``; ``tta="flip"``: the mean
+    logits of each image and its mirror, default ``train.val_tta``): ``{"val_loss", "val_acc",
     "val_acc5", "count", "per_class_acc"}``, what ``ddp-trainer evaluate --json`` prints. The data and
     model come from the checkpoint's stored config unless ``config`` / ``overrides`` say otherwise.
     Under torchrun every rank evaluates its share and gets the whole result."""
@@ -77,8 +78,11 @@ def evaluate(checkpoint: str | Path, config: str | Path | Mapping[str, Any] | No
         model.to(dist.device)
         val = FolderDataset(splits.val, eval_transform(cfg.data), cfg.seed, max_pixels=cfg.data.max_image_pixels)
         loader = make_eval_loader(val, cfg.data, dist, dist.device)
+        tta = cfg.train.val_tta if tta is None else tta
+        if tta not in ("none", "flip"):
+            raise ConfigError(f"tta: bad value {tta!r}; use 'flip' or 'none'")
         res = exact_evaluation(model, loader, Normalize(cfg.data.mean, cfg.data.std).to(dist.device), dist.device,
-                               dist, len(splits.classes), len(val), cfg.train.precision)
+                               dist, len(splits.classes), len(val), cfg.train.precision, tta=tta)
     return {"val_loss": res.loss, "val_acc": res.acc, "val_acc5": res.acc5, "count": res.count,
             "per_class_acc": dict(zip(splits.classes, res.per_class_acc))}
 

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--prefix", default="", help="key prefix to add, e.g. 'module.' for DataParallel code")
-    p.add_argument("--strip-prefix", default="", help="key prefix to remove, e.g. 'model.' (a LightningModule attribute)")
+    p.add_argument("--strip-prefix", default="", help="key prefix to remove, with or without its dot, e.g. 'model' (a LightningModule attribute)")
     p.add_argument("--model", help="model name to check the keys against (default: the one the file names)")
     p.add_argument("--ema", action="store_true", help="use the EMA weights (runs with train.ema_decay)")
     _add_common(p)
@@ -70,6 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--ema", action="store_true", help="use the EMA weights (runs with train.ema_decay)")
+    p.add_argument("--tta", choices=("none", "flip"), default=None,
+                   help="flip: the mean logits of each image and its mirror (default: the run's train.val_tta)")
     _add_common(p)
     p.set_defaults(fn=cmd_evaluate)
 
@@ -147,12 +149,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ema_summary(entry: dict[str, Any] | None) -> str | None:
+    if not entry:
+        return None
+    count = "unknown" if entry.get("n_averaged") is None else entry["n_averaged"]
+    decay = "" if entry.get("decay") is None else f", decay {entry['decay']:.6g}"
+    return f"{len(entry['weights'])} tensors, {count} updates{decay} (read with --ema)"
+
+
 def summary(loaded: Checkpoint) -> dict[str, Any]:
     """What ``inspect`` reports (JSON-serialisable)."""
     n_params = sum(int(v.numel()) for v in loaded.model.values())
     info: dict[str, Any] = {
         "path": loaded.path, "format": loaded.kind, "tensors": len(loaded.model), "parameters": n_params,
         "renamed_keys": loaded.renamed, "has_optimizer": loaded.optimizer is not None,
+        "ema": _ema_summary(loaded.get("model_ema")),
     }
     if loaded.layout is not None:
         info.update({"epoch": loaded.layout.epoch_entry, "epoch_means": loaded.layout.epoch_means,
@@ -196,10 +207,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CheckpointError(f"convert would overwrite its input '{args.input}'; choose another OUT")
     sd = dict(loaded.weights(args.ema))
     if args.strip_prefix:
-        if not all(k.startswith(args.strip_prefix) for k in sd):
-            bad = next(k for k in sd if not k.startswith(args.strip_prefix))
-            raise CheckpointError(f"--strip-prefix {args.strip_prefix!r}: key {bad!r} does not start with it")
-        sd = {k[len(args.strip_prefix):]: v for k, v in sd.items()}
+        # a prefix is whole key segments: 'model' means 'model.' (stripping it alone would leave '.conv1...')
+        strip = args.strip_prefix if args.strip_prefix.endswith(".") else args.strip_prefix + "."
+        if not all(k.startswith(strip) for k in sd):
+            bad = next(k for k in sd if not k.startswith(strip))
+            raise CheckpointError(f"--strip-prefix {strip!r}: key {bad!r} does not start with it; the keys start "
+                                  f"with {common_prefix(list(sd)) or bad.split('.')[0] + '.'!r}")
+        sd = {k[len(strip):]: v for k, v in sd.items()}
     name = args.model or loaded.model_name or (loaded.layout.arch if loaded.layout else None)
     checked = ""
     if name:
@@ -226,8 +240,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    metrics = api.evaluate(args.checkpoint, args.config, ema=args.ema, trust_checkpoint=args.trust_checkpoint,
-                           **config_mod.parse_overrides(args.overrides))
+    metrics = api.evaluate(args.checkpoint, args.config, ema=args.ema, tta=args.tta,
+                           trust_checkpoint=args.trust_checkpoint, **config_mod.parse_overrides(args.overrides))
     if process_rank(os.environ) == 0:
         if args.json:
             print(api.dumps(metrics))

@@ -38,6 +38,7 @@ class DataConfig:
     val_dir: str = "val"  # when missing, val_fraction of train/ is held out
     classes: Optional[list[str]] = None  # class order; default: sorted folder names
     image_size: int = 32
+    train_image_size: Optional[int] = None  # training crop side; null: image_size (torchvision's --train-crop-size)
     batch_size: int = 64  # per process
     drop_last: bool = True  # leave out each epoch's partial last step (false: fold it into the step before)
     num_workers: int = 2
@@ -96,8 +97,16 @@ class DataConfig:
                    "remove the repeated class names")
         _check(self.prefetch_factor is None or self.prefetch_factor >= 1, "data.prefetch_factor",
                self.prefetch_factor, "use at least 1, or null")
-        _check(self.cache_size is None or self.cache_size >= self.image_size, "data.cache_size", self.cache_size,
-               f"use at least data.image_size ({self.image_size}), or null")
+        _check(self.train_image_size is None or 8 <= self.train_image_size <= 8192, "data.train_image_size",
+               self.train_image_size, "use 8 to 8192 (pixels), e.g. 176, or null (data.image_size)")
+        _check(self.cache_size is None or self.cache_size >= self.train_size, "data.cache_size", self.cache_size,
+               f"use at least the training side ({self.train_size}), or null")
+
+    @property
+    def train_size(self) -> int:
+        """The side of training images (``train_image_size``, else ``image_size``); validation uses
+        ``image_size``."""
+        return self.train_image_size if self.train_image_size is not None else self.image_size
 
     @property
     def val_resize(self) -> Optional[int]:
@@ -109,8 +118,8 @@ class DataConfig:
         """The side the decoded cache stores training images at: larger than ``image_size`` only
         when random_resized_crop crops from it (so the crop is not taken from a downscaled picture)."""
         if "random_resized_crop" not in self.augment:
-            return self.image_size
-        return self.cache_size if self.cache_size is not None else math.ceil(self.image_size * 1.15)
+            return self.train_size
+        return self.cache_size if self.cache_size is not None else math.ceil(self.train_size * 1.15)
 
 
 @dataclass(frozen=True)
@@ -151,12 +160,15 @@ class OptimConfig:
 class SchedConfig:
     name: Literal["cosine", "step", "none"] = "cosine"
     warmup_epochs: float = 0.5
+    warmup_start_factor: float = 0.0  # the warmup starts at lr x this (torchvision's --lr-warmup-decay, 0.01 in its recipe)
     step_epochs: int = 30  # step: multiply the lr by gamma every step_epochs
     gamma: float = 0.1
     min_lr: float = 0.0  # cosine floor
 
     def __post_init__(self) -> None:
         _check(self.warmup_epochs >= 0, "sched.warmup_epochs", self.warmup_epochs, "use 0 or more")
+        _check(0 <= self.warmup_start_factor <= 1, "sched.warmup_start_factor", self.warmup_start_factor,
+               "use a factor from 0 (warm up from lr 0) to 1 (no warmup), e.g. 0.01")
         _check(self.step_epochs >= 1, "sched.step_epochs", self.step_epochs, "use at least 1")
         _check(0 < self.gamma <= 1, "sched.gamma", self.gamma, "use a factor in (0, 1], e.g. 0.1")
         _check(self.min_lr >= 0, "sched.min_lr", self.min_lr, "use 0 or a positive learning rate below optim.lr")
@@ -179,6 +191,11 @@ class TrainConfig:
     stop_on_nonfinite: bool = True  # a nan/inf training loss stops the run, keeping the last good checkpoint
     label_smoothing: float = 0.0  # training loss only; validation loss stays plain cross-entropy
     ema_decay: Optional[float] = None  # an EMA of the weights (e.g. 0.9998), validated each epoch; null: off
+    ema_every_steps: int = 1  # update the EMA every N optimizer steps (torchvision's --model-ema-steps)
+    # torchvision: ema_decay is its --model-ema-decay, rescaled to 1 - (1 - decay) x global batch x
+    # ema_every_steps / train.epochs, and the EMA copies the weights during the warmup epochs
+    ema_decay_adjust: Literal["none", "torchvision"] = "none"
+    val_tta: Literal["none", "flip"] = "none"  # flip: validate on the mean logits of each image and its mirror
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "use at least 1")
@@ -190,6 +207,8 @@ class TrainConfig:
                "use at least 1")
         _check(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "train.ema_decay", self.ema_decay,
                "use a number in (0, 1), e.g. 0.9998, or null")
+        _check(self.ema_every_steps >= 1, "train.ema_every_steps", self.ema_every_steps,
+               "use at least 1 (torchvision's recipe: 32)")
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
                "use a number in [0, 1), e.g. 0.1")
 

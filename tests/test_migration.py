@@ -52,24 +52,50 @@ def write_pytorch_examples(path: Path) -> tuple[nn.Module, torch.optim.Optimizer
     return model, opt
 
 
+def _averaged(model: nn.Module, decay: float, updates: int) -> torch.optim.swa_utils.AveragedModel:
+    """torchvision's utils.ExponentialMovingAverage: an AveragedModel (use_buffers=True) with the EMA
+    average function, updated ``updates`` times while the weights move (its state dict: ``module.*``
+    keys plus the ``n_averaged`` buffer)."""
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
+                                              use_buffers=True)
+    for _ in range(updates):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        ema.update_parameters(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.01 * updates)
+    return ema
+
+
 def write_torchvision_references(path: Path, classes: int = CLASSES) -> tuple[nn.Module, torch.optim.Optimizer]:
     model, _, opt = _stepped("sgd", "one", classes=classes)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.1)
     args = argparse.Namespace(model="resnet18", lr=0.1, momentum=0.9, weight_decay=1e-4, epochs=90,
-                              output_dir="out", norm_weight_decay=None, label_smoothing=0.0)
-    # train.py: checkpoint = {"model", "optimizer", "lr_scheduler", "epoch", "args"}; resumes at epoch + 1
+                              output_dir="out", norm_weight_decay=None, label_smoothing=0.0, batch_size=32,
+                              world_size=8, model_ema=True, model_ema_steps=32, model_ema_decay=0.99998)
+    # train.py --model-ema: alpha = min(1, (1 - decay) x world x batch x steps / epochs)
+    ema = _averaged(model, 1.0 - min(1.0, (1 - 0.99998) * 8 * 32 * 32 / 90), updates=3)
+    # train.py: checkpoint = {"model", "optimizer", "lr_scheduler", "epoch", "args", "model_ema"}; resumes at epoch + 1
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
-                "epoch": 2, "args": args}, path)
+                "epoch": 2, "args": args, "model_ema": ema.state_dict()}, path)
     return model, opt
 
 
 def write_timm(path: Path) -> tuple[nn.Module, torch.optim.Optimizer]:
     model, _, opt = _stepped("adamw", "timm")
-    args = argparse.Namespace(model="resnet18", opt="adamw", lr=1e-3, weight_decay=0.05, epochs=300)
-    # CheckpointSaver._save: epoch (finished), arch, state_dict, optimizer, version 2, args, metric
+    args = argparse.Namespace(model="resnet18", opt="adamw", lr=1e-3, weight_decay=0.05, epochs=300,
+                              model_ema=True, model_ema_decay=0.9998)
+    ema = _averaged(model, 0.9998, updates=2).module  # timm's ModelEmaV3 keeps the averaged model as .module
+    # CheckpointSaver._save: epoch (finished), arch, state_dict, optimizer, version 2, args, metric, and
+    # with --model-ema state_dict_ema = get_state_dict(model_ema, unwrap_model): the averaged model's keys
     torch.save({"epoch": 2, "arch": "resnet18", "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-                "version": 2, "args": args, "metric": 37.25}, path)
+                "version": 2, "args": args, "metric": 37.25, "state_dict_ema": ema.state_dict()}, path)
     return model, opt
+
+
+EMA_LAYOUTS = ("torchvision_references", "timm")  # the writers above ran with --model-ema
 
 
 def write_lightning(path: Path) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -144,8 +170,12 @@ def test_convert_writes_a_file_that_loads_strictly(files, layout, tmp_path: Path
         assert torch.equal(net.state_dict()[k], v), k
     if layout == "lightning":
         stripped = tmp_path / "stripped.pt"
-        assert run([PY, "-m", "ddp_trainer", "convert", str(path), str(stripped), "--strip-prefix", "model."]).returncode == 0
-        torchvision.models.resnet18(num_classes=CLASSES).load_state_dict(torch.load(stripped, weights_only=True))
+        for prefix in ("model.", "model"):  # with or without its dot (without: was refused with advice that failed)
+            res = run([PY, "-m", "ddp_trainer", "convert", str(path), str(stripped), "--strip-prefix", prefix])
+            assert res.returncode == 0, res.stderr
+            torchvision.models.resnet18(num_classes=CLASSES).load_state_dict(torch.load(stripped, weights_only=True))
+        wrong = run([PY, "-m", "ddp_trainer", "convert", str(path), str(tmp_path / "w.pt"), "--strip-prefix", "mod"])
+        assert wrong.returncode == 2 and "--strip-prefix 'mod.': key 'model." in wrong.stderr, wrong.stderr
 
 
 def test_head_of_another_class_count_points_to_init_from(tmp_path: Path):
@@ -204,11 +234,19 @@ def test_resume_continues_at_the_right_epoch_with_the_optimizer_state(files, lay
     out = tmp_path / "run"
     res = _train(f"data.root={data10}", f"output_dir={out}", "model.name=resnet18", "data.image_size=16",
                  "data.batch_size=8", "data.num_workers=0", "train.epochs=4", f"optim.name={optim}",
-                 f"resume={path}")
+                 f"resume={path}", "train.ema_decay=0.999")
     assert res.returncode == 0, res.stderr
     assert "nothing left to train" not in res.stderr
     assert f"from {path} ({layout} format), epoch 3" in res.stderr
     assert f"{optim} optimizer state of the {layout} file carried over for 62 parameter(s)" in res.stderr
+    if layout in EMA_LAYOUTS:  # the file's EMA continues (was: a new EMA, without a word)
+        count = "3 updates so far, its decay 0.99818" if layout == "torchvision_references" else \
+            "unknown updates so far, its decay 0.9998"
+        assert f"resume: the EMA weights of the {layout} file carried over ({count}); train.ema_decay=0.999" \
+            in res.stderr, res.stderr
+        assert "val_loss_ema" in metrics(out)[0]
+    else:
+        assert f"resume: {path} holds no EMA weights; train.ema_decay starts a new EMA" in res.stderr, res.stderr
     assert [r["epoch"] for r in metrics(out)] == [3]  # exactly the one epoch left
     if layout not in ("pytorch_examples", "timm"):
         return
@@ -231,3 +269,29 @@ def test_evaluate_and_init_from_every_layout(files, layout, data10, tmp_path: Pa
                   "data.batch_size=8", "data.num_workers=0", "train.epochs=1", f"model.init_from={path}")
     assert init.returncode == 0, init.stderr
     assert f"model.init_from: weights loaded from {path}" in init.stderr
+
+
+def test_the_ema_weights_of_torchvision_and_timm_files_are_read_shown_and_converted(files, tmp_path: Path):
+    for layout in WRITERS:
+        path, model, _ = files[layout]
+        loaded = read_checkpoint(path, trust=True)
+        info = summary(loaded)
+        if layout not in EMA_LAYOUTS:
+            assert info["ema"] is None
+            with pytest.raises(CheckpointError, match=f"holds no EMA weights .*the {layout} trainer's --model-ema"):
+                loaded.weights(ema=True)
+            continue
+        raw = torch.load(path, weights_only=False)
+        want = raw["model_ema"] if layout == "torchvision_references" else raw["state_dict_ema"]
+        want = {k.removeprefix("module."): v for k, v in want.items() if k != "n_averaged"}
+        ema = loaded.weights(ema=True)
+        assert set(ema) == set(model.state_dict()) and all(torch.equal(ema[k], want[k]) for k in ema)
+        assert not torch.equal(ema["fc.weight"], model.state_dict()["fc.weight"])  # the EMA, not the model
+        assert info["ema"] == ("122 tensors, 3 updates, decay 0.99818 (read with --ema)" if layout != "timm"
+                               else "122 tensors, unknown updates, decay 0.9998 (read with --ema)")
+    path = files["torchvision_references"][0]
+    res = run([PY, "-m", "ddp_trainer", "convert", str(path), str(tmp_path / "ema.pt"), "--ema"])
+    assert res.returncode == 0, res.stderr  # was: "holds no EMA weights (it was trained without train.ema_decay)"
+    net = torchvision.models.resnet18(num_classes=CLASSES)
+    net.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True), strict=True)
+    assert torch.equal(net.state_dict()["fc.weight"], read_checkpoint(path, trust=True).weights(ema=True)["fc.weight"])

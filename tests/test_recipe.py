@@ -79,6 +79,25 @@ def test_linear_lr_scaling():
     assert scaled_lr(OptimConfig(lr=0.1, lr_scale="linear"), 64) == pytest.approx(0.025)
 
 
+def test_warmup_start_factor_is_torchvisions_lr_warmup_decay():
+    from ddp_trainer.config import SchedConfig
+    from ddp_trainer.training.optim import LRSchedule
+
+    # torchvision: LinearLR(start_factor=--lr-warmup-decay, total_iters=--lr-warmup-epochs), stepped per epoch
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=5)
+    ours = LRSchedule(0.5, SchedConfig(name="none", warmup_epochs=5, warmup_start_factor=0.01), 10)
+    for epoch in range(8):
+        assert ours.lr(epoch) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), epoch
+        opt.step()
+        linear.step()
+    assert ours.lr(2.5) == pytest.approx(0.5 * (0.01 + 0.99 * 0.5))  # and in between, per step
+    today = LRSchedule(0.5, SchedConfig(name="none", warmup_epochs=5), 10)
+    assert today.lr(0) == 0.0 and today.lr(1) == pytest.approx(0.1)  # the default: from 0, as before
+    with pytest.raises(ConfigError, match=r"sched.warmup_start_factor: bad value 1.5; use a factor from 0"):
+        SchedConfig(warmup_start_factor=1.5)
+
+
 def test_norm_weight_decay_groups_match_torchvisions_split():
     model = build_model("tiny_cnn_bn", 10)
     norms = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters(recurse=False)]
@@ -147,10 +166,25 @@ def test_rrc_scale_and_ratio_bound_the_crops():
         DataConfig(val_crop_pct=1.5)
 
 
+def test_train_image_size_crops_training_images_and_leaves_validation_at_image_size():
+    from ddp_trainer.config import DataConfig
+    from ddp_trainer.data.datasets import eval_transform, train_transform
+
+    cfg = DataConfig(image_size=24, train_image_size=16, augment=["flip", "random_resized_crop"], val_crop_pct=0.8)
+    img = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    assert train_transform(cfg)(img, torch.Generator().manual_seed(0)).shape == (3, 16, 16)  # torchvision: 176
+    assert eval_transform(cfg)(img, None).shape == (3, 24, 24)  # torchvision: 224 from a resize of 232 (here 30)
+    assert (cfg.train_size, cfg.train_cache_size, cfg.val_resize) == (16, 19, 30)
+    assert DataConfig(image_size=24).train_size == 24
+    with pytest.raises(ConfigError, match="data.cache_size: bad value 12; use at least the training side .16."):
+        DataConfig(image_size=24, train_image_size=16, cache_size=12)
+
+
 def test_val_crop_pct_with_the_decoded_cache_validates_the_same_images(demo_small: Path, tmp_path: Path):
+    # training at 12 px, validating at 16 from a resize of 20: each split's geometry, from files or the cache
     base = [PY, str(ROOT / "launch.py"), f"data.root={demo_small}", "model.name=tiny_cnn", "data.image_size=16",
-            "data.batch_size=8", "data.num_workers=0", "train.epochs=1", "data.val_crop_pct=0.8",
-            "data.interpolation=bicubic"]
+            "data.train_image_size=12", "data.batch_size=8", "data.num_workers=0", "train.epochs=1",
+            "data.val_crop_pct=0.8", "data.interpolation=bicubic"]
     rows = []
     for cache in ("none", "decoded"):
         res = run([*base, f"output_dir={tmp_path / cache}", f"data.cache={cache}",
@@ -216,12 +250,66 @@ def test_ema_equals_torchs_averaged_model_bitwise_without_a_tensor_counter():
     assert isinstance(ours.n_averaged, int) and ours.n_averaged == int(torchs.n_averaged) == 5
 
 
+def test_ema_every_n_steps_with_torchvisions_decay_and_warmup_copy():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from ddp_trainer.training.ema import WeightEMA, ema_schedule
+
+    # torchvision's recipe: --model-ema-steps 32 --model-ema-decay 0.99998, 8 GPUs x 128, 600 epochs
+    decay, copy_before = ema_schedule(0.99998, 32, "torchvision", 8 * 128, 600, 5.0)
+    assert decay == pytest.approx(1 - (1 - 0.99998) * 8 * 128 * 32 / 600, rel=1e-12) and copy_before == 5.0
+    assert ema_schedule(0.99998, 32, "none", 8 * 128, 600, 5.0) == (0.99998, 0.0)  # the decay as given
+    assert ema_schedule(0.9, 32, "torchvision", 1024, 10, 0.0)[0] == 0.0  # alpha capped at 1
+
+    # torchvision's loop: update_parameters every N-th step; in a warmup epoch, n_averaged.fill_(0) after it
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn_bn", 10)
+    ours = WeightEMA(model, 0.9, every_steps=3, copy_before_epoch=1.0)
+    torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    steps = iter(range(1, 100))
+
+    def after_step(epoch: int):
+        step = next(steps)
+        ours.after_step(model, step, epoch)
+        if step % 3 == 0:
+            torchs.update_parameters(model)
+            if epoch < 1:
+                torchs.n_averaged.fill_(0)
+
+    _train_steps(model, 4, lambda: after_step(0))  # the warmup epoch: one update, a copy, then reset
+    assert ours.n_averaged == 0 and all(torch.equal(a, b) for a, b in
+                                        zip(ours.module.state_dict().values(), torchs.module.state_dict().values()))
+    _train_steps(model, 8, lambda: after_step(1))
+    a, b = ours.module.state_dict(), torchs.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b) and ours.n_averaged == int(torchs.n_averaged) == 3
+    assert not torch.equal(a["fc.weight"], model.state_dict()["fc.weight"])  # an average now, not a copy
+    with pytest.raises(ConfigError, match="train.ema_every_steps: bad value 0"):
+        TrainConfig(ema_every_steps=0)
+
+
+def test_flip_tta_validates_on_the_mean_logits_of_each_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", 10).eval()
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    images, labels, _ = _batch(16)
+    dist = Dist.single()
+    plain = evaluate(model, [(images, labels, None)], norm, torch.device("cpu"), dist, 10, 16)
+    flip = evaluate(model, [(images, labels, None)], norm, torch.device("cpu"), dist, 10, 16, tta="flip")
+    with torch.no_grad():
+        x = norm(images)
+        mean = (model(x) + model(x.flip(-1))) / 2
+    assert flip.loss == pytest.approx(F.cross_entropy(mean, labels).item(), rel=1e-6)
+    assert flip.acc == (mean.argmax(1) == labels).float().mean().item()
+    assert plain.loss == pytest.approx(F.cross_entropy(model(x), labels).item(), rel=1e-6)
+    assert flip.loss != plain.loss and flip.count == plain.count == 16
+
+
 def test_ema_is_validated_saved_monitored_and_evaluated(demo_small: Path, tmp_path: Path):
     import json
 
     out = tmp_path / "run"
     train(demo_small, out, "train.ema_decay=0.9", "checkpoint.monitor=val_acc_ema", "checkpoint.mode=max",
-          model="tiny_cnn_bn", epochs=2)
+          "train.val_tta=flip", model="tiny_cnn_bn", epochs=2)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("val_loss_ema" in r and "val_acc_ema" in r for r in rows)
     assert rows[-1]["val_loss_ema"] != rows[-1]["val_loss"]
@@ -234,8 +322,10 @@ def test_ema_is_validated_saved_monitored_and_evaluated(demo_small: Path, tmp_pa
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout.strip().splitlines()[-1])
 
+    # the run validated with train.val_tta=flip: evaluate's default is the run's, --tta none the plain one
     assert evaluate("--ema")["val_loss"] == pytest.approx(rows[-1]["val_loss_ema"], rel=1e-9)
     assert evaluate()["val_loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-9)
+    assert evaluate("--tta", "none")["val_loss"] != pytest.approx(rows[-1]["val_loss"], rel=1e-6)
     plain = tmp_path / "plain.pt"
     conv = run([PY, "-m", "ddp_trainer", "convert", str(out / "checkpoints" / "last.pt"), str(plain), "--ema"],
                env=env())
@@ -253,7 +343,9 @@ def test_sigkill_mid_epoch_with_the_recipe_on_resumes_model_and_ema_bitwise(demo
     from conftest import kill_when
     from test_resume import mid_epoch_checkpoint, resume_args, start
 
-    recipe = ["train.ema_decay=0.8", "train.label_smoothing=0.1", "optim.name=sgd", "optim.nesterov=true",
+    recipe = ["train.ema_decay=0.999", "train.ema_every_steps=2", "train.ema_decay_adjust=torchvision",
+              "sched.warmup_epochs=1", "sched.warmup_start_factor=0.01",
+              "train.label_smoothing=0.1", "optim.name=sgd", "optim.nesterov=true",
               "optim.lr_scale=linear", "optim.norm_weight_decay=0.0", "data.val_crop_pct=0.875",
               "data.interpolation=bicubic", "data.rrc_scale=[0.3,1.0]",
               "data.augment=[flip,random_resized_crop,trivialaugment,random_erasing]", "data.mixup_alpha=0.2",
@@ -427,7 +519,8 @@ def test_recipe_configs_load_and_run_a_debug_pass(recipe: str, demo_small: Path,
         torch.save(torchvision.models.get_model(cfg.model.name, weights=None).state_dict(),
                    home / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     res = run([PY, str(ROOT / "launch.py"), "--debug", "--config", str(path), f"data.root={demo_small}",
-               f"output_dir={tmp_path / 'run'}", "data.image_size=32", "data.batch_size=4", "debug.epochs=1"],
+               f"output_dir={tmp_path / 'run'}", "data.image_size=32", "data.train_image_size=24", "data.batch_size=4",
+               "debug.epochs=1"],
               env=env(TORCH_HOME=str(home)), timeout=600)
     assert res.returncode == 0, res.stderr
     assert "done: val_loss=" in res.stderr

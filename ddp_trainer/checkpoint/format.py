@@ -13,7 +13,7 @@ Version 1's top-level keys (as written since format version 1; a file may lack t
 | ``best``, ``best_k`` | the best ranking | the best monitored value; the K best ``[value, epoch]`` |
 | ``train_data`` | the training-set check | ``{"count", "sha256"}`` of the index |
 | ``rng`` | the random generators | one ``{"torch", "cuda"?}`` per rank |
-| ``model_ema`` (optional) | the EMA | ``{"weights", "n_averaged", "decay"}`` |
+| ``model_ema`` (optional) | the EMA | ``{"weights", "n_averaged", "decay"}`` (another trainer's: ``n_averaged`` / ``decay`` may be None) |
 | ``payload_sha256`` (optional) | the writer | :func:`payload_digest` of everything else |
 
 Files of other trainers are turned into these keys by :mod:`.layouts`; :class:`Checkpoint` is a file
@@ -171,7 +171,8 @@ class Checkpoint:
             return self.model
         entry = self.entries.get("model_ema")
         if not entry:
+            how = "train.ema_decay" if self.ours else f"an EMA (the {self.kind} trainer's --model-ema)"
             raise CheckpointError(f"checkpoint '{self.path}' holds no EMA weights (it was trained without "
-                                  f"train.ema_decay); leave out --ema")
+                                  f"{how}); leave out --ema")
         sd, _ = strip_wrapper_prefixes(entry["weights"])
         return sd

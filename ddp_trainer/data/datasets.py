@@ -165,7 +165,7 @@ def with_decoded_cache(index: FolderIndex, cfg: DataConfig, dist: Dist, size: in
 
 def train_transform(cfg: DataConfig) -> ImageTransform:
     erase = tuple(max(0, min(255, round(255 * m))) for m in cfg.mean)
-    return ImageTransform(cfg.image_size, tuple(cfg.augment), tuple(cfg.rrc_scale), tuple(cfg.rrc_ratio),
+    return ImageTransform(cfg.train_size, tuple(cfg.augment), tuple(cfg.rrc_scale), tuple(cfg.rrc_ratio),
                           interpolation=cfg.interpolation, erasing_p=cfg.random_erasing_p,
                           erase_value=erase)  # type: ignore[arg-type]
 

@@ -38,7 +38,7 @@ from .components import (
     TrackerRuns,
     TrainingSetCheck,
 )
-from .ema import WeightEMA
+from .ema import WeightEMA, ema_schedule
 from .engine import Engine, RunningLoss
 from .optim import LRSchedule, build_optimizer, scaled_lr
 from .report import EpochReport
@@ -135,7 +135,15 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         gpus = (list(range(decision.gpus)) if decision.mode == "dp"
                 else [dist.device.index or 0] if dist.device.type == "cuda" else [])
         registry.register("rng", RngState(dist, cfg.seed, gpus), every_rank=True, flat=True)
-        ema = WeightEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
+        ema = None
+        if cfg.train.ema_decay is not None:
+            t = cfg.train
+            decay, copy_before = ema_schedule(t.ema_decay, t.ema_every_steps, t.ema_decay_adjust, global_batch,
+                                              t.epochs, cfg.sched.warmup_epochs)
+            ema = WeightEMA(model, decay, t.ema_every_steps, copy_before)
+            if t.ema_decay_adjust != "none" or t.ema_every_steps > 1:
+                log.info("EMA: an update every %d step(s) with decay %.8g%s", t.ema_every_steps, decay,
+                         f", copying the weights before epoch {copy_before:g} (warmup)" if copy_before else "")
         if ema is not None:
             registry.register("model_ema", ema)
         runs = TrackerRuns()
@@ -143,7 +151,10 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
             registry.register("trackers", runs)
         checkpoints = CheckpointManager(cfg.checkpoint, folder.checkpoints, dist, registry, cfg.train.epochs)
         if resume is not None:  # before wrapping: canonical keys, CPU tensors
-            registry.load_state_dict(LoadContext(resume, dist.world_size, dist.rank))
+            restored = registry.load_state_dict(LoadContext(resume, dist.world_size, dist.rank))
+            if ema is not None and "model_ema" not in restored:
+                log.warning("resume: %s holds no EMA weights; train.ema_decay starts a new EMA from the resumed "
+                            "weights", resume.path)
             checkpoints.keep_replaced_best()
         if dist.is_main:  # after the restore: a resumed run continues its tracker runs
             runs.trackers = start_trackers(cfg, folder.path, runs.resumed)

@@ -13,20 +13,50 @@ Every rank keeps one (parameters are equal across DDP ranks after each step); ra
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..checkpoint.registry import LoadContext, SaveContext
+from ..checkpoint.weights import strip_wrapper_prefixes
+
+log = logging.getLogger("ddp_trainer")
+
+
+def ema_schedule(decay: float, every_steps: int, adjust: str, global_batch: int, epochs: int,
+                 warmup_epochs: float) -> tuple[float, float]:
+    """(the decay of one update, the epoch until which updates copy the weights) for the config's
+    ``train.ema_decay`` / ``ema_every_steps`` / ``ema_decay_adjust``. ``torchvision``: its train.py's
+    ``alpha = min(1, (1 - decay) x world x batch x model_ema_steps / epochs)``, and the EMA reset to the
+    weights at each update of a warmup epoch; ``none``: the decay as given, no copying."""
+    if adjust != "torchvision":
+        return decay, 0.0
+    alpha = min(1.0, (1.0 - decay) * global_batch * every_steps / epochs)
+    return 1.0 - alpha, warmup_epochs
 
 
 class WeightEMA:
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        """``model``: the plain module (not a DDP / DataParallel / compiled wrapper)."""
+    def __init__(self, model: nn.Module, decay: float, every_steps: int = 1, copy_before_epoch: float = 0.0) -> None:
+        """``model``: the plain module (not a DDP / DataParallel / compiled wrapper); ``decay`` per
+        update; an update every ``every_steps`` optimizer steps; updates in epochs before
+        ``copy_before_epoch`` copy the weights (torchvision keeps the EMA equal to the model in warmup)."""
         self.decay = decay
+        self.every_steps = every_steps
+        self.copy_before_epoch = copy_before_epoch
         self.module = copy.deepcopy(model)
         self.n_averaged = 0
+
+    def after_step(self, model: nn.Module, step: int, epoch: int) -> None:
+        """Called after optimizer step ``step`` (1-based, counted over the run) of ``epoch``: an update
+        when ``step`` is a multiple of ``every_steps`` (a function of the step count, so a resume at
+        any point makes the same updates)."""
+        if step % self.every_steps:
+            return
+        self.update(model)
+        if epoch < self.copy_before_epoch:
+            self.n_averaged = 0  # the next update copies again (torchvision: n_averaged.fill_(0))
 
     def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         ema = [t.detach() for t in (*self.module.parameters(), *self.module.buffers())]
@@ -60,5 +90,13 @@ class WeightEMA:
                 "n_averaged": self.n_averaged, "decay": self.decay}
 
     def load(self, sd: dict[str, Any], ctx: LoadContext) -> None:
-        self.module.load_state_dict(sd["weights"])
-        self.n_averaged = int(sd["n_averaged"])
+        """Our ``model_ema`` entry, or another trainer's EMA read into it (torchvision's and timm's
+        ``--model-ema``): wrapper prefixes stripped, and an unknown update count taken as "already
+        averaging" (the next update blends instead of copying)."""
+        weights, _ = strip_wrapper_prefixes(sd["weights"])
+        self.module.load_state_dict(weights)
+        self.n_averaged = 1 if sd.get("n_averaged") is None else int(sd["n_averaged"])
+        if not ctx.checkpoint.ours:
+            log.info("resume: the EMA weights of the %s file carried over (%s updates so far%s); train.ema_decay=%g "
+                     "from now on", ctx.checkpoint.kind, "unknown" if sd.get("n_averaged") is None else self.n_averaged,
+                     "" if sd.get("decay") is None else f", its decay {sd['decay']:.6g}", self.decay)

@@ -183,10 +183,12 @@ class CountMismatch(RuntimeError):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Batch], normalize: nn.Module, device: torch.device, dist: Dist,
-             num_classes: int, expected_count: int, precision: str = "fp32", channels_last: bool = False
-             ) -> EvalResult:
+             num_classes: int, expected_count: int, precision: str = "fp32", channels_last: bool = False,
+             tta: str = "none") -> EvalResult:
     """Exact validation: per-sample sums reduced across ranks, each image counted once. No host-device
-    sync per batch: the sums stay on the device until the one all-reduce at the end.
+    sync per batch: the sums stay on the device until the one all-reduce at the end. ``tta="flip"``:
+    each image's logits are the mean of its own and its mirror image's (as FFCV's ImageNet example
+    validates); the loss and accuracies are of those means.
 
     ``model`` should be the unwrapped module (no DDP hooks). Raises CountMismatch when the reduced
     count differs from ``expected_count`` (a padding or overlapping sampler).
@@ -202,7 +204,8 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], normalize: nn.Module, de
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             logits = model(images)
-        logits = logits.float()
+            mirrored = model(images.flip(-1)) if tta == "flip" else None
+        logits = logits.float() if mirrored is None else (logits.float() + mirrored.float()) / 2
         sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
         top = logits.topk(k5, dim=1).indices
         hit1 = top[:, 0] == labels

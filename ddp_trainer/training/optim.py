@@ -60,7 +60,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None)
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """``lr(progress)`` with ``progress`` in epochs (float): linear warmup, then cosine or step."""
+    """``lr(progress)`` with ``progress`` in epochs (float): linear warmup from ``lr x
+    warmup_start_factor`` to ``lr`` over ``warmup_epochs``, updated every step (at whole epochs the
+    line is torch's ``LinearLR(start_factor, total_iters=warmup_epochs)`` stepped per epoch, as
+    torchvision's recipe uses it), then cosine or step."""
 
     base_lr: float
     cfg: SchedConfig
@@ -71,7 +74,8 @@ class LRSchedule:
         warm = self.cfg.warmup_epochs
         factor = 1.0
         if warm > 0 and progress < warm:
-            factor = min(1.0, (progress + step_fraction) / warm)
+            start = self.cfg.warmup_start_factor
+            factor = start + (1.0 - start) * min(1.0, (progress + step_fraction) / warm)
         if self.cfg.name == "cosine":
             span = max(self.total_epochs - warm, 1e-9)
             t = min(max(progress - warm, 0.0) / span, 1.0)
@@ -85,7 +89,7 @@ class LRSchedule:
         """What the schedule depends on (a component written, never restored: it has no hidden
         counters, and is a function of the config and the loop's progress)."""
         return {"name": self.cfg.name, "base_lr": self.base_lr, "warmup_epochs": self.cfg.warmup_epochs,
-                "total_epochs": self.total_epochs}
+                "warmup_start_factor": self.cfg.warmup_start_factor, "total_epochs": self.total_epochs}
 
 
 def optimizer_family(sd: Mapping[str, Any]) -> str | None:

@@ -83,7 +83,7 @@ class Trainer:
         self.dist.broadcast_buffers(model)
         return evaluate(model, batches, self.engine.normalize, self.dist.device, self.dist,
                         len(self.data.splits.classes), len(self.data.val_set), self.cfg.train.precision,
-                        self.cfg.train.channels_last)
+                        self.cfg.train.channels_last, tta=self.cfg.train.val_tta)
 
     def _train_epoch(self, log_plan: bool = False) -> EpochFigures:
         """One pass over the rest of the epoch's plan: optimizer steps, progress, mid-epoch saves and
@@ -111,7 +111,7 @@ class Trainer:
                 bar.update(done.consumed - state.position)
                 state.step += 1
                 if self.ema is not None:
-                    self.ema.update(unwrap(self.model))
+                    self.ema.after_step(unwrap(self.model), state.step, epoch)
                 if not dist.lowered:
                     dist.end_preparation()
                 state.position, lr = done.consumed, done.lr
