@@ -5,6 +5,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 import ddp_trainer
 from ddp_trainer.errors import ConfigError
@@ -23,6 +24,11 @@ try:
     error = None
 except ConfigError as exc:
     error = exc.message
+# a loader's queues end their feeder threads a moment after the workers are shut down (torch closes
+# them without joining): wait for that, so that a thread the API left running is what remains
+deadline = time.monotonic() + 5
+while len(threading.enumerate()) > 1 and time.monotonic() < deadline:
+    time.sleep(0.05)
 print(json.dumps({
     "final": [first.final, second.final], "best": first.best, "monitor": first.monitor,
     "checkpoints": {k: str(v) for k, v in first.checkpoints.items() if k != "epochs"},
