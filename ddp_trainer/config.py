@@ -583,12 +583,13 @@ def load(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -
     return apply_overrides(values, overrides)
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys (``{"train.epochs": 6, ...}``)."""
     if not isinstance(d, dict):
         return {prefix[:-1]: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}."))
+        out.update(flatten(v, f"{prefix}{k}."))
     return out
 
 
@@ -596,7 +597,7 @@ def config_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[
     """``key: old -> new`` for every key whose value changed (resume diagnostics)."""
     if not old:
         return []
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from .config import Config
+from .config import Config, flatten
 
 log = logging.getLogger("ddp_trainer")
 
@@ -40,13 +40,10 @@ def _numbers(row: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step")}
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
+def _why(exc: BaseException) -> str:
+    """An exception as one short line: its type and its message's first line."""
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
 
 
 class Tracker:
@@ -67,8 +64,8 @@ class Tracker:
             self.logged.add(row["epoch"])
         except Exception as exc:  # noqa: BLE001 - a tracker never fails the run
             self._failed = True
-            log.warning("log.%s: cannot log epoch %d (%s: %s); the run goes on without it", self.name,
-                        row["epoch"], type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            log.warning("log.%s: cannot log epoch %d (%s); the run goes on without it", self.name, row["epoch"],
+                        _why(exc))
 
     def catch_up(self, rows: list[dict[str, Any]]) -> None:
         """Log the earlier epochs this tracker's run lacks (a kill can cost a tracker what it had not
@@ -201,7 +198,7 @@ class MlflowTracker(Tracker):
         found = self.client.get_experiment_by_name(name)
         experiment = found.experiment_id if found is not None else self.client.create_experiment(name)
         self.run_id = self.client.create_run(experiment, run_name=folder.name).info.run_id
-        params = [self._Param(k, str(v)[:6000]) for k, v in sorted(_flat(cfg.to_dict()).items())]
+        params = [self._Param(k, str(v)[:6000]) for k, v in sorted(flatten(cfg.to_dict()).items())]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i: i + 100])
 
@@ -240,8 +237,7 @@ def start_trackers(cfg: Config, folder: Path, run_ids: dict[str, str]) -> list[T
                         "it", cls.name, exc.name or cls.name, extra)
             continue
         except Exception as exc:  # noqa: BLE001 - a tracker that cannot start never fails the run
-            log.warning("log.%s: cannot start (%s: %s); the run goes on without it", cls.name, type(exc).__name__,
-                        str(exc).splitlines()[0][:200] if str(exc) else "")
+            log.warning("log.%s: cannot start (%s); the run goes on without it", cls.name, _why(exc))
             continue
         resumed = f", continuing run {tracker.run_id} (epochs {sorted(tracker.logged)} already there)" \
             if run_ids.get(cls.name) else f", run {tracker.run_id}"
