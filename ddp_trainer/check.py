@@ -20,6 +20,7 @@ from .data import decoded_cache
 from .data.datasets import Splits, resolve_root, scan_splits
 from .data.folder_index import FolderIndex
 from .data.images import load_rgb
+from .data.loaders import sampler_spec
 from .data.samplers import EpochPlan
 from .errors import EXIT_OK, EXIT_USER_ERROR, DataError, show_path
 from .fsutil import human_bytes
@@ -123,14 +124,19 @@ def cmd_check(args: argparse.Namespace) -> int:
         for line in _per_class(index):
             print(line)
     plan = EpochPlan(len(splits.train), world=world, rank=0, batch_size=cfg.data.batch_size,
-                     accum=cfg.train.grad_accum_steps, seed=cfg.seed, epoch=0, drop_last=cfg.data.drop_last)
+                     accum=cfg.train.grad_accum_steps, seed=cfg.seed, epoch=0, drop_last=cfg.data.drop_last,
+                     sampler=sampler_spec(cfg.data, splits.train))
     global_batch = world * cfg.data.batch_size * cfg.train.grad_accum_steps
     if plan.partial_only:
         tail = "fewer images than one global batch: each epoch is one partial step"
     elif plan.dropped:
         tail = f"{plan.dropped} image(s) of each epoch left out (data.drop_last=true)"
     else:
-        tail = "every image used each epoch"
+        tail = "every image used each epoch" if cfg.data.sampler == "plan" else "every draw used each epoch"
+    if plan.padded:
+        tail += f"; data.sampler=distributed pads {plan.padded} repeated image(s)"
+    elif cfg.data.sampler != "plan":
+        tail += f"; data.sampler={cfg.data.sampler}"
     print(f"batches: global batch {global_batch} = {cfg.data.batch_size} x {world} process(es) x "
           f"{cfg.train.grad_accum_steps}; {len(plan)} optimizer step(s) per epoch; {tail}")
     lines, cache_ok = _cache_lines(splits, cfg, args.verify)

@@ -41,6 +41,9 @@ class DataConfig:
     train_image_size: Optional[int] = None  # training crop side; null: image_size (torchvision's --train-crop-size)
     batch_size: int = 64  # per process
     drop_last: bool = True  # leave out each epoch's partial last step (false: fold it into the step before)
+    sampler: Literal["plan", "distributed", "repeated_augment", "class_balanced"] = "plan"  # each epoch's order
+    ra_repeats: int = 3  # sampler repeated_augment: copies of each sample per epoch (timm's --aug-repeats)
+    class_weights: Optional[dict[str, float]] = None  # sampler class_balanced: weight per class name (default 1)
     num_workers: int = 2
     bad_images: Literal["error", "skip"] = "error"
     val_fraction: float = 0.1
@@ -95,6 +98,12 @@ class DataConfig:
             _check(len(self.classes) >= 2, "data.classes", self.classes, "name at least two classes")
             _check(len(set(self.classes)) == len(self.classes), "data.classes", self.classes,
                    "remove the repeated class names")
+        _check(self.ra_repeats >= 1, "data.ra_repeats", self.ra_repeats, "use 1 or more, e.g. 3")
+        if self.class_weights is not None:
+            _check(self.sampler == "class_balanced", "data.class_weights", self.class_weights,
+                   "set data.sampler=class_balanced with it, or remove it")
+            for name, w in self.class_weights.items():
+                _check(w >= 0, f"data.class_weights.{name}", w, "use 0 or more (relative chance of the class)")
         _check(self.prefetch_factor is None or self.prefetch_factor >= 1, "data.prefetch_factor",
                self.prefetch_factor, "use at least 1, or null")
         _check(self.train_image_size is None or 8 <= self.train_image_size <= 8192, "data.train_image_size",
@@ -386,6 +395,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: bad value {value!r}; choose one of "
                               f"{', '.join(map(str, args))}{_hint(str(value), [str(a) for a in args])}")
         return value
+    if origin is dict:
+        _, value_tp = args
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping such as {{a: 1, b: 2}}, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, value_tp) for k, v in value.items()}
     if origin is list:
         (item_tp,) = args
         if key == "data.augment" and value in (None, "none", ["none"]):

@@ -116,7 +116,7 @@ def test_corrupt_and_truncated_images_name_the_file(tmp_path: Path):
         load_rgb(str(cut))
 
 
-def test_augmentation_depends_only_on_seed_epoch_index(demo_small: Path):
+def test_augmentation_depends_only_on_seed_epoch_index_and_draw(demo_small: Path):
     idx = scan(demo_small / "train")
     ds = FolderDataset(idx, ImageTransform(16, ("flip", "random_resized_crop")), seed=3)
     a = ds[SampleKey(5, 2, 1.0)][0]
@@ -124,6 +124,10 @@ def test_augmentation_depends_only_on_seed_epoch_index(demo_small: Path):
     assert torch.equal(a, b)
     others = [ds[SampleKey(5, e, 1.0)][0] for e in range(6)]
     assert any(not torch.equal(a, o) for o in others)  # other epochs: other crops/flips
+    # a sample drawn again in the same epoch (repeated_augment, class_balanced): its own crops/flips
+    copies = [ds[SampleKey(5, 2, 1.0, d)][0] for d in range(1, 4)]
+    assert all(not torch.equal(a, c) for c in copies)
+    assert torch.equal(copies[0], ds[SampleKey(5, 2, 1.0, 1)][0])
     plain = FolderDataset(idx, ImageTransform(16, ()), seed=3)
     assert torch.equal(plain[5][0], plain[SampleKey(5, 9, 1.0)][0])
 

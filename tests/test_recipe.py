@@ -504,7 +504,7 @@ def test_keep_best_keeps_the_k_best_epochs_across_a_resume(demo_small: Path, tmp
 
 # -- configs/recipes ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe", ["torchvision_resnet50", "finetune_small"])
+@pytest.mark.parametrize("recipe", ["torchvision_resnet50", "timm_rsb_a2", "finetune_small"])
 def test_recipe_configs_load_and_run_a_debug_pass(recipe: str, demo_small: Path, tmp_path: Path):
     import torchvision
 
@@ -512,7 +512,14 @@ def test_recipe_configs_load_and_run_a_debug_pass(recipe: str, demo_small: Path,
 
     path = ROOT / "configs" / "recipes" / f"{recipe}.yaml"
     cfg = config.load(str(path), [])
-    assert cfg.data.augment and cfg.optim.norm_weight_decay == 0.0 and cfg.train.label_smoothing == 0.1
+    assert cfg.data.augment
+    if recipe == "timm_rsb_a2":
+        assert (cfg.data.sampler, cfg.data.ra_repeats, cfg.data.mixup_alpha, cfg.data.val_crop_pct) == (
+            "repeated_augment", 3, 0.1, 0.95)
+    else:
+        assert cfg.optim.norm_weight_decay == 0.0 and cfg.train.label_smoothing == 0.1
+    if recipe == "torchvision_resnet50":
+        assert (cfg.data.sampler, cfg.data.ra_repeats, cfg.data.train_image_size) == ("repeated_augment", 4, 176)
     home = tmp_path / "torch_home"
     if cfg.model.weights:  # the pretrained file, as the hub cache would hold it
         (home / "hub" / "checkpoints").mkdir(parents=True)
@@ -520,7 +527,7 @@ def test_recipe_configs_load_and_run_a_debug_pass(recipe: str, demo_small: Path,
                    home / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     res = run([PY, str(ROOT / "launch.py"), "--debug", "--config", str(path), f"data.root={demo_small}",
                f"output_dir={tmp_path / 'run'}", "data.image_size=32", "data.train_image_size=24", "data.batch_size=4",
-               "debug.epochs=1"],
+               "train.precision=fp32", "debug.epochs=1"],
               env=env(TORCH_HOME=str(home)), timeout=600)
     assert res.returncode == 0, res.stderr
     assert "done: val_loss=" in res.stderr

@@ -12,6 +12,7 @@ Version 1's top-level keys (as written since format version 1; a file may lack t
 | ``epoch``, ``position``, ``epoch_complete``, ``step``, ``train_loss_sum``, ``train_loss_count`` | the loop state | where the run is |
 | ``best``, ``best_k`` | the best ranking | the best monitored value; the K best ``[value, epoch]`` |
 | ``train_data`` | the training-set check | ``{"count", "sha256"}`` of the index |
+| ``train_order`` (optional) | the sampler check | ``{"sampler", ...}``: what ``position`` counts in (absent: ``plan``) |
 | ``rng`` | the random generators | one ``{"torch", "cuda"?}`` per rank |
 | ``model_ema`` (optional) | the EMA | ``{"weights", "n_averaged", "decay"}`` (another trainer's: ``n_averaged`` / ``decay`` may be None) |
 | ``payload_sha256`` (optional) | the writer | :func:`payload_digest` of everything else |

@@ -31,8 +31,8 @@ log = logging.getLogger("ddp_trainer")
 class FolderDataset(Dataset):
     """Images of a :class:`FolderIndex`; items are ``(uint8 CHW image, label, loss weight)``.
 
-    Indexed by :class:`SampleKey` (the sample's randomness comes from ``seed``, the key's epoch and
-    index) or by a plain int (no augmentation randomness, weight 1).
+    Indexed by :class:`SampleKey` (the sample's randomness comes from ``seed``, the key's epoch,
+    index and draw) or by a plain int (no augmentation randomness, weight 1).
     """
 
     def __init__(self, index: FolderIndex, transform: ImageTransform, seed: int = 0,
@@ -48,13 +48,13 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, key: SampleKey | int) -> tuple[torch.Tensor, int, float]:
         if isinstance(key, SampleKey):
-            i, epoch, weight = key
+            i, epoch, weight, draw = key
         else:
-            i, epoch, weight = int(key), 0, 1.0
+            i, epoch, weight, draw = int(key), 0, 1.0, 0
         img = self.cached[i] if self.cached is not None else load_rgb(self.index.path(i), self.max_pixels)
         gen = None
         if self.transform.random:
-            gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i))
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i, draw))
         return self.transform(img, gen), self.index.samples[i][1], weight
 
 

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..config import Config, DataConfig
+from ..errors import DataError
 from ..launch.dist import Dist
 from .datasets import (
     FolderDataset,
@@ -20,7 +21,8 @@ from .datasets import (
     train_transform,
     with_decoded_cache,
 )
-from .samplers import EpochPlan, ExactEvalSampler, PlanBatchSampler
+from .folder_index import FolderIndex
+from .samplers import EpochPlan, ExactEvalSampler, PlanBatchSampler, SamplerSpec, class_balanced_probabilities
 
 
 def _collate(items: list[tuple[torch.Tensor, int, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,6 +106,19 @@ def make_eval_loader(dataset: FolderDataset, cfg: DataConfig, dist: Dist, device
                       **_loader_kwargs(cfg, device, w, worker_init_fn))
 
 
+def sampler_spec(cfg: DataConfig, train: FolderIndex) -> SamplerSpec:
+    """``data.sampler`` over the training index; a bad ``data.class_weights`` raises DataError (on
+    every rank alike: shared)."""
+    probabilities = None
+    if cfg.sampler == "class_balanced":
+        try:
+            probabilities = class_balanced_probabilities([label for _, label in train.samples], train.classes,
+                                                         cfg.class_weights)
+        except ValueError as exc:
+            raise DataError(f"data.class_weights {exc}; name classes of '{train.root}'", shared=True) from None
+    return SamplerSpec(cfg.sampler, cfg.ra_repeats, probabilities)
+
+
 @dataclass
 class RunData:
     """A training run's datasets and loaders, built once (persistent workers live across epochs)."""
@@ -115,6 +130,7 @@ class RunData:
     train_loader: DataLoader
     batches: PlanBatchSampler
     val_loader: DataLoader
+    sampler: SamplerSpec  # data.sampler: which draws make each epoch's order
 
     def train_batches(self, plan: EpochPlan) -> Iterator[Any]:
         """A pass over ``plan``'s micro-batches."""
@@ -129,8 +145,8 @@ class RunData:
         self.owner.close()
 
 
-def build_run_data(cfg: Config, dist: Dist, splits: Splits, *, worker_init_fn: Callable[[int], None],
-                   before_fork: Callable[[], None]) -> RunData:
+def build_run_data(cfg: Config, dist: Dist, splits: Splits, sampler: SamplerSpec, *,
+                   worker_init_fn: Callable[[int], None], before_fork: Callable[[], None]) -> RunData:
     """The datasets (over this node's decoded caches with ``data.cache=decoded``: built first when
     missing) and their loaders. ``before_fork`` runs before loader workers fork (see LoaderOwner)."""
     d = cfg.data
@@ -141,4 +157,5 @@ def build_run_data(cfg: Config, dist: Dist, splits: Splits, *, worker_init_fn: C
                             d.max_image_pixels)
     train_loader, batches = make_train_loader(train_set, d, dist.device, worker_init_fn=worker_init_fn)
     val_loader = make_eval_loader(val_set, d, dist, dist.device, worker_init_fn=worker_init_fn)
-    return RunData(splits, train_set, val_set, LoaderOwner(before_fork), train_loader, batches, val_loader)
+    return RunData(splits, train_set, val_set, LoaderOwner(before_fork), train_loader, batches, val_loader,
+                   sampler)

@@ -1,13 +1,28 @@
 """Which samples each rank loads, per optimizer step, so that training can resume mid-epoch.
 
-An epoch's *global order* is a permutation of the training set seeded by ``(seed, epoch)``. Steps take
-consecutive slices of it, so after any optimizer step the consumed samples are exactly a prefix of
-the order: a checkpoint records its length (``consumed``), and a resumed run - with any number of
-processes - plans the rest of the order without loading the skipped samples.
+An epoch's *order* is a sequence of draws from the training set seeded by ``(seed, epoch)``, made
+by the run's sampler (``data.sampler``, a :class:`SamplerSpec`):
 
-A full optimizer step takes ``world * batch * accum`` samples: ``accum`` rounds, and in each round
-every rank gets ``batch`` contiguous samples. What happens to the epoch's *tail* (the samples after
-the last full step) depends on ``drop_last``:
+- ``plan``: a permutation of the training set.
+- ``distributed``: ``torch.utils.data.DistributedSampler``'s order: its permutation, padded with its
+  first samples so that every rank gets as many; rank ``r`` trains exactly what the sampler yields
+  on rank ``r``. The padding depends on the world size.
+- ``repeated_augment``: a permutation with each sample repeated ``repeats`` times in a row, cut at
+  the training set's length; rank ``r`` takes positions ``r, r + world, ...`` of each step, so the
+  copies of a sample go to different ranks (torchvision's ``RASampler``, timm's ``--aug-repeats``).
+- ``class_balanced``: draws with replacement, each sample with probability proportional to its
+  class weight / its class's count (every class equally likely by default).
+
+Steps take consecutive slices of the order, so after any optimizer step the consumed draws are
+exactly a prefix of it: a checkpoint records its length (``consumed``), and a resumed run - with any
+number of processes, except for ``distributed``, whose order depends on it - plans the rest of the
+order without loading the skipped samples. A draw that repeats a sample within an epoch carries its
+own ``draw`` number, so each copy gets its own augmentation.
+
+A full optimizer step takes ``world * batch * accum`` draws: ``accum`` rounds, and in each round
+every rank gets ``batch`` draws (contiguous ones with ``plan`` and ``class_balanced``; with the
+strided samplers, every ``world``-th draw of the step). What happens to the epoch's *tail* (the
+draws after the last full step) depends on ``drop_last``:
 
 - ``drop_last=True``: the tail is left out (a different tail every epoch, since the order changes).
   Only when the rest of the epoch is shorter than one full step from the epoch's start (a training
@@ -28,17 +43,25 @@ micro-batches are sliced from it when asked for.
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
+from torch.utils.data import DistributedSampler
+
+SAMPLERS = ("plan", "distributed", "repeated_augment", "class_balanced")
+STRIDED = ("distributed", "repeated_augment")  # rank r takes every world-th draw of a step
 
 
 class SampleKey(NamedTuple):
-    """What a sampler hands to the dataset: the sample, the epoch (for its randomness), its weight."""
+    """What a sampler hands to the dataset: the sample, the epoch and draw (for its randomness), its
+    loss weight. ``draw`` tells apart the copies of a sample drawn more than once in an epoch (0 for
+    the first, or only, one)."""
 
     index: int
     epoch: int
     weight: float
+    draw: int = 0
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -46,9 +69,106 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return _order_tensor(n, seed, epoch).tolist()
 
 
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (1 << 63))
+
+
 def _order_tensor(n: int, seed: int, epoch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (1 << 63))
-    return torch.randperm(n, generator=gen)
+    return torch.randperm(n, generator=_generator(seed, epoch))
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """``data.sampler`` and its parameters, built once per run.
+
+    ``probabilities`` (``class_balanced`` only): each sample's chance to be drawn, from
+    :func:`class_balanced_probabilities`.
+    """
+
+    kind: str = "plan"
+    repeats: int = 3  # repeated_augment: data.ra_repeats
+    probabilities: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.kind!r}")
+        if self.kind == "class_balanced" and self.probabilities is None:
+            raise ValueError("class_balanced needs the samples' probabilities")
+
+    @property
+    def strided(self) -> bool:
+        return self.kind in STRIDED
+
+    def epoch_size(self, n: int, world: int) -> int:
+        """Draws in one epoch over ``n`` samples: ``n``, except ``distributed``'s padded length."""
+        return math.ceil(n / world) * world if self.kind == "distributed" else n
+
+    def identity(self, world: int) -> dict[str, object]:
+        """What a mid-epoch position depends on besides the training set (kept in checkpoints)."""
+        out: dict[str, object] = {"sampler": self.kind}
+        if self.kind == "repeated_augment":
+            out["repeats"] = self.repeats
+        elif self.kind == "distributed":
+            out["world_size"] = world
+        elif self.kind == "class_balanced":
+            p = self.probabilities
+            assert p is not None
+            # a hash of the probabilities: class weights or counts changed -> another order
+            out["probabilities"] = int(torch.round(p.double() * 2**40).long().sum().item() % (1 << 62))
+        return out
+
+
+def class_balanced_probabilities(labels: Sequence[int], classes: Sequence[str],
+                                 class_weights: dict[str, float] | None) -> torch.Tensor:
+    """Each sample's draw probability: its class's weight (``class_weights[name]``, default 1)
+    divided by the class's count, normalised. Raises ValueError naming a bad class or weight."""
+    lab = torch.as_tensor(list(labels), dtype=torch.int64)
+    counts = torch.bincount(lab, minlength=len(classes)).double()
+    weights = torch.ones(len(classes), dtype=torch.float64)
+    for name, w in (class_weights or {}).items():
+        if name not in classes:
+            raise ValueError(f"names no class {name!r} of the training set (classes: "
+                             f"{', '.join(classes[:8])}{' ...' if len(classes) > 8 else ''})")
+        weights[list(classes).index(name)] = float(w)
+    drawable = (weights > 0) & (counts > 0)
+    if not bool(drawable.any()):
+        raise ValueError("gives every class with images weight 0; give at least one a positive weight")
+    per_sample = (weights / counts.clamp(min=1))[lab]
+    return (per_sample / per_sample.sum()).float()
+
+
+class EpochDraws(NamedTuple):
+    """The part of one epoch's order a rank reads, from the plan's start: ``ids`` (sample indices)
+    and ``draws`` (their draw numbers; None: all 0). With a strided sampler, ``ids`` is this rank's
+    stream (positions ``start + rank, start + rank + world, ...``); else the whole order from
+    ``start``."""
+
+    ids: torch.Tensor
+    draws: torch.Tensor | None
+
+
+def epoch_draws(spec: SamplerSpec, n: int, *, seed: int, epoch: int, world: int, rank: int,
+                start: int) -> EpochDraws:
+    """The order of ``epoch`` as this rank reads it (see :class:`EpochDraws`)."""
+    if spec.kind == "plan":
+        return EpochDraws(_order_tensor(n, seed, epoch)[start:], None)
+    if spec.kind == "class_balanced":
+        assert spec.probabilities is not None
+        ids = torch.multinomial(spec.probabilities, n, replacement=True, generator=_generator(seed, epoch))
+        return EpochDraws(ids[start:], torch.arange(start, n))  # every position its own augmentation
+    if spec.kind == "repeated_augment":
+        distinct = math.ceil(n / spec.repeats)
+        order = _order_tensor(n, seed, epoch)[:distinct].repeat_interleave(spec.repeats)[:n]
+        positions = torch.arange(start + rank, n, world)
+        return EpochDraws(order[positions], positions % spec.repeats)
+    # distributed: torch's sampler itself, over this rank's shard
+    if start % world:
+        raise ValueError(f"a distributed-sampler position ({start}) must be a multiple of the world size ({world})")
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    stream = torch.tensor(list(sampler), dtype=torch.int64)[start // world:]
+    positions = torch.arange(start // world, start // world + len(stream)) * world + rank
+    return EpochDraws(stream, (positions >= n).long())  # the padding repeats samples: a second draw
 
 
 def min_micro_batch(batch_size: int) -> int:
@@ -69,25 +189,33 @@ class _Layout(NamedTuple):
 class EpochPlan:
     """This rank's micro-batches for the rest of one epoch, grouped by optimizer step.
 
-    ``start`` samples of the epoch's order were consumed before (a mid-epoch resume); ``max_steps``
-    caps the steps (debug runs, tests). ``dropped`` counts the tail samples this plan leaves out;
+    ``n`` is the training set's size; the epoch has ``size`` draws (``sampler.epoch_size``).
+    ``start`` draws of the epoch's order were consumed before (a mid-epoch resume); ``max_steps``
+    caps the steps (debug runs, tests). ``dropped`` counts the tail draws this plan leaves out;
     ``partial_only`` is True when the one step of the plan is a partial step kept because the
-    training set is smaller than one global batch.
+    training set is smaller than one global batch; ``padded`` counts the draws that only even out
+    the shards (``distributed``).
     """
 
     def __init__(self, n: int, *, world: int, rank: int, batch_size: int, accum: int, seed: int,
-                 epoch: int, start: int = 0, drop_last: bool = True, max_steps: int | None = None) -> None:
-        if not 0 <= start <= n:
-            raise ValueError(f"start {start} outside epoch of {n} samples")
+                 epoch: int, start: int = 0, drop_last: bool = True, max_steps: int | None = None,
+                 sampler: SamplerSpec | None = None) -> None:
+        spec = sampler if sampler is not None else SamplerSpec()
+        size = spec.epoch_size(n, world)
+        if not 0 <= start <= size:
+            raise ValueError(f"start {start} outside epoch of {size} draws")
         self.epoch = epoch
         self.start = start
         self.n = n
+        self.size = size
+        self.padded = size - n
+        self.sampler = spec
         self.world = world
         self.rank = rank
         self.batch_size = batch_size
         self.min_micro = min_micro_batch(batch_size)
-        self._order = _order_tensor(n, seed, epoch)[start:]
-        rest = n - start
+        self._draws = epoch_draws(spec, n, seed=seed, epoch=epoch, world=world, rank=rank, start=start)
+        rest = size - start
         full_step = world * batch_size * accum
         full, tail = divmod(rest, full_step)
         self.partial_only = False
@@ -125,7 +253,7 @@ class EpochPlan:
         return self._layouts[j].rounds
 
     def consumed_after(self, j: int) -> int:
-        """Global samples of the epoch consumed once step ``j`` is done."""
+        """Global draws of the epoch consumed once step ``j`` is done."""
         lay = self._layouts[j]
         return self.start + lay.begin + lay.size
 
@@ -134,7 +262,20 @@ class EpochPlan:
         return [stop - begin for begin, stop in self._bounds(j)]
 
     def _bounds(self, j: int) -> list[tuple[int, int]]:
+        """This rank's micro-batches of step ``j`` as ranges of ``self._draws.ids``."""
         lay = self._layouts[j]
+        if self.sampler.strided:
+            # this rank's draws of the step: positions begin + rank, + world, ... (begin is a
+            # multiple of world: full steps are), i.e. a contiguous run of its stream, cut in rounds
+            count = (lay.size - self.rank + self.world - 1) // self.world
+            first = lay.begin // self.world
+            base, extra = divmod(count, lay.rounds)
+            out, begin = [], first
+            for m in range(lay.rounds):
+                stop = begin + base + (1 if m < extra else 0)
+                out.append((begin, stop))
+                begin = stop
+            return out
         slots = lay.rounds * self.world
         base, extra = divmod(lay.size, slots)
         out = []
@@ -147,7 +288,11 @@ class EpochPlan:
     def step(self, j: int) -> list[list[SampleKey]]:
         """This rank's micro-batches of step ``j``."""
         weight = self.world / self._layouts[j].size
-        return [[SampleKey(i, self.epoch, weight) for i in self._order[b:e].tolist()] for b, e in self._bounds(j)]
+        ids, draws = self._draws
+        if draws is None:
+            return [[SampleKey(i, self.epoch, weight) for i in ids[b:e].tolist()] for b, e in self._bounds(j)]
+        return [[SampleKey(i, self.epoch, weight, d) for i, d in zip(ids[b:e].tolist(), draws[b:e].tolist())]
+                for b, e in self._bounds(j)]
 
     def micro_batches(self) -> Iterator[list[SampleKey]]:
         for j in range(len(self)):

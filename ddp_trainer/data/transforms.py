@@ -27,9 +27,11 @@ def _seeded(transform: Any, img: torch.Tensor, gen: torch.Generator) -> torch.Te
         return transform(img)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample of one epoch (splitmix64 finaliser)."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (1 << 64)
+def sample_seed(seed: int, epoch: int, index: int, draw: int = 0) -> int:
+    """A well-mixed 63-bit seed for one draw of one sample in one epoch (splitmix64 finaliser);
+    ``draw=0`` gives the seed of a sample drawn once (the same as before draws existed)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB
+         + draw * 0xD6E8FEB86659FD93) % (1 << 64)
     x ^= x >> 30
     x = (x * 0xBF58476D1CE4E5B9) % (1 << 64)
     x ^= x >> 27

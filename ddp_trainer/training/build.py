@@ -19,7 +19,7 @@ from ..checkpoint.policy import CheckpointManager
 from ..checkpoint.registry import LoadContext, StateRegistry
 from ..config import Config
 from ..data.datasets import build_splits
-from ..data.loaders import build_run_data
+from ..data.loaders import build_run_data, sampler_spec
 from ..data.mixing import BatchMixer
 from ..data.transforms import Normalize
 from ..errors import ConfigError, DataError
@@ -36,6 +36,7 @@ from .components import (
     RunMeta,
     ScalerState,
     TrackerRuns,
+    SamplerCheck,
     TrainingSetCheck,
 )
 from .ema import WeightEMA, ema_schedule
@@ -95,6 +96,7 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         num_classes = len(splits.classes)
         log.info("data: %d train / %d val images, %d classes; val from %s", len(splits.train), len(splits.val),
                  num_classes, splits.source)
+        sampler = sampler_spec(cfg.data, splits.train)
         with dist.waiting("rank 0 to read the checkpoint"):
             resume = dist.main_then_broadcast(
                 lambda: find_resume(cfg, folder.checkpoints, splits.class_to_idx, trust_checkpoint))
@@ -132,6 +134,7 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         registry.register("train_state", loop, every_rank=True, flat=True)
         check = TrainingSetCheck(splits.train.fingerprint(), loop.state, cfg.checkpoint.on_data_change)
         registry.register("train_data", check)  # after train_state: needs the position
+        registry.register("train_order", SamplerCheck(sampler.identity(dist.world_size), loop.state), flat=True)
         gpus = (list(range(decision.gpus)) if decision.mode == "dp"
                 else [dist.device.index or 0] if dist.device.type == "cuda" else [])
         registry.register("rng", RngState(dist, cfg.seed, gpus), every_rank=True, flat=True)
@@ -169,7 +172,7 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         model = wrap(model, decision, dist.device, dist.gradient_watch, per_replica)
         if cfg.train.compile:
             model = torch.compile(model)
-        data = build_run_data(cfg, dist, splits, worker_init_fn=worker_init_ignoring(stop.signals),
+        data = build_run_data(cfg, dist, splits, sampler, worker_init_fn=worker_init_ignoring(stop.signals),
                               before_fork=checkpoints.wait_local)  # no worker forks while a save is in flight
         undo.callback(data.close)
         engine = Engine(model, optimizer, Normalize(cfg.data.mean, cfg.data.std).to(dist.device), dist.device,

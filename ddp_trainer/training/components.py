@@ -142,6 +142,31 @@ class TrainingSetCheck:
         state.position, state.loss_sum, state.loss_count = 0, 0.0, 0.0
 
 
+class SamplerCheck:
+    """Entry ``train_order``: the sampler a mid-epoch position belongs to (``data.sampler`` and what
+    its order depends on: ``ra_repeats``, the class weights, ``distributed``'s world size). A resume
+    under another one restarts the epoch's order with a warning (a file without the entry was
+    written by the ``plan`` sampler). Restored after the loop state (needs position)."""
+
+    def __init__(self, identity: dict[str, Any], state: TrainState) -> None:
+        self.identity, self.state = identity, state
+
+    def save(self, ctx: SaveContext) -> dict[str, Any]:
+        return {"train_order": self.identity}
+
+    def load(self, entries: Mapping[str, Any], ctx: LoadContext) -> None:
+        saved = entries.get("train_order") or {"sampler": "plan"}
+        state = self.state
+        if state.position == 0 or saved == self.identity:
+            return
+        change = ", ".join(f"{k} {saved.get(k)} -> {self.identity.get(k)}"
+                           for k in sorted(set(saved) | set(self.identity)) if saved.get(k) != self.identity.get(k))
+        log.warning("resume: the epoch's order was drawn differently when the checkpoint was written (%s), so "
+                    "its position (%d) means other samples now; epoch %d restarts its order from the beginning",
+                    change, state.position, state.epoch)
+        state.position, state.loss_sum, state.loss_count = 0, 0.0, 0.0
+
+
 class TrackerRuns:
     """The experiment trackers' run ids (entry ``trackers``: ``{"wandb": id, "mlflow": id}``), so that
     a resumed or requeued run continues the same tracker runs. Registered when a tracker is on."""

@@ -7,6 +7,7 @@ rank 0 has a checkpoint writer and a metrics file).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,11 +90,12 @@ class Trainer:
         """One pass over the rest of the epoch's plan: optimizer steps, progress, mid-epoch saves and
         stops. Returns the figures of the pass (the epoch's train_loss over every rank)."""
         cfg, dist, state = self.cfg, self.dist, self.state
-        n = len(self.data.train_set)
         epoch, start = state.epoch, state.position
-        plan = EpochPlan(n, world=dist.world_size, rank=dist.rank, batch_size=cfg.data.batch_size,
-                         accum=cfg.train.grad_accum_steps, seed=cfg.seed, epoch=epoch, start=start,
-                         drop_last=cfg.data.drop_last, max_steps=self.max_steps)
+        plan = EpochPlan(len(self.data.train_set), world=dist.world_size, rank=dist.rank,
+                         batch_size=cfg.data.batch_size, accum=cfg.train.grad_accum_steps, seed=cfg.seed, epoch=epoch,
+                         start=start, drop_last=cfg.data.drop_last, max_steps=self.max_steps,
+                         sampler=self.data.sampler)
+        n = plan.size  # draws in the epoch: the training set's size, or distributed's padded length
         if log_plan:
             _log_plan(plan, cfg.data.drop_last)
         batches = self.data.train_batches(plan)
@@ -181,7 +183,19 @@ class Trainer:
 
 
 def _log_plan(plan: EpochPlan, drop_last: bool) -> None:
-    """Once per run: what the epoch plan does with the tail of the training set."""
+    """Once per run: which sampler draws the epochs, and what the plan does with their tail."""
+    spec = plan.sampler
+    if spec.kind == "distributed":
+        log.info("data.sampler=distributed: torch's DistributedSampler over %d images; %d padding sample(s) "
+                 "repeat the first ones so that each of %d rank(s) gets %d", plan.n, plan.padded, plan.world,
+                 plan.size // plan.world)
+    elif spec.kind == "repeated_augment":
+        log.info("data.sampler=repeated_augment: each epoch draws %d images, %d distinct ones %d time(s) each "
+                 "(data.ra_repeats), the copies on different ranks with their own augmentation", plan.n,
+                 math.ceil(plan.n / spec.repeats), spec.repeats)
+    elif spec.kind == "class_balanced":
+        log.info("data.sampler=class_balanced: each epoch draws %d images with replacement, classes weighted "
+                 "(data.class_weights, else evenly)", plan.n)
     if plan.partial_only:
         log.info("data: the %d training images are fewer than one global batch; each epoch is one partial "
                  "optimizer step", plan.n)

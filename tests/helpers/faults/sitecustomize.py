@@ -11,7 +11,7 @@ Loader workers fork from a patched process, so they inherit the patch.
 - ``FAULT_SLOW_CACHE="RANK:S"``: global rank RANK sleeps S seconds per image while it builds its
   share of the decoded cache.
 - ``FAULT_RECORD_SAMPLES=DIR``: every training sample a process loads (weight > 0) is appended as
-  ``"epoch index"`` to ``DIR/samples-<pid>.txt``.
+  ``"epoch index"`` to ``DIR/samples-r<global rank>-<pid>.txt`` (in load order).
 - ``FAULT_EXIT_AFTER_ROW=N``: global rank 0 ends (exit 9, like a kill) right after epoch N's metrics
   row went to metrics.jsonl and the trackers, before that epoch's checkpoint.
 - ``FAULT_EXIT_AT_STEP="RANK:N:MARKER"``: that global rank ends (exit 9) after its N-th optimizer
@@ -79,7 +79,7 @@ def _record_samples(datasets):
     def getitem(self, key):
         item = real(self, key)
         if isinstance(key, SampleKey) and key.weight > 0:
-            with open(os.path.join(folder, f"samples-{os.getpid()}.txt"), "a") as f:
+            with open(os.path.join(folder, f"samples-r{_rank()}-{os.getpid()}.txt"), "a") as f:
                 f.write(f"{key.epoch} {key.index}\n")
         return item
 
