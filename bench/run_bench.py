@@ -1,6 +1,6 @@
 """Benchmarks on the reference workload. Prints every figure and the ratios; asserts nothing.
 
-    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy,parity] [--data DIR]
+    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy,parity,samplers] [--data DIR]
                               [--seeds 5] [--setting reference|long] [--sides project,plain]
                               [--plain-options '--order project --decode tensor'] [--project-options '...']
 
@@ -21,6 +21,10 @@ parity:     the two sides made to compute the same thing (no augmentation, the p
             and decode path in the plain loop, weight decay on every parameter, no warmup), then one
             difference put back at a time: the train-loss curves (rank 0's running mean, every step)
             and the final val_acc / val_loss of each pair, seed 0, reference workload.
+samplers:   the project on the reference workload for --seeds seeds with data.sampler=plan and
+            repeated_augment, and on an imbalanced copy of its training set (one class keeps its 256
+            images, the nine others 26 each: 10x fewer; validation stays balanced, so val_acc is the
+            mean per-class accuracy) with plan and class_balanced: val_acc, val_loss, train images/s.
 loader:     decode paths, one process and one thread: images/s per core.
 checkpoint: time the training loop is blocked per save, synchronous torch.save vs async, resnet18/50.
 """
@@ -106,6 +110,49 @@ def project_running_loss(out: Path) -> list[float]:
 
 
 SETTINGS = {"reference": (3, "none"), "long": (10, "cosine")}
+
+
+def make_imbalanced_data(reference: Path, root: Path, rare: int = 26) -> Path:
+    """The reference set with every class but the first cut to ``rare`` training images (hard links)."""
+    if (root / "COMPLETE").exists():
+        return root
+    for split in ("train", "val"):
+        for k, folder in enumerate(sorted(p for p in (reference / split).iterdir() if p.is_dir())):
+            files = sorted(folder.iterdir())
+            if split == "train" and k > 0:
+                files = files[:rare]
+            (root / split / folder.name).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                target = root / split / folder.name / f.name
+                if not target.exists():
+                    os.link(f, target)
+    (root / "COMPLETE").write_text("reference data, imbalanced\n")
+    return root
+
+
+def bench_samplers(data: Path, seeds: int, work: Path) -> None:
+    imbalanced = make_imbalanced_data(data, data.parent / (data.name + "-imbalanced"))
+    cases = [("reference", data, "plan"), ("reference", data, "repeated_augment"),
+             ("imbalanced", imbalanced, "plan"), ("imbalanced", imbalanced, "class_balanced")]
+    results: dict[tuple[str, str], list[dict]] = {(s, k): [] for s, _, k in cases}
+    for seed in range(seeds):
+        for setname, root, sampler in cases:
+            r = run_project(root, work / f"samplers-{setname}-{sampler}-{seed}", (f"data.sampler={sampler}",
+                                                                                  f"seed={seed}"))
+            results[(setname, sampler)].append(r)
+            print(f"samplers {setname} seed {seed} {sampler:>16}: val_acc {r['val_acc']:.4f} val_loss "
+                  f"{r['val_loss']:.4f} ({r['images_per_s']:.1f} img/s train phase, wall {r['wall_s']:.0f} s)",
+                  flush=True)
+    for setname, _, sampler in cases:
+        rs = results[(setname, sampler)]
+        base = results[(setname, "plan")]
+        line = (f"samplers {setname} {sampler:>16} over {seeds} seeds: val_acc {_describe([r['val_acc'] for r in rs])}; "
+                f"val_loss {_describe([r['val_loss'] for r in rs])}; median img/s "
+                f"{statistics.median(r['images_per_s'] for r in rs):.1f}")
+        if sampler != "plan":
+            line += (f"; vs plan: val_acc {statistics.mean(r['val_acc'] for r in rs) - statistics.mean(r['val_acc'] for r in base):+.4f}, "
+                     f"img/s x{statistics.median(r['images_per_s'] for r in rs) / statistics.median(r['images_per_s'] for r in base):.3f}")
+        print(line, flush=True)
 
 
 def _describe(values: list[float]) -> str:
@@ -354,6 +401,8 @@ def main() -> None:
         if "accuracy" in what:
             bench_accuracy(data, args.seeds, args.setting, work, tuple(args.plain_options.split()),
                            tuple(args.sides.split(",")), tuple(args.project_options.split()))
+        if "samplers" in what:
+            bench_samplers(data, args.seeds, work)
         if "parity" in what:
             bench_parity(data, work)
 

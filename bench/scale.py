@@ -1,7 +1,7 @@
 """Start-up cost at ImageNet scale. Prints every figure, the file count and the targets; asserts nothing.
 
     python bench/scale.py [--root DIR] [--train-files 1281167] [--classes 1000] [--val-per-class 1]
-                          [--what build,scan,broadcast,plan,cache_key,check,debug,ddp]
+                          [--what build,scan,broadcast,plan,cache_key,check,debug,ddp,worker_memory]
 
 The synthetic tree (built once, then reused: a COMPLETE marker holds its figures) is ImageNet's
 shape: ``train/<class>/<n>.JPEG`` over 1,000 classes, 1,281,167 files by default, each a real
@@ -16,6 +16,11 @@ cache_key:  the decoded cache's key (a stat of every training file), one process
 check:      ``ddp-trainer check`` (scan + report), one process.
 debug:      ``python launch.py --debug``: import, scan, plan, 5 steps, validation, end to end.
 ddp:        ``torchrun --nproc_per_node=2 launch.py``: from launch to the first optimizer step.
+worker_memory: the private memory a loader worker forked from a rank adds by reading the index:
+            an ImageNet-shaped index of --train-files entries (built in memory), one forked child
+            reads every entry's path and label once in a scrambled order (an epoch), an idle child
+            does not; the difference of their private (copied) pages, for the project's FolderIndex
+            and for the same entries as a tuple of (path, label) tuples (what it held before).
 cache_build: the decoded cache build of 6,000 noisy 160x120 JPEGs at 64 px, 1 process vs 2 under
             torchrun (num_workers=0, so the processes are the only parallelism): images/s, ratio.
 """
@@ -299,6 +304,66 @@ def bench_cache_build(work: Path) -> None:
               flush=True)
 
 
+def _private_kb() -> int:
+    """This process's private pages (Private_Clean + Private_Dirty), in KiB."""
+    total = 0
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            total += int(line.split()[1])
+    return total
+
+
+def _forked_private_kb(read) -> int:  # type: ignore[no-untyped-def]
+    """Private KiB of a forked child after it ran ``read()`` (None: stays idle)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what a DataLoader worker is
+        os.close(r)
+        if read is not None:
+            read()
+        os.write(w, str(_private_kb()).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        value = int(f.read())
+    os.waitpid(pid, 0)
+    return value
+
+
+def bench_worker_memory(n: int, classes: int = 1000) -> None:
+    from ddp_trainer.data.folder_index import FolderIndex
+
+    per = max(1, n // classes)
+    names = [f"n{c:08d}" for c in range(classes)]
+    entries = [(f"{names[min(i // per, classes - 1)]}/{names[min(i // per, classes - 1)]}_{i}.JPEG",
+                min(i // per, classes - 1)) for i in range(n)]
+    step = 1_000_003  # a scrambled order without a list: k * step mod n visits every entry once (step prime, not dividing n)
+    assert n % step != 0
+    index = FolderIndex("/data/imagenet/train", names, entries)
+    as_tuples = tuple(entries)
+    del entries
+
+    def epoch_index() -> None:
+        for k in range(n):
+            i = (k * step) % n
+            index.path(i)
+            index.label(i)
+
+    def epoch_tuples() -> None:
+        for k in range(n):
+            i = (k * step) % n
+            os.path.join("/data/imagenet/train", as_tuples[i][0])
+            as_tuples[i][1]
+
+    for name, read in (("FolderIndex (flat buffers)", epoch_index), ("tuple of (path, label) tuples", epoch_tuples)):
+        idle = _forked_private_kb(None)
+        t0 = time.monotonic()
+        busy = _forked_private_kb(read)
+        print(f"worker_memory: {n} entries, {name}: a forked worker holds {(busy - idle) / 1024:.1f} MB more "
+              f"private memory after reading every entry once than an idle one ({time.monotonic() - t0:.1f} s; "
+              f"target for the project: under 10 MB)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "ddp_trainer_scale"))
@@ -315,7 +380,7 @@ def main() -> None:
           f"{platform.python_version()}, torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     root = Path(args.root)
     what = set(args.what.split(","))
-    if what - {"cache_build", "plan"}:
+    if what - {"cache_build", "plan", "worker_memory"}:
         shape = build_tree(root, args.train_files, args.classes, args.val_per_class)
         print(f"tree: {shape['train_files']} train files over {shape['classes']} classes, "
               f"{shape['classes'] * shape['val_per_class']} val files, in {root}", flush=True)
@@ -323,7 +388,8 @@ def main() -> None:
     for name, fn in (("scan", lambda: bench_scan(root)), ("broadcast", lambda: bench_broadcast(root)),
                      ("plan", lambda: bench_plan(args.train_files)), ("cache_key", lambda: bench_cache_key(root)),
                      ("check", lambda: bench_check(root)), ("debug", lambda: bench_debug(root, out)),
-                     ("ddp", lambda: bench_ddp(root, out)), ("cache_build", lambda: bench_cache_build(out))):
+                     ("ddp", lambda: bench_ddp(root, out)), ("cache_build", lambda: bench_cache_build(out)),
+                     ("worker_memory", lambda: bench_worker_memory(args.train_files, args.classes))):
         if name in what:
             fn()
 

@@ -45,7 +45,7 @@ def _types(index: FolderIndex) -> str:
 
 
 def _per_class(index: FolderIndex) -> list[str]:
-    counts = Counter(label for _, label in index.samples)
+    counts = Counter(index.labels)
     per = [(index.classes[k], counts.get(k, 0)) for k in range(len(index.classes))]
     if len(per) <= 30:
         width = max(len(name) for name, _ in per)
@@ -103,7 +103,7 @@ def _verify(index: FolderIndex, workers: int, max_pixels: int) -> list[tuple[str
                 return i, exc.message
 
     loader = torch.utils.data.DataLoader(Probe(), batch_size=None, num_workers=workers)
-    return [(index.samples[i][0], why) for i, why in loader if why]
+    return [(index.rel(i), why) for i, why in loader if why]
 
 
 def cmd_check(args: argparse.Namespace) -> int:

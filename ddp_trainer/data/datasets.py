@@ -55,7 +55,7 @@ class FolderDataset(Dataset):
         gen = None
         if self.transform.random:
             gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i, draw))
-        return self.transform(img, gen), self.index.samples[i][1], weight
+        return self.transform(img, gen), self.index.label(i), weight
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def scan_splits(cfg: DataConfig, root: Path) -> Splits:
     if cfg.val_fraction <= 0:
         raise DataError(f"no val folder '{val_folder}' and data.val_fraction is 0; add a val/ folder "
                         f"or set data.val_fraction (for example 0.1)")
-    largest = max(Counter(label for _, label in train.samples).values())
+    largest = max(Counter(train.labels).values())
     train, val = split_holdout(train, cfg.val_fraction)
     if len(val) == 0:
         # the holdout takes a share of each class: below one image in every class, none at all
@@ -117,7 +117,7 @@ def _unreadable(index: FolderIndex, dist: Dist, max_pixels: int) -> set[str]:
         try:
             load_rgb(index.path(i), max_pixels)
         except DataError:
-            bad.append(index.samples[i][0])
+            bad.append(index.rel(i))
         ticker.tick()
     with dist.waiting("every rank to check its share of the images (data.bad_images=skip)"):
         return {p for part in dist.all_gather_object(bad) for p in part}
@@ -130,9 +130,10 @@ def _drop_unreadable(index: FolderIndex, dist: Dist, split: str, max_pixels: int
         log.warning("data.bad_images=skip: skipped %d unreadable %s image(s) under %s: %s",
                     len(bad), split, index.root, shown)
         index = index.without(bad)
-        if not index.samples:
+        if not len(index):
             raise DataError(f"every {split} image under '{index.root}' is unreadable; check the files")
-        empty = [c for k, c in enumerate(index.classes) if not any(lbl == k for _, lbl in index.samples)]
+        present = set(index.labels)
+        empty = [c for k, c in enumerate(index.classes) if k not in present]
         if empty:
             raise DataError(f"class {empty[0]!r} has no readable {split} image under '{index.root}'; "
                             f"replace its files or remove the class")

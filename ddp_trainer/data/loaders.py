@@ -112,7 +112,7 @@ def sampler_spec(cfg: DataConfig, train: FolderIndex) -> SamplerSpec:
     probabilities = None
     if cfg.sampler == "class_balanced":
         try:
-            probabilities = class_balanced_probabilities([label for _, label in train.samples], train.classes,
+            probabilities = class_balanced_probabilities(train.labels, train.classes,
                                                          cfg.class_weights)
         except ValueError as exc:
             raise DataError(f"data.class_weights {exc}; name classes of '{train.root}'", shared=True) from None

@@ -122,7 +122,7 @@ def class_balanced_probabilities(labels: Sequence[int], classes: Sequence[str],
                                  class_weights: dict[str, float] | None) -> torch.Tensor:
     """Each sample's draw probability: its class's weight (``class_weights[name]``, default 1)
     divided by the class's count, normalised. Raises ValueError naming a bad class or weight."""
-    lab = torch.as_tensor(list(labels), dtype=torch.int64)
+    lab = torch.tensor(labels, dtype=torch.int64)
     counts = torch.bincount(lab, minlength=len(classes)).double()
     weights = torch.ones(len(classes), dtype=torch.float64)
     for name, w in (class_weights or {}).items():
