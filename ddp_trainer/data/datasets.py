@@ -88,10 +88,11 @@ def resolve_root(cfg: DataConfig, dist: Dist) -> Path:
 
 def scan_splits(cfg: DataConfig, root: Path) -> Splits:
     """Index train (and val, or a held-out part of train). Runs on rank 0 only."""
-    train = scan(root / cfg.train_dir, cfg.classes)
+    memory = demo.cache_root() / "index" if cfg.index_cache else None
+    train = scan(root / cfg.train_dir, cfg.classes, memory)
     val_folder = root / cfg.val_dir
     if val_folder.is_dir() and cfg.val_dir != cfg.train_dir:
-        val = scan(val_folder, cfg.classes)
+        val = scan(val_folder, cfg.classes, memory)
         check_same_classes(train, val, str(val_folder))
         return Splits(train, val, f"'{val_folder}'")
     if cfg.val_fraction <= 0:

@@ -6,7 +6,9 @@ paths and labels, is broadcast: every rank and node sees the same order.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import operator
 import os
 import re
 from array import array
@@ -15,6 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence, overload
 
 from ..errors import DataError
 from ..progress import Ticker
+from .tree_memory import TreeMemory
 
 log = logging.getLogger("ddp_trainer")
 
@@ -59,11 +62,37 @@ class FolderIndex:
         object.__setattr__(self, "_ends", ends)
         object.__setattr__(self, "_labels", labels)
 
+    @classmethod
+    def from_classes(cls, root: str, classes: Sequence[str], files: Sequence[Sequence[str]]) -> "FolderIndex":
+        """The index of ``files[label]`` (paths relative to each class folder), class by class;
+        built with C-level joins (about 0.1 s for ImageNet's 1.28M files)."""
+        blob, ends, labels = bytearray(), array("q"), array("i")
+        for label, (name, names) in enumerate(zip(classes, files)):
+            if not names:
+                continue
+            prefix = _encode(name + os.sep)
+            parts = _encode("\0".join(names)).split(b"\0")
+            start = len(blob)
+            blob += prefix + prefix.join(parts)
+            step = len(prefix)
+            # ends[k] = start + (k + 1) x len(prefix) + the lengths of parts[0..k]: C-level iterators only
+            ends.extend(map(operator.add, itertools.accumulate(map(len, parts)),
+                            range(start + step, start + step * (len(parts) + 1), step)))
+            labels.extend(array("i", [label]) * len(parts))
+        return cls._from_buffers(root, tuple(classes), bytes(blob), ends, labels)
+
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"FolderIndex is immutable (tried to set {name!r})")
 
+    @classmethod
+    def _from_buffers(cls, root: str, classes: tuple[str, ...], paths: bytes, ends: array, labels: array
+                      ) -> "FolderIndex":
+        index = cls.__new__(cls)
+        index._set(root, classes, paths, ends, labels)
+        return index
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self.root, self.classes, self._paths, self._ends, self._labels))
+        return (FolderIndex._from_buffers, (self.root, self.classes, self._paths, self._ends, self._labels))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, FolderIndex):
@@ -118,12 +147,6 @@ class FolderIndex:
         return FolderIndex(self.root, self.classes, (s for s in self.samples if s[0] not in bad_paths))
 
 
-def _rebuild(root: str, classes: tuple[str, ...], paths: bytes, ends: array, labels: array) -> FolderIndex:
-    index = FolderIndex.__new__(FolderIndex)
-    index._set(root, classes, paths, ends, labels)
-    return index
-
-
 class Samples(Sequence[tuple[str, int]]):
     """A FolderIndex's ``(relative path, label)`` pairs, each made when read."""
 
@@ -167,12 +190,15 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and _visible(e.name))
 
 
-def _images_under(class_dir: Path, ticker: Ticker, seen: set[tuple[int, int]]) -> list[str]:
+def _images_under(class_dir: Path, ticker: Ticker, seen: set[tuple[int, int]],
+                  walked: list[tuple[str, int]] | None = None) -> list[str]:
     """Image files below ``class_dir`` (recursively, following symlinks), as sorted paths relative to
     it. A directory reached again within the class (a symlink loop such as ``ln -s . loop``, or a
     second link to it) is walked once only: ``seen`` holds the (device, inode) of every directory
-    walked in this class folder."""
+    walked in this class folder. ``walked`` receives each directory listed, relative to the class
+    folder's parent, with its mtime (what :mod:`.tree_memory` checks next time)."""
     found = []
+    parent = class_dir.parent
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
@@ -181,6 +207,8 @@ def _images_under(class_dir: Path, ticker: Ticker, seen: set[tuple[int, int]]) -
                         "link to it)", dirpath)
             continue
         seen.add((st.st_dev, st.st_ino))
+        if walked is not None:
+            walked.append((os.path.relpath(dirpath, parent), st.st_mtime_ns))
         dirnames[:] = sorted(d for d in dirnames if _visible(d))
         images = filter(_IMAGE_NAME.match, filenames)  # the per-file test in C: 1.28M names in a blink
         if dirpath == str(class_dir):
@@ -193,8 +221,10 @@ def _images_under(class_dir: Path, ticker: Ticker, seen: set[tuple[int, int]]) -
     return found
 
 
-def scan(folder: str | Path, classes: Sequence[str] | None = None) -> FolderIndex:
+def scan(folder: str | Path, classes: Sequence[str] | None = None, memory_dir: Path | None = None) -> FolderIndex:
     """Index ``folder``; class order from ``classes`` when given, else sorted folder names.
+    ``memory_dir``: remember the listings there and reuse those of unchanged class folders
+    (:mod:`.tree_memory`).
 
     Raises DataError naming the folder for: a missing folder, a class in ``classes`` without a folder,
     a folder not in ``classes``, a class folder without images, or no class folders at all.
@@ -203,7 +233,8 @@ def scan(folder: str | Path, classes: Sequence[str] | None = None) -> FolderInde
     if not folder.is_dir():
         raise DataError(f"data folder '{folder}' not found; set data.root to the folder that holds "
                         f"train/ and val/ (or data.train_dir=. for a folder of class folders)")
-    found = _class_folders(folder)
+    memory = TreeMemory(memory_dir, folder) if memory_dir is not None else None
+    found = memory.class_folders(folder, _class_folders) if memory is not None else _class_folders(folder)
     if not found:
         raise DataError(f"data folder '{folder}' has no class folders; put each class's images in "
                         f"'{folder}/<class name>/'")
@@ -219,16 +250,32 @@ def scan(folder: str | Path, classes: Sequence[str] | None = None) -> FolderInde
         if extra:
             raise DataError(f"folder '{folder / extra[0]}' is not in data.classes {names}; add "
                             f"{extra[0]!r} to data.classes or move the folder out of '{folder}'")
-    samples: list[tuple[str, int]] = []
     ticker = Ticker(f"data: scanning {folder}", unit="files")
-    for label, name in enumerate(names):
-        files = _images_under(folder / name, ticker, set())
-        if not files:
-            raise DataError(f"class folder '{folder / name}' holds no images "
-                            f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...); add images or remove the folder")
-        prefix = name + os.sep
-        samples.extend((prefix + f, label) for f in files)
-    return FolderIndex(str(folder.resolve()), tuple(names), samples)
+    unchanged = {name for name in names if memory.unchanged(name, folder)} if memory is not None else set()
+    index = memory.whole(names) if memory is not None and len(unchanged) == len(names) else None
+    if index is None:
+        per_class: list[list[str]] = []
+        for name in names:
+            if memory is not None and name in unchanged:
+                files = memory.files(name)
+                memory.reuse(name)
+                ticker.tick(len(files))
+            else:
+                walked: list[tuple[str, int]] = []
+                files = _images_under(folder / name, ticker, set(), walked)
+                if memory is not None:
+                    memory.listed_again(name, walked)
+            if not files:
+                raise DataError(f"class folder '{folder / name}' holds no images "
+                                f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...); add images or remove the folder")
+            per_class.append(files)
+        index = FolderIndex.from_classes(str(folder.resolve()), names, per_class)
+    if memory is not None:
+        memory.save(index)
+        if memory.reused:
+            log.info("data.index_cache: %s: %d class folder(s) unchanged since the last scan, %d listed again",
+                     folder, memory.reused, memory.listed)
+    return index
 
 
 def check_same_classes(train: FolderIndex, val: FolderIndex, val_folder: str) -> None:
