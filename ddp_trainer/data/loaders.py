@@ -106,11 +106,18 @@ def make_eval_loader(dataset: FolderDataset, cfg: DataConfig, dist: Dist, device
                       **_loader_kwargs(cfg, device, w, worker_init_fn))
 
 
+MULTINOMIAL_LIMIT = 2**24  # torch.multinomial's largest number of categories
+
+
 def sampler_spec(cfg: DataConfig, train: FolderIndex) -> SamplerSpec:
     """``data.sampler`` over the training index; a bad ``data.class_weights`` raises DataError (on
     every rank alike: shared)."""
     probabilities = None
     if cfg.sampler == "class_balanced":
+        if len(train) > MULTINOMIAL_LIMIT:
+            raise DataError(f"data.sampler=class_balanced draws with torch.multinomial, which takes at most "
+                            f"{MULTINOMIAL_LIMIT:,} samples; '{train.root}' holds {len(train):,}: use data.sampler="
+                            f"plan, or train on a subset", shared=True)
         try:
             probabilities = class_balanced_probabilities(train.labels, train.classes,
                                                          cfg.class_weights)
