@@ -1,6 +1,7 @@
 """Benchmarks on the reference workload. Prints every figure and the ratios; asserts nothing.
 
-    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy,parity,samplers] [--data DIR]
+    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy,parity,samplers,databound]
+                              [--data DIR]
                               [--seeds 5] [--setting reference|long] [--sides project,plain]
                               [--plain-options '--order project --decode tensor'] [--project-options '...']
 
@@ -25,6 +26,17 @@ samplers:   the project on the reference workload for --seeds seeds with data.sa
             repeated_augment, and on an imbalanced copy of its training set (one class keeps its 256
             images, the nine others 26 each: 10x fewer; validation stays balanced, so val_acc is the
             mean per-class accuracy) with plan and class_balanced: val_acc, val_loss, train images/s.
+            The imbalanced set (490 images, 3 steps per epoch) trains 10 epochs at lr 0.01: at the
+            reference's 3 epochs and lr 0.1 it diverges (val_acc 0.10, chance, for either sampler).
+databound:  photo-sized files, where decoding decides the rate (issue 23's workload): 10 classes x (200
+            train + 50 val) seeded, textured JPEGs of 500x375 / 375x500 at quality 90 (about 100 KB
+            each, made once into bench/.data/photos); tiny_cnn at 64 px, random_resized_crop + flip,
+            2 processes x batch 64 x 1 loader worker, 4 epochs, SGD as above. Sides, alternating,
+            --repeats rounds, medians: the plain loop (ImageFolder + PIL RandomResizedCrop + ToTensor +
+            Normalize, DistributedSampler), the project from the files (data.cache=none), the project
+            with the decoded cache built in the run, and with it already built. Figures: wall time,
+            train images/s of epochs 2+, data wait. Then loader-only: decode + augment images/s on one
+            core at 64 px and 224 px, PIL's pipeline vs the project's, over the same files.
 loader:     decode paths, one process and one thread: images/s per core.
 checkpoint: time the training loop is blocked per save, synchronous torch.save vs async, resnet18/50.
 """
@@ -112,6 +124,157 @@ def project_running_loss(out: Path) -> list[float]:
 SETTINGS = {"reference": (3, "none"), "long": (10, "cosine")}
 
 
+def _photo(label: int, rng: random.Random, width: int, height: int):  # type: ignore[no-untyped-def]
+    """A photo-like picture: the demo class's shape over a textured, lit scene (noise at several
+    scales, so JPEG sizes are those of photos, not of flat drawings)."""
+    import numpy as np
+    from PIL import Image
+
+    from ddp_trainer.data.demo import draw
+
+    g = np.random.default_rng(rng.randrange(1 << 32))
+    scene = np.zeros((height, width, 3))
+    for cells, amp in ((4, 60.0), (16, 30.0), (64, 18.0)):  # coarse light, texture, grain
+        small = g.normal(0, amp, (cells * height // width + 1, cells + 1, 3))
+        scene += np.asarray(Image.fromarray(np.uint8(np.clip(small + 128, 0, 255))).resize(
+            (width, height), Image.BICUBIC), dtype=np.float64) - 128
+    scene += g.normal(0, 12, (height, width, 3)) + 120
+    img = Image.fromarray(np.uint8(np.clip(scene, 0, 255)))
+    side = min(width, height)
+    shape = draw(label, rng, side)
+    mask = Image.fromarray(np.uint8((np.asarray(shape, dtype=np.int16) - np.asarray(shape)[0, 0]).any(axis=2) * 255))
+    img.paste(shape, (rng.randrange(width - side + 1), rng.randrange(height - side + 1)), mask)
+    return img
+
+
+def _photo_class(job: tuple[str, int, int, int]) -> int:
+    folder, label, count, seed = job
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(count):
+        w, h = (500, 375) if rng.random() < 0.5 else (375, 500)
+        _photo(label, rng, w, h).save(Path(folder) / f"{i:05d}.jpg", quality=90)
+    return count
+
+
+def make_photo_data(root: Path) -> Path:
+    """bench --what databound's files (made once, by a pool of processes)."""
+    from multiprocessing import Pool
+
+    from ddp_trainer.data.demo import CLASSES
+
+    if (root / "COMPLETE").exists():
+        return root
+    jobs = [(str(root / split / name), label, count, seed * 1_000_003 + label)
+            for split, count, seed in (("train", 200, 21), ("val", 50, 22)) for label, name in enumerate(CLASSES)]
+    with Pool(os.cpu_count() or 2) as pool:
+        pool.map(_photo_class, jobs)
+    (root / "COMPLETE").write_text("photo-like data for --what databound\n")
+    return root
+
+
+def _databound_project(data: Path, out: Path, cache: str | None) -> dict:
+    extra = ["model.name=tiny_cnn", "data.augment=[random_resized_crop,flip]", "train.epochs=4"]
+    if cache:
+        extra += ["data.cache=decoded", f"data.cache_dir={cache}"]
+    t0 = time.perf_counter()
+    args = [f"data.root={data}", f"output_dir={out}", "resume=none", "overwrite=true", "data.image_size=64",
+            "data.batch_size=64", "data.num_workers=1", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9",
+            "optim.weight_decay=5e-4", "sched.name=none", "sched.warmup_epochs=0", "checkpoint.every_epochs=1",
+            "log.progress=off", "train.log_every_steps=100000", *extra]
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "launch.py"), *args], capture_output=True, text=True, env=_env())
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"project run failed:\n{res.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    later = rows[1:]
+    images = sum(r["images_per_s"] * r["train_time_s"] for r in later)
+    return {"wall_s": wall, "images_per_s": images / sum(r["train_time_s"] for r in later),
+            "wait": [r["data_wait_frac"] for r in rows]}
+
+
+def _databound_plain(data: Path, out: Path) -> dict:
+    t0 = time.perf_counter()
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "bench" / "plain_ddp.py"), str(data), str(out), "4", "0", "none",
+                          "--augment", "rrc", "--model", "tiny_cnn"], capture_output=True, text=True, env=_env())
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"plain run failed:\n{res.stderr[-3000:]}")
+    r = json.loads([line for line in res.stdout.splitlines() if line.startswith("{")][-1])
+    return {"wall_s": wall, "images_per_s": statistics.mean(r["epoch_images_per_s"][1:]), "wait": r["epoch_data_wait"]}
+
+
+def bench_databound(repeats: int, work: Path) -> None:
+    import shutil
+
+    data = make_photo_data(ROOT / "bench" / ".data" / "photos")
+    files = sorted((data / "train").rglob("*.jpg"))
+    print(f"databound data: {len(files)} train files, mean {statistics.mean(f.stat().st_size for f in files) / 1e3:.0f} KB",
+          flush=True)
+    sides = ("plain loop", "project, files", "project, cache built in the run", "project, cache already built")
+    results: dict[str, list[dict]] = {s: [] for s in sides}
+    for k in range(repeats):
+        for side in sides:
+            out = work / f"databound-{k}-{side.split(',')[-1].strip().replace(' ', '_')}"
+            cache = work / f"databound-cache-{k}"
+            if side == "plain loop":
+                r = _databound_plain(data, out)
+            elif side == "project, files":
+                r = _databound_project(data, out, None)
+            else:
+                if side == "project, cache built in the run":
+                    shutil.rmtree(cache, ignore_errors=True)
+                r = _databound_project(data, out, str(cache))
+            results[side].append(r)
+            print(f"databound round {k + 1}/{repeats} {side:>30}: wall {r['wall_s']:.1f} s, train {r['images_per_s']:.0f} "
+                  f"img/s (epochs 2+), data wait {' '.join(f'{w:.0%}' for w in r['wait'])}", flush=True)
+    base = results["plain loop"]
+    for side in sides:
+        rs = results[side]
+        wall, rate = statistics.median(r["wall_s"] for r in rs), statistics.median(r["images_per_s"] for r in rs)
+        waits = [w for r in rs for w in r["wait"][1:]]
+        print(f"databound {side:>30}: wall {wall:.1f} s (x{wall / statistics.median(r['wall_s'] for r in base):.2f}), "
+              f"train {rate:.0f} img/s epochs 2+ (x{rate / statistics.median(r['images_per_s'] for r in base):.2f}), "
+              f"data wait epochs 2+ {min(waits):.0%}-{max(waits):.0%}", flush=True)
+    bench_loader_only(data)
+
+
+def bench_loader_only(data: Path) -> None:
+    """Decode + random_resized_crop + flip per image on one core, PIL's pipeline vs the project's."""
+    import torch
+    import torchvision
+    from torchvision import transforms
+
+    from ddp_trainer.data.datasets import FolderDataset
+    from ddp_trainer.data.folder_index import scan
+    from ddp_trainer.data.samplers import SampleKey
+    from ddp_trainer.data.transforms import ImageTransform
+
+    torch.set_num_threads(1)
+    idx = scan(data / "train")
+    n = min(len(idx), 600)
+    for size in (64, 224):
+        pil = torchvision.datasets.ImageFolder(str(data / "train"), transforms.Compose(
+            [transforms.RandomResizedCrop(size, antialias=True), transforms.RandomHorizontalFlip(),
+             transforms.PILToTensor()]))
+        ours = FolderDataset(idx, ImageTransform(size, ("random_resized_crop", "flip")))
+
+        def rate(get) -> float:  # type: ignore[no-untyped-def]
+            best = 0.0
+            for _ in range(3):
+                t = time.perf_counter()
+                for i in range(n):
+                    get(i)
+                best = max(best, n / (time.perf_counter() - t))
+            return best
+
+        r_pil, r_ours = rate(lambda i: pil[i]), rate(lambda i: ours[SampleKey(i, 0, 1.0)])
+        print(f"databound loader-only at {size} px, images/s on one core: PIL pipeline {r_pil:.0f}, project "
+              f"{r_ours:.0f} (x{r_ours / r_pil:.2f})", flush=True)
+
+
 def make_imbalanced_data(reference: Path, root: Path, rare: int = 26) -> Path:
     """The reference set with every class but the first cut to ``rare`` training images (hard links)."""
     if (root / "COMPLETE").exists():
@@ -134,11 +297,12 @@ def bench_samplers(data: Path, seeds: int, work: Path) -> None:
     imbalanced = make_imbalanced_data(data, data.parent / (data.name + "-imbalanced"))
     cases = [("reference", data, "plan"), ("reference", data, "repeated_augment"),
              ("imbalanced", imbalanced, "plan"), ("imbalanced", imbalanced, "class_balanced")]
+    settings = {"reference": (), "imbalanced": ("train.epochs=10", "optim.lr=0.01")}
     results: dict[tuple[str, str], list[dict]] = {(s, k): [] for s, _, k in cases}
     for seed in range(seeds):
         for setname, root, sampler in cases:
-            r = run_project(root, work / f"samplers-{setname}-{sampler}-{seed}", (f"data.sampler={sampler}",
-                                                                                  f"seed={seed}"))
+            r = run_project(root, work / f"samplers-{setname}-{sampler}-{seed}",
+                            (f"data.sampler={sampler}", f"seed={seed}", *settings[setname]))
             results[(setname, sampler)].append(r)
             print(f"samplers {setname} seed {seed} {sampler:>16}: val_acc {r['val_acc']:.4f} val_loss "
                   f"{r['val_loss']:.4f} ({r['images_per_s']:.1f} img/s train phase, wall {r['wall_s']:.0f} s)",
@@ -401,6 +565,8 @@ def main() -> None:
         if "accuracy" in what:
             bench_accuracy(data, args.seeds, args.setting, work, tuple(args.plain_options.split()),
                            tuple(args.sides.split(",")), tuple(args.project_options.split()))
+        if "databound" in what:
+            bench_databound(args.repeats, work)
         if "samplers" in what:
             bench_samplers(data, args.seeds, work)
         if "parity" in what:

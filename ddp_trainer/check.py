@@ -68,7 +68,7 @@ def _cache_lines(splits: Splits, cfg: Config, verify: bool) -> tuple[list[str], 
     lines = [f"cache: data.cache=decoded in '{folder}'"]
     need = 0
     for split, ix, size, resize in parts:
-        key = decoded_cache.cache_key(ix, size, resize, cfg.data.interpolation)
+        key = decoded_cache.cache_key(ix, size, resize, cfg.data.interpolation, cfg.data.reduced_decode)
         path = folder / decoded_cache.file_name(key, len(ix), size)
         size_b = decoded_cache.nbytes(len(ix), size)
         state = "exists" if path.exists() else "to build"

@@ -157,7 +157,7 @@ def test_rrc_scale_and_ratio_bound_the_crops():
                                     rrc_ratio=[0.9, 1.1]))
     img = torch.zeros(3, 200, 200, dtype=torch.uint8)
     for seed in range(100):
-        top, left, h, w = tf._crop_params(img, torch.Generator().manual_seed(seed))
+        top, left, h, w = tf.crop_box(img.shape[-2], img.shape[-1], torch.Generator().manual_seed(seed))
         assert 0.3 - 0.01 <= h * w / 200 ** 2 <= 0.4 + 0.01
         assert 0.9 - 0.02 <= w / h <= 1.1 + 0.02
     with pytest.raises(ConfigError, match="data.rrc_scale"):

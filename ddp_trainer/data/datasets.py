@@ -21,7 +21,7 @@ from ..progress import Ticker
 from . import decoded_cache, demo
 from .decoded_cache import CachedImages
 from .folder_index import FolderIndex, check_same_classes, scan, split_holdout
-from .images import MAX_IMAGE_PIXELS, load_rgb
+from .images import MAX_IMAGE_PIXELS, load_rgb, load_rgb_cropped
 from .samplers import SampleKey
 from .transforms import ImageTransform, sample_seed
 
@@ -36,12 +36,14 @@ class FolderDataset(Dataset):
     """
 
     def __init__(self, index: FolderIndex, transform: ImageTransform, seed: int = 0,
-                 cached: CachedImages | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+                 cached: CachedImages | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                 reduced_decode: bool = False) -> None:
         self.index = index
         self.transform = transform
         self.seed = seed
         self.max_pixels = max_pixels  # data.max_image_pixels
         self.cached = cached  # None: decode the files
+        self.reduced_decode = reduced_decode  # data.reduced_decode: crop while decoding JPEG files
 
     def __len__(self) -> int:
         return len(self.index)
@@ -51,11 +53,16 @@ class FolderDataset(Dataset):
             i, epoch, weight, draw = key
         else:
             i, epoch, weight, draw = int(key), 0, 1.0, 0
-        img = self.cached[i] if self.cached is not None else load_rgb(self.index.path(i), self.max_pixels)
         gen = None
         if self.transform.random:
             gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i, draw))
-        return self.transform(img, gen), self.index.label(i), weight
+        t = self.transform
+        if self.cached is None and self.reduced_decode and gen is not None and t.crops_randomly:
+            img = load_rgb_cropped(self.index.path(i), self.max_pixels, lambda h, w: t.crop_box(h, w, gen),
+                                   t.size, t.mode)
+            return t(img, gen, cropped=True), self.index.label(i), weight
+        img = self.cached[i] if self.cached is not None else load_rgb(self.index.path(i), self.max_pixels)
+        return t(img, gen), self.index.label(i), weight
 
 
 @dataclass(frozen=True)
@@ -161,7 +168,8 @@ def with_decoded_cache(index: FolderIndex, cfg: DataConfig, dist: Dist, size: in
     if cfg.cache != "decoded":
         return None
     path = decoded_cache.ensure(index, size, decoded_cache.cache_folder(cfg), dist, workers=cfg.num_workers,
-                                resize=resize, interpolation=cfg.interpolation, max_pixels=cfg.max_image_pixels)
+                                resize=resize, interpolation=cfg.interpolation, max_pixels=cfg.max_image_pixels,
+                                reduced=cfg.reduced_decode)
     return CachedImages(path, len(index), size)
 
 

@@ -158,7 +158,8 @@ def build_run_data(cfg: Config, dist: Dist, splits: Splits, sampler: SamplerSpec
     missing) and their loaders. ``before_fork`` runs before loader workers fork (see LoaderOwner)."""
     d = cfg.data
     train_cache = with_decoded_cache(splits.train, d, dist, d.train_cache_size)
-    train_set = FolderDataset(splits.train, train_transform(d), cfg.seed, train_cache, d.max_image_pixels)
+    train_set = FolderDataset(splits.train, train_transform(d), cfg.seed, train_cache, d.max_image_pixels,
+                              d.reduced_decode)
     val_cache = with_decoded_cache(splits.val, d, dist, d.image_size, d.val_resize)
     val_set = FolderDataset(splits.val, eval_transform(d, cached=val_cache is not None), cfg.seed, val_cache,
                             d.max_image_pixels)

@@ -57,9 +57,17 @@ class ImageTransform:
     def random(self) -> bool:
         return bool(self.augment)
 
-    def __call__(self, img: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        if "random_resized_crop" in self.augment and gen is not None:
-            top, left, h, w = self._crop_params(img, gen)
+    @property
+    def crops_randomly(self) -> bool:
+        return "random_resized_crop" in self.augment
+
+    def __call__(self, img: torch.Tensor, gen: torch.Generator | None, cropped: bool = False) -> torch.Tensor:
+        """``cropped``: ``img`` is already this sample's random resized crop (made while decoding,
+        with :meth:`crop_box` drawn from ``gen``); the rest of the augmentation follows."""
+        if cropped:
+            pass
+        elif self.crops_randomly and gen is not None:
+            top, left, h, w = self.crop_box(img.shape[-2], img.shape[-1], gen)
             img = F.resized_crop(img, top, left, h, w, [self.size, self.size], interpolation=self._mode,
                                  antialias=True)
         else:
@@ -109,8 +117,14 @@ class ImageTransform:
             img = F.center_crop(img, [self.size, self.size])
         return img
 
-    def _crop_params(self, img: torch.Tensor, gen: torch.Generator) -> tuple[int, int, int, int]:
-        height, width = img.shape[-2:]
+    @property
+    def mode(self) -> F.InterpolationMode:
+        """The resizes' interpolation."""
+        return self._mode
+
+    def crop_box(self, height: int, width: int, gen: torch.Generator) -> tuple[int, int, int, int]:
+        """RandomResizedCrop's box ``(top, left, h, w)`` of a ``height x width`` picture, drawn from
+        ``gen`` (torchvision's rule: 10 tries of area and log-ratio, then the centre square)."""
         area = height * width
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):

@@ -1,0 +1,129 @@
+"""data.reduced_decode: a JPEG is decoded at 1/2, 1/4 or 1/8 scale when its random crop (or the
+decoded cache's side) needs no more pixels. The crop box is exactly RandomResizedCrop's (drawn from
+the header's size, the same generator), the pixels differ from a full decode + resize only by the
+smaller intermediate picture (bounded here), and every sample stays reproducible."""
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddp_trainer.data import decoded_cache
+from ddp_trainer.data.datasets import FolderDataset
+from ddp_trainer.data.folder_index import scan
+from ddp_trainer.data.images import jpeg_reduction, load_rgb
+from ddp_trainer.data.samplers import SampleKey
+from ddp_trainer.data.transforms import ImageTransform, sample_seed
+
+# the mean absolute difference per channel value (0-255) allowed between a reduced and a full
+# decode of the same crop, per image, and over all of them. Measured on these pictures (grain at
+# the pixel level: the hard case): at most 2.9, 1.2 on average over the 56 samples (non-reduced
+# ones count 0); two different crops of the same pictures differ by 56 on average.
+TOLERANCE, MEAN_TOLERANCE = 5.0, 2.5
+
+
+def photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Smooth light, texture and grain, plus a bright disc: pixels a JPEG encoder works for."""
+    small = rng.normal(128, 60, (height // 16 + 1, width // 16 + 1, 3)).clip(0, 255).astype(np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), dtype=np.float64)
+    base += rng.normal(0, 10, (height, width, 3))
+    yy, xx = np.mgrid[:height, :width]
+    cy, cx, r = rng.integers(height // 4, 3 * height // 4), rng.integers(width // 4, 3 * width // 4), height // 5
+    base[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = [240, 60, 40]
+    return Image.fromarray(base.clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(3)
+    for c in ("a", "b"):
+        (root / c).mkdir()
+        for i in range(6):
+            w, h = (500, 375) if i % 2 else (375, 500)
+            photo(rng, w, h).save(root / c / f"{i}.jpg", quality=90)
+    (root / "b" / "drawn.png").write_bytes(_png(photo(rng, 400, 300)))
+    turned = photo(rng, 500, 375)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned 90 degrees: decoded in full, by PIL, as before
+    turned.save(root / "b" / "turned.jpg", quality=90, exif=exif)
+    return root
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def datasets(photos: Path, size: int = 32):
+    idx = scan(photos)
+    tf = ImageTransform(size, ("random_resized_crop", "flip"))
+    return idx, FolderDataset(idx, tf, seed=1), FolderDataset(idx, tf, seed=1, reduced_decode=True)
+
+
+def test_reduced_crops_match_full_decodes_within_the_tolerance(photos: Path):
+    idx, full, reduced = datasets(photos)
+    diffs, used = [], 0
+    tf = full.transform
+    for i in range(len(idx)):
+        for epoch in range(4):
+            key = SampleKey(i, epoch, 1.0)
+            a, b = full[key][0].float(), reduced[key][0].float()
+            assert a.shape == b.shape == (3, 32, 32)
+            diffs.append((a - b).abs().mean().item())
+            # where the reduction applied: the box RandomResizedCrop draws from the header's size
+            gen = torch.Generator().manual_seed(sample_seed(1, epoch, i))
+            img = load_rgb(idx.path(i))
+            _, _, h, w = tf.crop_box(img.shape[-2], img.shape[-1], gen)
+            used += idx.rel(i).endswith(".jpg") and "turned" not in idx.rel(i) and jpeg_reduction(w, h, 32) > 1
+    assert used >= 20  # most crops of these pictures need a quarter of their pixels or fewer
+    assert max(diffs) <= TOLERANCE and sum(diffs) / len(diffs) <= MEAN_TOLERANCE, (max(diffs), sum(diffs) / len(diffs))
+    # the bound means something: other samples' crops differ far more
+    others = [(full[SampleKey(i, 0, 1.0)][0].float() - reduced[SampleKey(i, 1, 1.0)][0].float()).abs().mean().item()
+              for i in range(len(idx))]
+    assert sum(others) / len(others) > 3 * MEAN_TOLERANCE, others
+
+
+def test_reduced_samples_are_reproducible_and_keep_the_flip(photos: Path):
+    idx, full, reduced = datasets(photos)
+    for i in range(len(idx)):
+        key = SampleKey(i, 2, 1.0, 1)
+        once, again = reduced[key][0], reduced[key][0]
+        assert torch.equal(once, again)
+        a = full[key][0].float()
+        # the generator continues after the box exactly as in the full path: the same flip decision
+        assert (a - once.float()).abs().mean() < (a.flip(-1) - once.float()).abs().mean()
+
+
+def test_pngs_and_turned_jpegs_are_decoded_exactly_as_before(photos: Path):
+    idx, full, reduced = datasets(photos)
+    for i in range(len(idx)):
+        if idx.rel(i).endswith((".png", "turned.jpg")):
+            for epoch in range(3):
+                key = SampleKey(i, epoch, 1.0)
+                assert torch.equal(full[key][0], reduced[key][0]), idx.rel(i)
+
+
+def test_off_is_todays_pixels(photos: Path):
+    idx = scan(photos)
+    tf = ImageTransform(32, ("random_resized_crop", "flip"))
+    plain = FolderDataset(idx, tf, seed=1)
+    for i in range(len(idx)):
+        key = SampleKey(i, 0, 1.0)
+        gen = torch.Generator().manual_seed(sample_seed(1, 0, i))
+        assert torch.equal(plain[key][0], tf(load_rgb(idx.path(i)), gen))
+
+
+def test_the_decoded_cache_built_reduced_is_close_and_has_its_own_key(photos: Path, tmp_path: Path):
+    idx = scan(photos)
+    full = decoded_cache.build(idx, 40, tmp_path / "c")
+    reduced = decoded_cache.build(idx, 40, tmp_path / "c", reduced=True)
+    assert full != reduced  # toggling data.reduced_decode builds its own cache
+    a = decoded_cache.CachedImages(full, len(idx), 40)
+    b = decoded_cache.CachedImages(reduced, len(idx), 40)
+    for i in range(len(idx)):
+        assert (a[i].float() - b[i].float()).abs().mean() <= TOLERANCE, idx.rel(i)
+    assert any(not torch.equal(a[i], b[i]) for i in range(len(idx)))  # 500x375 -> 40: decoded at 1/8
