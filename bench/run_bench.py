@@ -33,8 +33,9 @@ databound:  photo-sized files, where decoding decides the rate (issue 23's workl
             each, made once into bench/.data/photos); tiny_cnn at 64 px, random_resized_crop + flip,
             2 processes x batch 64 x 1 loader worker, 4 epochs, SGD as above. Sides, alternating,
             --repeats rounds, medians: the plain loop (ImageFolder + PIL RandomResizedCrop + ToTensor +
-            Normalize, DistributedSampler), the project from the files (data.cache=none), the project
-            with the decoded cache built in the run, and with it already built. Figures: wall time,
+            Normalize, DistributedSampler), the project from the files (data.cache=none) with
+            data.reduced_decode=false and true, the project with the decoded cache built in the
+            run, and with it already built. Figures: wall time,
             train images/s of epochs 2+, data wait. Then loader-only: decode + augment images/s on one
             core at 64 px and 224 px, PIL's pipeline vs the project's, over the same files.
 loader:     decode paths, one process and one thread: images/s per core.
@@ -173,8 +174,8 @@ def make_photo_data(root: Path) -> Path:
     return root
 
 
-def _databound_project(data: Path, out: Path, cache: str | None) -> dict:
-    extra = ["model.name=tiny_cnn", "data.augment=[random_resized_crop,flip]", "train.epochs=4"]
+def _databound_project(data: Path, out: Path, cache: str | None, more: tuple[str, ...] = ()) -> dict:
+    extra = ["model.name=tiny_cnn", "data.augment=[random_resized_crop,flip]", "train.epochs=4", *more]
     if cache:
         extra += ["data.cache=decoded", f"data.cache_dir={cache}"]
     t0 = time.perf_counter()
@@ -213,16 +214,19 @@ def bench_databound(repeats: int, work: Path) -> None:
     files = sorted((data / "train").rglob("*.jpg"))
     print(f"databound data: {len(files)} train files, mean {statistics.mean(f.stat().st_size for f in files) / 1e3:.0f} KB",
           flush=True)
-    sides = ("plain loop", "project, files", "project, cache built in the run", "project, cache already built")
+    sides = ("plain loop", "project, files, full decode", "project, files", "project, cache built in the run",
+             "project, cache already built")
     results: dict[str, list[dict]] = {s: [] for s in sides}
     for k in range(repeats):
         for side in sides:
-            out = work / f"databound-{k}-{side.split(',')[-1].strip().replace(' ', '_')}"
+            out = work / f"databound-{k}-{side.replace(', ', '-').replace(' ', '_')}"
             cache = work / f"databound-cache-{k}"
             if side == "plain loop":
                 r = _databound_plain(data, out)
             elif side == "project, files":
                 r = _databound_project(data, out, None)
+            elif side == "project, files, full decode":
+                r = _databound_project(data, out, None, ("data.reduced_decode=false",))
             else:
                 if side == "project, cache built in the run":
                     shutil.rmtree(cache, ignore_errors=True)
@@ -259,20 +263,25 @@ def bench_loader_only(data: Path) -> None:
         pil = torchvision.datasets.ImageFolder(str(data / "train"), transforms.Compose(
             [transforms.RandomResizedCrop(size, antialias=True), transforms.RandomHorizontalFlip(),
              transforms.PILToTensor()]))
-        ours = FolderDataset(idx, ImageTransform(size, ("random_resized_crop", "flip")))
-
-        def rate(get) -> float:  # type: ignore[no-untyped-def]
-            best = 0.0
-            for _ in range(3):
-                t = time.perf_counter()
-                for i in range(n):
-                    get(i)
-                best = max(best, n / (time.perf_counter() - t))
-            return best
-
-        r_pil, r_ours = rate(lambda i: pil[i]), rate(lambda i: ours[SampleKey(i, 0, 1.0)])
+        tf = ImageTransform(size, ("random_resized_crop", "flip"))
+        full, reduced = FolderDataset(idx, tf), FolderDataset(idx, tf, reduced_decode=True)
+        r_pil = _best_rate(lambda i: pil[i], n)
+        r_full = _best_rate(lambda i: full[SampleKey(i, 0, 1.0)], n)
+        r_red = _best_rate(lambda i: reduced[SampleKey(i, 0, 1.0)], n)
         print(f"databound loader-only at {size} px, images/s on one core: PIL pipeline {r_pil:.0f}, project "
-              f"{r_ours:.0f} (x{r_ours / r_pil:.2f})", flush=True)
+              f"full decode {r_full:.0f} (x{r_full / r_pil:.2f}), project reduced decode {r_red:.0f} "
+              f"(x{r_red / r_pil:.2f})", flush=True)
+
+
+def _best_rate(get, n: int, rounds: int = 3) -> float:  # type: ignore[no-untyped-def]
+    """The best of ``rounds`` passes of ``get(0..n-1)``, in calls per second."""
+    best = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for i in range(n):
+            get(i)
+        best = max(best, n / (time.perf_counter() - t))
+    return best
 
 
 def make_imbalanced_data(reference: Path, root: Path, rare: int = 26) -> Path:
@@ -486,18 +495,9 @@ def bench_loader(data: Path, work: Path) -> None:
     build_s = time.perf_counter() - t0
     cached = FolderDataset(idx, ImageTransform(64, ("flip",)), cached=decoded_cache.CachedImages(cache_path, n, 64))
 
-    def rate(get) -> float:
-        best = 0.0
-        for _ in range(3):
-            t = time.perf_counter()
-            for i in range(n):
-                get(i)
-            best = max(best, n / (time.perf_counter() - t))
-        return best
-
-    r_pil = rate(lambda i: pil[i])
-    r_tv = rate(lambda i: ours[SampleKey(i, 0, 1.0)])
-    r_cache = rate(lambda i: cached[SampleKey(i, 0, 1.0)])
+    r_pil = _best_rate(lambda i: pil[i], n)
+    r_tv = _best_rate(lambda i: ours[SampleKey(i, 0, 1.0)], n)
+    r_cache = _best_rate(lambda i: cached[SampleKey(i, 0, 1.0)], n)
     print(f"loader images/s per core: PIL ImageFolder {r_pil:.0f}, torchvision.io path {r_tv:.0f} "
           f"(x{r_tv / r_pil:.2f}, target >= 1.2), decoded cache {r_cache:.0f} (x{r_cache / r_pil:.2f}, target >= 3); "
           f"one-off cache build {build_s:.1f} s for {n} images")
