@@ -29,7 +29,7 @@ samplers:   the project on the reference workload for --seeds seeds with data.sa
             The imbalanced set (490 images, 3 steps per epoch) trains 10 epochs at lr 0.01: at the
             reference's 3 epochs and lr 0.1 it diverges (val_acc 0.10, chance, for either sampler).
 databound:  photo-sized files, where decoding decides the rate (issue 23's workload): 10 classes x (200
-            train + 50 val) seeded, textured JPEGs of 500x375 / 375x500 at quality 90 (about 100 KB
+            train + 50 val) seeded, textured JPEGs of 500x375 / 375x500 at quality 90 (70-100 KB
             each, made once into bench/.data/photos); tiny_cnn at 64 px, random_resized_crop + flip,
             2 processes x batch 64 x 1 loader worker, 4 epochs, SGD as above. Sides, alternating,
             --repeats rounds, medians: the plain loop (ImageFolder + PIL RandomResizedCrop + ToTensor +
@@ -135,11 +135,11 @@ def _photo(label: int, rng: random.Random, width: int, height: int):  # type: ig
 
     g = np.random.default_rng(rng.randrange(1 << 32))
     scene = np.zeros((height, width, 3))
-    for cells, amp in ((4, 60.0), (16, 30.0), (64, 18.0)):  # coarse light, texture, grain
+    for cells, amp in ((4, 60.0), (16, 35.0), (96, 25.0)):  # coarse light, texture, grain
         small = g.normal(0, amp, (cells * height // width + 1, cells + 1, 3))
         scene += np.asarray(Image.fromarray(np.uint8(np.clip(small + 128, 0, 255))).resize(
             (width, height), Image.BICUBIC), dtype=np.float64) - 128
-    scene += g.normal(0, 12, (height, width, 3)) + 120
+    scene += g.normal(0, 20, (height, width, 3)) + 120
     img = Image.fromarray(np.uint8(np.clip(scene, 0, 255)))
     side = min(width, height)
     shape = draw(label, rng, side)
