@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ddp_trainer.data.folder_index import scan
+from ddp_trainer.data.folder_index import FolderIndex, scan
 from ddp_trainer.data.tree_memory import TreeMemory
 
 
@@ -117,14 +117,14 @@ def test_a_broken_or_foreign_memory_file_is_ignored(tmp_path: Path, caplog):
         path.write_bytes(damage)
         index, lines = scan_logged(root, memory, caplog)
         assert index == first and lines == []  # a full scan, then remembered again
-        assert TreeMemory(memory, root)._old_index == first
+        assert TreeMemory(memory, root, FolderIndex._from_buffers)._old_index == first
     # another folder's memory put in this folder's place (a copied cache) is not used for this one
     other = make_tree(tmp_path / "other", classes=("x", "y", "cat"))
     age(other)
     scan(other, None, memory)
     (theirs,) = [p for p in memory.iterdir() if p != path]
     path.write_bytes(theirs.read_bytes())
-    assert TreeMemory(memory, root)._old_index is None
+    assert TreeMemory(memory, root, FolderIndex._from_buffers)._old_index is None
     index, lines = scan_logged(root, memory, caplog)
     assert index == first and lines == []
 

@@ -233,7 +233,7 @@ def scan(folder: str | Path, classes: Sequence[str] | None = None, memory_dir: P
     if not folder.is_dir():
         raise DataError(f"data folder '{folder}' not found; set data.root to the folder that holds "
                         f"train/ and val/ (or data.train_dir=. for a folder of class folders)")
-    memory = TreeMemory(memory_dir, folder) if memory_dir is not None else None
+    memory = TreeMemory(memory_dir, folder, FolderIndex._from_buffers) if memory_dir is not None else None
     found = memory.class_folders(folder, _class_folders) if memory is not None else _class_folders(folder)
     if not found:
         raise DataError(f"data folder '{folder}' has no class folders; put each class's images in "

@@ -46,8 +46,12 @@ class TreeMemory:
     listing; :meth:`whole` gives the remembered index itself when none does; :meth:`save` writes
     what this scan found."""
 
-    def __init__(self, memory_dir: Path, folder: Path) -> None:
+    def __init__(self, memory_dir: Path, folder: Path,
+                 make_index: Callable[[str, tuple[str, ...], bytes, array, array], FolderIndex]) -> None:
+        """``make_index(root, classes, paths, ends, labels)`` builds an index from the stored buffers
+        (``FolderIndex._from_buffers``: passed in, as that module imports this one)."""
         self.folder = str(folder.resolve())
+        self._make_index = make_index
         key = hashlib.sha256(self.folder.encode("utf-8", "surrogateescape")).hexdigest()[:24]
         self.path = memory_dir / f"{key}.tree"
         self.started_ns = time.time_ns()
@@ -62,8 +66,6 @@ class TreeMemory:
         self._read()
 
     def _read(self) -> None:
-        from .folder_index import FolderIndex  # (it imports this module)
-
         try:
             with open(self.path, "rb") as f:
                 if f.read(len(MAGIC)) != MAGIC:
@@ -87,8 +89,7 @@ class TreeMemory:
                 first += int(count)
             if first != n:
                 return
-            self._old_index = FolderIndex._from_buffers(self.folder, tuple(name for name, _, _ in table), paths,
-                                                        ends, labels)
+            self._old_index = self._make_index(self.folder, tuple(name for name, _, _ in table), paths, ends, labels)
             self._old_dirs = {name: [(d, int(m)) for d, m in dirs] for name, dirs, _ in table}
             self._old_span = spans
             self._old_top = (int(top_mtime), list(top_names))
