@@ -83,7 +83,8 @@ def _env() -> dict:
     return env
 
 
-def run_project(data: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
+def launch_project(data: Path, out: Path, extra: tuple[str, ...] = ()) -> tuple[list[dict], float]:
+    """The project on the reference settings (``extra`` overrides win): its metrics rows and wall time."""
     args = [f"data.root={data}", f"output_dir={out}", "resume=none", "overwrite=true", "model.name=resnet18",
             "data.image_size=64", "data.batch_size=64", "data.num_workers=1", "data.augment=[flip]",
             "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.weight_decay=5e-4", "sched.name=none",
@@ -95,7 +96,11 @@ def run_project(data: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(f"project run failed:\n{res.stderr[-3000:]}")
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], wall
+
+
+def run_project(data: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
+    rows, wall = launch_project(data, out, extra)
     images = sum(r["images_per_s"] * r["train_time_s"] for r in rows)
     return {"images_per_s": images / sum(r["train_time_s"] for r in rows), "wall_s": wall,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rows), "val_acc": rows[-1]["val_acc"],
@@ -178,17 +183,7 @@ def _databound_project(data: Path, out: Path, cache: str | None, more: tuple[str
     extra = ["model.name=tiny_cnn", "data.augment=[random_resized_crop,flip]", "train.epochs=4", *more]
     if cache:
         extra += ["data.cache=decoded", f"data.cache_dir={cache}"]
-    t0 = time.perf_counter()
-    args = [f"data.root={data}", f"output_dir={out}", "resume=none", "overwrite=true", "data.image_size=64",
-            "data.batch_size=64", "data.num_workers=1", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9",
-            "optim.weight_decay=5e-4", "sched.name=none", "sched.warmup_epochs=0", "checkpoint.every_epochs=1",
-            "log.progress=off", "train.log_every_steps=100000", *extra]
-    res = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "launch.py"), *args], capture_output=True, text=True, env=_env())
-    wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise SystemExit(f"project run failed:\n{res.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows, wall = launch_project(data, out, tuple(extra))
     later = rows[1:]
     images = sum(r["images_per_s"] * r["train_time_s"] for r in later)
     return {"wall_s": wall, "images_per_s": images / sum(r["train_time_s"] for r in later),
