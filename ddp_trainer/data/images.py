@@ -4,7 +4,6 @@ that cannot be read or decoded is a DataError naming it."""
 from __future__ import annotations
 
 import io
-import math
 import os
 import re
 import stat
@@ -15,7 +14,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import DataError, show_path
@@ -107,20 +105,48 @@ def jpeg_reduction(width: int, height: int, need: int) -> int:
     return 1
 
 
-def _decode_reduced(path: str, data: bytes, head: Header, divisor: int) -> torch.Tensor:
+class _Crop(NamedTuple):
+    """A box (left, top, right, bottom, in the full picture's pixels) to resample to ``size x size``."""
+
+    box: tuple[int, int, int, int]
+    size: int
+    interpolation: F.InterpolationMode
+
+
+_PIL_FILTERS = {F.InterpolationMode.NEAREST: Image.NEAREST, F.InterpolationMode.BILINEAR: Image.BILINEAR,
+                F.InterpolationMode.BICUBIC: Image.BICUBIC}
+
+
+def _decode_reduced(path: str, data: bytes, head: Header, divisor: int, crop: _Crop | None = None) -> torch.Tensor:
     """A JPEG decoded by libjpeg-turbo at 1/``divisor`` of its size (the DCT's own scaling: less
-    work than decoding every pixel and resizing), as a uint8 CHW RGB tensor."""
+    work than decoding every pixel and resizing), as a uint8 CHW RGB tensor; with ``crop``, that
+    box of it resampled by PIL's antialiased filter.
+
+    Each reduced pixel is a ``divisor x divisor`` block of the full picture, so a box lands at
+    fractions of reduced pixels; PIL's resize takes a fractional box, and the crop lands exactly
+    where the full decode's does (rounding the box to whole reduced pixels shifts it by up to
+    ``divisor / 2`` full pixels: a mean difference of 9.6 instead of 3.6 on textured photos). One C
+    call on the small picture: the float RoIAlign it replaced cost more than the decoding it saved."""
     pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # checked by _header
     try:
         with Image.open(io.BytesIO(data)) as pil:
-            pil.draft("RGB", (head.width // divisor, head.height // divisor))  # PIL picks exactly this divisor
-            pil.load()
+            # PIL's draft takes the largest scale s in 8, 4, 2 with s <= side // asked: for floor(side / d)
+            # that quotient lies in [d, 2d), so s is d; libjpeg's sides are then rounded up
+            pil.draft("RGB", (head.width // divisor, head.height // divisor))
+            if crop is not None and pil.size != (-(-head.width // divisor), -(-head.height // divisor)):
+                pil.close()  # another PIL's rule picked another scale: crop a full decode
+                (left, top, right, bottom), size, mode = crop
+                return F.resized_crop(_decode(path, data, head), top, left, bottom - top, right - left, [size, size],
+                                      interpolation=mode, antialias=True)
+            if crop is not None:
+                pil = pil.resize((crop.size, crop.size), _PIL_FILTERS.get(crop.interpolation, Image.BILINEAR),
+                                 box=tuple(v / divisor for v in crop.box))
             arr = np.asarray(pil.convert("RGB") if pil.mode != "RGB" else pil, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as exc:
         raise _bad(path, _pil_reason(exc)) from None
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def load_rgb_cropped(path: str, max_pixels: int, box: Callable[[int, int], tuple[int, int, int, int]],
@@ -145,23 +171,7 @@ def load_rgb_cropped(path: str, max_pixels: int, box: Callable[[int, int], tuple
     if divisor == 1:
         img = _decode(path, data, head)
         return F.resized_crop(img, top, left, h, w, [size, size], interpolation=interpolation, antialias=True)
-    img = _decode_reduced(path, data, head, divisor)
-    # each reduced pixel is a divisor x divisor block of the full picture (the last row and column
-    # of blocks may be cut short: ceil(side / divisor) pixels)
-    return _resample_box(img, top / divisor, left / divisor, h / divisor, w / divisor, size)
-
-
-def _resample_box(img: torch.Tensor, top: float, left: float, h: float, w: float, size: int) -> torch.Tensor:
-    """The box ``(top, left, h, w)`` of ``img`` in continuous pixel coordinates (a reduced decode
-    maps a whole-pixel box of the full picture to fractions), resampled to ``size x size``: each
-    output pixel the mean of a grid of bilinear samples over its area (RoIAlign), so the box lands
-    exactly where the full decode's crop does (rounding it to whole reduced pixels shifts it by up
-    to ``divisor / 2`` full pixels: a mean difference of 9.6 instead of 3.6 on textured photos)."""
-    per_pixel = max(h, w) / size
-    box = torch.tensor([[0.0, left, top, left + w, top + h]], dtype=torch.float32)
-    out = roi_align(img.unsqueeze(0).float(), box, (size, size), spatial_scale=1.0,
-                    sampling_ratio=max(2, 2 * math.ceil(per_pixel)), aligned=True)
-    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+    return _decode_reduced(path, data, head, divisor, _Crop((left, top, left + w, top + h), size, interpolation))
 
 
 def load_rgb(path: str, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = None) -> torch.Tensor:
@@ -198,7 +208,7 @@ def _decode(path: str, data: bytes, head: Header) -> torch.Tensor:
             img = img[0]
         if img.dtype != torch.uint8:  # a 16-bit PNG: scale to 8 bits as PIL does (not the low byte)
             img = F.to_dtype(img, torch.uint8, scale=True)
-        return img.contiguous()
+        return img  # HWC in memory (the decoder's layout): a copy to CHW cost as much as the decode itself
     pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # checked by _header
     try:
         with Image.open(io.BytesIO(data)) as pil:
@@ -208,7 +218,7 @@ def _decode(path: str, data: bytes, head: Header) -> torch.Tensor:
         raise _bad(path, _pil_reason(exc)) from None
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def _pil_reason(exc: BaseException) -> str:
