@@ -1,6 +1,6 @@
 """Benchmarks on the reference workload. Prints every figure and the ratios; asserts nothing.
 
-    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy,parity,samplers,databound]
+    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy,parity,samplers,databound,stages]
                               [--data DIR]
                               [--seeds 5] [--setting reference|long] [--sides project,plain]
                               [--plain-options '--order project --decode tensor'] [--project-options '...']
@@ -37,7 +37,11 @@ databound:  photo-sized files, where decoding decides the rate (issue 23's workl
             data.reduced_decode=false and true, the project with the decoded cache built in the
             run, and with it already built. Figures: wall time,
             train images/s of epochs 2+, data wait. Then loader-only: decode + augment images/s on one
-            core at 64 px and 224 px, PIL's pipeline vs the project's, over the same files.
+            core at 64 px and 224 px, PIL's pipeline vs the project's, over the same files; then the
+            stages (as --what stages).
+stages:     where one image's time goes on one core, over the databound files at 64 and 224 px: read,
+            header, decode (torchvision, PIL, reduced), crop + resize, the sample's generator and
+            draws, a whole sample, collation, and a pass through one loader worker (ms per image).
 loader:     decode paths, one process and one thread: images/s per core.
 checkpoint: time the training loop is blocked per save, synchronous torch.save vs async, resnet18/50.
 """
@@ -209,7 +213,7 @@ def bench_databound(repeats: int, work: Path) -> None:
     files = sorted((data / "train").rglob("*.jpg"))
     print(f"databound data: {len(files)} train files, mean {statistics.mean(f.stat().st_size for f in files) / 1e3:.0f} KB",
           flush=True)
-    sides = ("plain loop", "project, files, full decode", "project, files", "project, cache built in the run",
+    sides = ("plain loop", "project, files", "project, files, reduced decode", "project, cache built in the run",
              "project, cache already built")
     results: dict[str, list[dict]] = {s: [] for s in sides}
     for k in range(repeats):
@@ -220,8 +224,8 @@ def bench_databound(repeats: int, work: Path) -> None:
                 r = _databound_plain(data, out)
             elif side == "project, files":
                 r = _databound_project(data, out, None)
-            elif side == "project, files, full decode":
-                r = _databound_project(data, out, None, ("data.reduced_decode=false",))
+            elif side == "project, files, reduced decode":
+                r = _databound_project(data, out, None, ("data.reduced_decode=true",))
             else:
                 if side == "project, cache built in the run":
                     shutil.rmtree(cache, ignore_errors=True)
@@ -238,6 +242,7 @@ def bench_databound(repeats: int, work: Path) -> None:
               f"train {rate:.0f} img/s epochs 2+ (x{rate / statistics.median(r['images_per_s'] for r in base):.2f}), "
               f"data wait epochs 2+ {min(waits):.0%}-{max(waits):.0%}", flush=True)
     bench_loader_only(data)
+    bench_loader_stages(data)
 
 
 def bench_loader_only(data: Path) -> None:
@@ -266,6 +271,87 @@ def bench_loader_only(data: Path) -> None:
         print(f"databound loader-only at {size} px, images/s on one core: PIL pipeline {r_pil:.0f}, project "
               f"full decode {r_full:.0f} (x{r_full / r_pil:.2f}), project reduced decode {r_red:.0f} "
               f"(x{r_red / r_pil:.2f})", flush=True)
+
+
+def bench_loader_stages(data: Path, n: int = 400) -> None:
+    """Where one image's time goes on one core (ms per image, best of 3 passes over ``n`` files):
+    the stages of the project's per-sample path, timed one at a time, then the loader around it
+    (collation, and the transfer from one worker process to the training process)."""
+    import io
+
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from ddp_trainer.data import images
+    from ddp_trainer.data.datasets import FolderDataset
+    from ddp_trainer.data.folder_index import scan
+    from ddp_trainer.data.loaders import _collate
+    from ddp_trainer.data.samplers import SampleKey
+    from ddp_trainer.data.transforms import ImageTransform, sample_seed
+
+    torch.set_num_threads(1)
+    idx = scan(data / "train")
+    paths = [idx.path(i) for i in range(min(n, len(idx)))]
+    blobs = [images.read_regular_file(p) for p in paths]
+    heads = [images._header(p, b, images.MAX_IMAGE_PIXELS) for p, b in zip(paths, blobs)]
+    decoded = [images._decode(p, b, h) for p, b, h in zip(paths, blobs, heads)]
+
+    def per_image(fn) -> float:  # type: ignore[no-untyped-def]
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for k in range(len(paths)):
+                fn(k)
+            best = min(best, time.perf_counter() - t)
+        return best / len(paths) * 1e3
+
+    def pil_pipeline(k: int):  # type: ignore[no-untyped-def]
+        with Image.open(io.BytesIO(blobs[k])) as pil:
+            return pil.convert("RGB")
+
+    for size in (64, 224):
+        tf = ImageTransform(size, ("random_resized_crop", "flip"))
+        boxes = [tf.crop_box(h.height, h.width, torch.Generator().manual_seed(sample_seed(0, 0, k)))
+                 for k, h in enumerate(heads)]
+        divisors = [images.jpeg_reduction(w, h, size) for _, _, h, w in boxes]
+        stages = {
+            "read the file": lambda k: images.read_regular_file(paths[k]),
+            "header (PIL, nothing decoded)": lambda k: images._header(paths[k], blobs[k], images.MAX_IMAGE_PIXELS),
+            "decode, full (torchvision)": lambda k: images._decode(paths[k], blobs[k], heads[k]),
+            "decode, full (PIL, as ImageFolder)": pil_pipeline,
+            "decode reduced (PIL draft) + crop + resize": lambda k: divisors[k] > 1 and images._decode_reduced(
+                paths[k], blobs[k], heads[k], divisors[k], images._Crop(
+                    (boxes[k][1], boxes[k][0], boxes[k][1] + boxes[k][3], boxes[k][0] + boxes[k][2]), size, tf.mode)),
+            "crop + resize (full path)": lambda k: images.F.resized_crop(
+                decoded[k], *boxes[k], [size, size], interpolation=tf.mode, antialias=True),
+            "sample generator + crop box + flip draw": lambda k: (
+                tf.crop_box(heads[k].height, heads[k].width, g := torch.Generator().manual_seed(sample_seed(0, 0, k))),
+                torch.rand(1, generator=g).item()),
+        }
+        figures = {name: per_image(fn) for name, fn in stages.items()}
+        reduced = sum(d > 1 for d in divisors) / len(divisors)
+        figures["decode reduced (PIL draft) + crop + resize"] /= max(1e-9, sum(d > 1 for d in divisors) / len(divisors))
+        for name, ms in figures.items():
+            print(f"databound stages at {size} px: {name:>44}: {ms:.3f} ms/image", flush=True)
+        print(f"databound stages at {size} px: {reduced:.0%} of the crops decode reduced (mean divisor "
+              f"{statistics.mean(divisors):.1f}; the reduced stage's figure is per reduced image)", flush=True)
+        for reduced_decode in (False, True):
+            ds = FolderDataset(idx, tf, reduced_decode=reduced_decode)
+            keys = [SampleKey(k, 0, 1.0) for k in range(len(paths))]
+            whole = per_image(lambda k: ds[keys[k]])
+            items = [ds[key] for key in keys]
+            collate = per_image(lambda k: _collate(items[k - k % 64: k - k % 64 + 64]) if k % 64 == 0 else None)
+            best = float("inf")
+            for _ in range(3):  # from the first batch on: the worker's start is not counted
+                loader = iter(DataLoader(keys, batch_size=32, num_workers=1, prefetch_factor=2,
+                                         collate_fn=lambda b: _collate([ds[x] for x in b])))
+                next(loader)
+                t, rest = time.perf_counter(), sum(len(batch[1]) for batch in loader)
+                best = min(best, (time.perf_counter() - t) / rest)
+            print(f"databound stages at {size} px, reduced_decode={str(reduced_decode).lower()}: a sample "
+                  f"{whole:.3f} ms/image; collation {collate:.3f}; through one loader worker (collation and "
+                  f"the transfer to this process) {best * 1e3:.3f} ms/image", flush=True)
 
 
 def _best_rate(get, n: int, rounds: int = 3) -> float:  # type: ignore[no-untyped-def]
@@ -562,6 +648,8 @@ def main() -> None:
                            tuple(args.sides.split(",")), tuple(args.project_options.split()))
         if "databound" in what:
             bench_databound(args.repeats, work)
+        if "stages" in what:
+            bench_loader_stages(make_photo_data(ROOT / "bench" / ".data" / "photos"))
         if "samplers" in what:
             bench_samplers(data, args.seeds, work)
         if "parity" in what:
