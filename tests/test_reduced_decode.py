@@ -127,3 +127,49 @@ def test_the_decoded_cache_built_reduced_is_close_and_has_its_own_key(photos: Pa
     for i in range(len(idx)):
         assert (a[i].float() - b[i].float()).abs().mean() <= TOLERANCE, idx.rel(i)
     assert any(not torch.equal(a[i], b[i]) for i in range(len(idx)))  # 500x375 -> 40: decoded at 1/8
+
+
+@pytest.fixture(scope="module")
+def photo_tree(tmp_path_factory) -> Path:
+    """train/ and val/ of 200x150 JPEG photos: a 16 px random crop of one needs a quarter of its
+    pixels or fewer, so nearly every training sample is decoded reduced."""
+    root = tmp_path_factory.mktemp("photo_tree")
+    rng = np.random.default_rng(5)
+    for split, count in (("train", 10), ("val", 2)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(count):
+                w, h = (200, 150) if i % 2 else (150, 200)
+                photo(rng, w, h).save(root / split / c / f"{i}.jpg", quality=90)
+    return root
+
+
+def _train(photo_tree: Path, out: Path, *more: str, env: dict | None = None):
+    from conftest import launch
+
+    return launch(1, f"data.root={photo_tree}", f"output_dir={out}", "model.name=tiny_cnn", "data.image_size=16",
+                  "data.batch_size=4", "data.num_workers=1", "data.augment=[random_resized_crop,flip]",
+                  "train.epochs=2", "checkpoint.every_steps=2", "checkpoint.async=false", "optim.lr=0.05", "seed=3", *more, env=env)
+
+
+def test_a_run_decoding_reduced_resumes_mid_epoch_bitwise(photo_tree: Path, tmp_path: Path):
+    from conftest import child_env
+
+    reference = _train(photo_tree, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr
+    out, marker = tmp_path / "killed", tmp_path / "killed-once"
+    first = _train(photo_tree, out, env=child_env(FAULT_EXIT_AT_STEP=f"0:3:{marker}"))
+    assert first.returncode != 0 and marker.exists(), first.stderr[-2000:]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["position"] > 0 and not state["epoch_complete"]  # step 2 of 5: inside the first epoch
+    again = _train(photo_tree, out)
+    assert again.returncode == 0, again.stderr
+    assert "samples into the epoch" in again.stderr
+    a = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    # and the reduced decode was in force: decoding in full trains other weights
+    full = _train(photo_tree, tmp_path / "full", "data.reduced_decode=false")
+    assert full.returncode == 0, full.stderr
+    c = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert any(not torch.equal(c[k], b[k]) for k in b)
