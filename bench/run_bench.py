@@ -331,7 +331,10 @@ def bench_loader_stages(data: Path, n: int = 400) -> None:
         }
         figures = {name: per_image(fn) for name, fn in stages.items()}
         reduced = sum(d > 1 for d in divisors) / len(divisors)
-        figures["decode reduced (PIL draft) + crop + resize"] /= max(1e-9, sum(d > 1 for d in divisors) / len(divisors))
+        if any(d > 1 for d in divisors):  # per reduced image
+            figures["decode reduced (PIL draft) + crop + resize"] /= sum(d > 1 for d in divisors) / len(divisors)
+        else:
+            del figures["decode reduced (PIL draft) + crop + resize"]  # no crop of these files is reduced
         for name, ms in figures.items():
             print(f"databound stages at {size} px: {name:>44}: {ms:.3f} ms/image", flush=True)
         print(f"databound stages at {size} px: {reduced:.0%} of the crops decode reduced (mean divisor "
