@@ -133,12 +133,12 @@ def _decode_reduced(path: str, data: bytes, head: Header, divisor: int, crop: _C
             # PIL's draft takes the largest scale s in 8, 4, 2 with s <= side // asked: for floor(side / d)
             # that quotient lies in [d, 2d), so s is d; libjpeg's sides are then rounded up
             pil.draft("RGB", (head.width // divisor, head.height // divisor))
-            if crop is not None and pil.size != (-(-head.width // divisor), -(-head.height // divisor)):
-                pil.close()  # another PIL's rule picked another scale: crop a full decode
-                (left, top, right, bottom), size, mode = crop
-                return F.resized_crop(_decode(path, data, head), top, left, bottom - top, right - left, [size, size],
-                                      interpolation=mode, antialias=True)
             if crop is not None:
+                if pil.size != (-(-head.width // divisor), -(-head.height // divisor)):
+                    pil.close()  # another PIL's rule picked another scale: crop a full decode
+                    left, top, right, bottom = crop.box
+                    return _crop_full(path, data, head, (top, left, bottom - top, right - left), crop.size,
+                                      crop.interpolation)
                 pil = pil.resize((crop.size, crop.size), _PIL_FILTERS.get(crop.interpolation, Image.BILINEAR),
                                  box=tuple(v / divisor for v in crop.box))
             arr = np.asarray(pil.convert("RGB") if pil.mode != "RGB" else pil, dtype=np.uint8)
@@ -163,15 +163,22 @@ def load_rgb_cropped(path: str, max_pixels: int, box: Callable[[int, int], tuple
     data = read_regular_file(path)
     head = _header(path, data, max_pixels)
     if not head.jpeg or head.turned:
-        img = _decode(path, data, head)
-        top, left, h, w = box(img.shape[-2], img.shape[-1])
-        return F.resized_crop(img, top, left, h, w, [size, size], interpolation=interpolation, antialias=True)
+        return _crop_full(path, data, head, box, size, interpolation)
     top, left, h, w = box(head.height, head.width)
     divisor = jpeg_reduction(w, h, size)
     if divisor == 1:
-        img = _decode(path, data, head)
-        return F.resized_crop(img, top, left, h, w, [size, size], interpolation=interpolation, antialias=True)
+        return _crop_full(path, data, head, (top, left, h, w), size, interpolation)
     return _decode_reduced(path, data, head, divisor, _Crop((left, top, left + w, top + h), size, interpolation))
+
+
+def _crop_full(path: str, data: bytes, head: Header,
+               box: tuple[int, int, int, int] | Callable[[int, int], tuple[int, int, int, int]], size: int,
+               interpolation: F.InterpolationMode) -> torch.Tensor:
+    """The whole picture decoded, then ``box`` (top, left, h, w; or drawn from the decoded size
+    when callable: an EXIF turn may swap the header's sides) resized to ``size x size``."""
+    img = _decode(path, data, head)
+    top, left, h, w = box(img.shape[-2], img.shape[-1]) if callable(box) else box
+    return F.resized_crop(img, top, left, h, w, [size, size], interpolation=interpolation, antialias=True)
 
 
 def load_rgb(path: str, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = None) -> torch.Tensor:
