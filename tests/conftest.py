@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from warm import WarmLauncher
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = ROOT / "tests" / "helpers" / "faults"  # a sitecustomize that injects FAULT_* faults into children
@@ -29,20 +32,43 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+_WARM: list[WarmLauncher] = []  # the session's warm launcher, started on first use
+
+
+def _warm() -> WarmLauncher:
+    if not _WARM:
+        _WARM.append(WarmLauncher(Path(tempfile.mkdtemp(prefix="ddp-trainer-warm-")), child_env()))
+    return _WARM[0]
+
+
+def pytest_sessionfinish(session):
+    for w in _WARM:
+        w.close()
+        shutil.rmtree(w.folder, ignore_errors=True)
+
+
 def run(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None,
-        cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or child_env(),
-                          cwd=cwd or ROOT)
+        cwd: Path | None = None, cold: bool = False) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd)`` with captured text output. A launch of a Python program or of a
+    standalone torchrun is forked from the session's warm launcher (tests/warm.py says which), unless
+    ``cold``: the tests whose subject is a fresh interpreter or torchrun's own behaviour ask for that."""
+    env, cwd = env or child_env(), cwd or ROOT
+    if not cold:
+        res = _warm().run(cmd, env, cwd, timeout)
+        if res is not None:
+            return res
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
-def launch(nproc: int, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def launch(nproc: int, *args: str, timeout: float = 300, env: dict[str, str] | None = None,
+           cold: bool = False) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=N launch.py ARGS`` (or plain python for nproc=0)."""
     if nproc == 0:
         cmd = [PY, str(ROOT / "launch.py"), *args]
     else:
         cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "--monitor-interval=0.2",
                str(ROOT / "launch.py"), *args]
-    return run(cmd, timeout=timeout, env=env)
+    return run(cmd, timeout=timeout, env=env, cold=cold)
 
 
 def descendants(pid: int) -> list[int]:

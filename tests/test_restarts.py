@@ -33,6 +33,8 @@ def test_the_run_lock_survives_a_stray_rm_and_a_sigkill_releases_it_at_once(demo
         # (a) SIGKILL of the run alone: its loader workers linger (orphans) until they notice
         workers = descendants(first.pid)  # the loader workers
         assert workers
+        # a checkpoint first (every 3 steps), so the restart has something to resume
+        wait_for(lambda: (out / "checkpoints" / "last.pt").exists(), proc=first)
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
         assert any(_alive(w) for w in workers)  # the situation of the bug: an orphan still runs

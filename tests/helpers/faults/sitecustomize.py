@@ -4,7 +4,9 @@ Python imports ``sitecustomize`` at start-up when it is on ``PYTHONPATH`` (tests
 conftest's ``child_env`` puts there). Nothing happens unless a ``FAULT_*`` variable asks for it; then
 the named function of ddp_trainer is replaced right after its module is first imported (an import
 hook: importing the module here would load torch before the launcher installs its signal handling).
-Loader workers fork from a patched process, so they inherit the patch.
+Loader workers fork from a patched process, so they inherit the patch. In a child of the tests' warm
+launcher the modules are already imported: they are patched in place (a name another module bound
+with ``from ... import`` before the patch keeps the original).
 
 - ``FAULT_PAUSE_IN_WRITE="S"`` or ``"S@N"``: the checkpoint writer pauses S seconds halfway through
   writing the file's bytes (every write, or only the N-th), so a kill can land mid-write.
@@ -152,5 +154,9 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+# a module already imported (a child forked by tests/helpers/warm_launcher.py from a parent that
+# imported ddp_trainer) is patched now; the others right after their first import
+for _name in [n for n in PATCHES if n in sys.modules]:
+    PATCHES.pop(_name)(sys.modules[_name])
 if PATCHES:
     sys.meta_path.insert(0, _PatchAfterImport())
