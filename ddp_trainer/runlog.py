@@ -60,8 +60,9 @@ class EarlyRecords(logging.Handler):
         return self.records
 
 
-def add_file_log(path: Path, rank: int, earlier: EarlyRecords | None = None) -> None:
-    """Append the log to ``path`` too (call on rank 0 only), starting with ``earlier`` records."""
+def add_file_log(path: Path, rank: int, earlier: EarlyRecords | None = None) -> logging.Handler:
+    """Append the log to ``path`` too (call on rank 0 only), starting with ``earlier`` records; the
+    caller owns the handler returned (:func:`remove_file_log`)."""
     logger = logging.getLogger(LOGGER)
     # a file name that is not valid UTF-8 is logged with \xNN escapes, never as a logging error; a
     # train.log deleted or moved during the run is opened again at its path (the watched handler
@@ -72,6 +73,12 @@ def add_file_log(path: Path, rank: int, earlier: EarlyRecords | None = None) -> 
     for record in earlier.detach() if earlier is not None else []:
         handler.handle(record)
     logger.addHandler(handler)
+    return handler
+
+
+def remove_file_log(handler: logging.Handler) -> None:
+    logging.getLogger(LOGGER).removeHandler(handler)
+    handler.close()
 
 
 def close_file_logs() -> None:

@@ -151,3 +151,88 @@ def pytest_terminal_summary(terminalreporter):
     if counts:
         terminalreporter.write_line("cluster tests (SLURM, two hosts): " +
                                     ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+
+
+def _process_state() -> dict[str, object]:
+    """What a run inside the test process may change for the whole process (seeds aside)."""
+    import logging
+
+    import torch
+    from PIL import Image
+
+    loggers = {"root": logging.getLogger(), **{n: l for n, l in logging.root.manager.loggerDict.items()
+                                               if n.startswith("ddp_trainer") and isinstance(l, logging.Logger)}}
+    state: dict[str, object] = {
+        "torch.deterministic_algorithms": (torch.are_deterministic_algorithms_enabled(),
+                                           torch.is_deterministic_algorithms_warn_only_enabled()),
+        "torch.backends.cudnn": (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+                                 torch.backends.cudnn.allow_tf32),
+        "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "torch.float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "torch.default_dtype": torch.get_default_dtype(),
+        "torch.num_threads": torch.get_num_threads(),
+        "PIL.Image.MAX_IMAGE_PIXELS": Image.MAX_IMAGE_PIXELS,
+        "os.environ": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},  # pytest's own
+        "cwd": os.getcwd(),
+    }
+    for name, logger in loggers.items():
+        ours = [h for h in logger.handlers if not type(h).__module__.startswith("_pytest")]  # pytest's come and go
+        state[f"logger {name}"] = (ours, logger.level)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+        state[f"signal {sig.name}"] = signal.getsignal(sig)
+    return state
+
+
+def _restore(state: dict[str, object]) -> None:
+    import logging
+
+    import torch
+    from PIL import Image
+
+    mode, warn_only = state["torch.deterministic_algorithms"]
+    torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+     torch.backends.cudnn.allow_tf32) = state["torch.backends.cudnn"]
+    torch.backends.cuda.matmul.allow_tf32 = state["torch.backends.cuda.matmul.allow_tf32"]
+    torch.set_float32_matmul_precision(state["torch.float32_matmul_precision"])
+    torch.set_default_dtype(state["torch.default_dtype"])
+    torch.set_num_threads(state["torch.num_threads"])
+    Image.MAX_IMAGE_PIXELS = state["PIL.Image.MAX_IMAGE_PIXELS"]
+    os.environ.clear()
+    os.environ.update(state["os.environ"])
+    os.chdir(state["cwd"])
+    for key, value in state.items():
+        if key.startswith("logger "):
+            name = key.split(" ", 1)[1]
+            logger = logging.getLogger() if name == "root" else logging.getLogger(name)
+            logger.handlers[:] = [h for h in logger.handlers if type(h).__module__.startswith("_pytest")] + value[0]
+            logger.level = value[1]
+        elif key.startswith("signal "):
+            signal.signal(signal.Signals[key.split(" ", 1)[1]], value)
+
+
+@pytest.fixture(autouse=True)
+def process_state_unchanged():
+    """Every test leaves the process as it found it: seeds are restored silently (tests seed), and
+    anything else a test or a run in the test process changed is restored and fails the test."""
+    import logging
+    import random
+
+    import torch
+
+    before = _process_state()
+    seeds = (random.getstate(), torch.random.get_rng_state())
+    yield
+    after = _process_state()
+    random.setstate(seeds[0])
+    torch.random.set_rng_state(seeds[1])
+    new_loggers = [k for k in after if k not in before and after[k][0]]  # created here, with handlers
+    changed = [k for k in before if before[k] != after.get(k)] + new_loggers
+    if changed:
+        _restore(before)
+        for key in new_loggers:
+            logging.getLogger(key.split(" ", 1)[1]).handlers[:] = []
+        env = [k for k in set(before["os.environ"]) | set(after["os.environ"])
+               if before["os.environ"].get(k) != after["os.environ"].get(k)]
+        pytest.fail("the test changed process-wide state and did not restore it: "
+                    + ", ".join(k if k != "os.environ" else f"os.environ ({', '.join(sorted(env))})" for k in changed))

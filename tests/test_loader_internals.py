@@ -1,6 +1,7 @@
 """The private DataLoader internals that ``data.LoaderOwner`` relies on. If a torch upgrade breaks
 one of these, this test names it (torch has no public way to stop a loader's workers early)."""
 import multiprocessing
+import signal
 import time
 
 import torch
@@ -18,8 +19,10 @@ class Numbers(Dataset):
 
 
 def test_persistent_loader_keeps_its_iterator_with_a_shutdown_method():
+    sigchld = signal.getsignal(signal.SIGCHLD)  # torch's first loader with workers sets a handler for good
     loader = DataLoader(Numbers(), batch_size=2, num_workers=1, persistent_workers=True)
     list(loader)
+    signal.signal(signal.SIGCHLD, sigchld)
     it = getattr(loader, "_iterator", "missing")
     assert it != "missing" and it is not None, "torch no longer keeps DataLoader._iterator for persistent workers"
     assert callable(getattr(it, "_shutdown_workers", None)), "torch's loader iterator lost _shutdown_workers()"

@@ -142,11 +142,23 @@ def test_debug_with_fp16_survives_the_grad_scalers_overflow_steps(small_args, tm
     assert state["step"] == 4 and state["scaler"]["scale"] < 65536.0  # an overflow happened and was skipped
 
 
+_BUILT: list[Trainer] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_trainers():
+    """A trainer built here lets go of its output folder and train.log when its test ends."""
+    yield
+    while _BUILT:
+        _BUILT.pop().close()
+
+
 def _trainer(tmp_path: Path, demo_small: Path, *overrides: str, decision=None) -> Trainer:
     cfg = load(None, [f"data.root={demo_small}", f"output_dir={tmp_path / 'o'}", "model.name=tiny_cnn_bn",
                       "data.image_size=16", "data.batch_size=8", "data.num_workers=0", *overrides])
     dist = Dist(env=LaunchEnv(), backend="gloo" if tdist.is_initialized() else None, device=torch.device("cpu"))
-    return build_trainer(cfg, dist, decision or ModeDecision("single", None, False, 0), stop=StopRequest([]))
+    _BUILT.append(build_trainer(cfg, dist, decision or ModeDecision("single", None, False, 0), stop=StopRequest([])))
+    return _BUILT[-1]
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path: Path, demo_small: Path):

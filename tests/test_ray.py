@@ -22,7 +22,9 @@ def _overrides(settings: dict) -> list[str]:
     return flat + [f"{k}={v}" for k, v in settings.items() if not isinstance(v, dict)]
 
 
-def test_ray_train_restarts_a_killed_worker_and_equals_torchrun(demo_small, tmp_path):
+def test_ray_train_restarts_a_killed_worker_and_equals_torchrun(demo_small, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_CLIENT_MODE", "")  # importing ray sets it for the whole process: teardown restores it
+    monkeypatch.delenv("RAY_CLIENT_MODE")
     # in the test, not the module: a module-level skip shows in runs that deselect it (-m stacks)
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
     reference = tmp_path / "torchrun"

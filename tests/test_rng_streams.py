@@ -31,7 +31,9 @@ def test_deterministic_is_strict_and_fixes_the_cublas_workspace(monkeypatch):
     from ddp_trainer.errors import ConfigError
     from ddp_trainer.training.build import apply_numerics
 
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # records the value before, so teardown restores it
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32)
     try:
         apply_numerics(load(None, ["train.deterministic=true"]), torch.device("cpu"))
         # was: warn_only=True and no workspace setting: non-deterministic GPU kernels ran silently
@@ -42,6 +44,7 @@ def test_deterministic_is_strict_and_fixes_the_cublas_workspace(monkeypatch):
         assert torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = cudnn
     try:
         load(None, ["train.deterministic=sometimes"])
     except ConfigError as exc:

@@ -84,9 +84,11 @@ def test_a_tracker_that_cannot_start_is_one_warning(small_args, tmp_path):
     assert len(warnings) == 1 and why in warnings[0], warnings
 
 
-def test_the_wandb_file_reader_reads_what_wandb_wrote(tmp_path):
+def test_the_wandb_file_reader_reads_what_wandb_wrote(tmp_path, monkeypatch):
     """The reader the resume relies on, against a file wandb itself wrote: every logged step, a
     record larger than a block (split in parts), and a torn tail."""
+    monkeypatch.setenv("WANDB_SERVICE", "")  # wandb.init sets it for the whole process: teardown restores it
+    monkeypatch.delenv("WANDB_SERVICE")
     wandb = pytest.importorskip("wandb", reason="the wandb extra is not installed (pip install -e '.[wandb]')")
     from wandb.proto import wandb_internal_pb2
     run = wandb.init(mode="offline", dir=str(tmp_path), project="p", settings=wandb.Settings(silent=True))

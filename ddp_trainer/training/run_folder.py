@@ -19,7 +19,7 @@ from ..fsutil import atomic_write_text
 from ..launch.dist import Dist
 from ..launch.runlock import RunLock
 from ..launch.signals import clear_marker
-from ..runlog import EarlyRecords, MetricsFile, add_file_log
+from ..runlog import EarlyRecords, MetricsFile, add_file_log, remove_file_log
 
 NCCL_TRACE = "nccl_trace"  # NCCL's flight-recorder dumps on a collective timeout (each node's own)
 REPLACED = "replaced"  # resume=none over an earlier run: that run's files, moved here (replaced/<UTC time>/)
@@ -58,6 +58,7 @@ class RunFolder:
         self.checkpoints = self.path / "checkpoints"
         self.lock: RunLock | None = None  # rank 0, from claim() until close()
         self._early = EarlyRecords() if dist.is_main else None  # log records before train.log opens
+        self._file_log: logging.Handler | None = None  # rank 0's train.log, from open() until close()
         self.metrics = MetricsFile(self.path / "metrics.jsonl") if dist.is_main else None
 
     def claim(self) -> None:
@@ -91,7 +92,7 @@ class RunFolder:
             atomic_write_text(self.path / "config.yaml", dump(self.cfg))
         except OSError as exc:
             raise _unwritable(self.path, exc) from None
-        add_file_log(self.path / "train.log", self.dist.rank, self._early)
+        self._file_log = add_file_log(self.path / "train.log", self.dist.rank, self._early)
         self._early = None
         clear_marker(self.path)
 
@@ -121,7 +122,11 @@ class RunFolder:
                     ", ".join(found), aside)
 
     def close(self) -> None:
-        """Let go of held log records and of output_dir's lock (the process's end releases it too)."""
+        """Let go of held log records, train.log and output_dir's lock (the process's end releases
+        it too)."""
+        if self._file_log is not None:
+            remove_file_log(self._file_log)
+            self._file_log = None
         if self._early is not None:
             self._early.detach()
             self._early = None
