@@ -151,6 +151,16 @@ def pytest_terminal_summary(terminalreporter):
     if counts:
         terminalreporter.write_line("cluster tests (SLURM, two hosts): " +
                                     ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    per_file: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if getattr(rep, "when", None) in ("setup", "call", "teardown"):
+                name = rep.nodeid.split("::")[0]
+                per_file[name] = per_file.get(name, 0.0) + rep.duration
+    if per_file:  # the suite has a time budget (README, Tests): the next file that costs minutes shows here
+        slowest = sorted(per_file.items(), key=lambda kv: -kv[1])[:10]
+        terminalreporter.write_line(f"the ten slowest files (of {len(per_file)}, {sum(per_file.values()):.0f} s "
+                                    "of test time): " + ", ".join(f"{n} {t:.0f} s" for n, t in slowest))
 
 
 def _process_state() -> dict[str, object]:
