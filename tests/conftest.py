@@ -130,6 +130,39 @@ def small_args(demo_small: Path, tmp_path: Path) -> list[str]:
             "optim.lr=0.05"]
 
 
+class Reference:
+    """A finished uninterrupted run: its output folder (read-only by convention: copy it to change
+    it) and what it printed."""
+
+    def __init__(self, path: Path, stderr: str):
+        self.path, self.stderr = path, stderr
+
+
+# variables that change how fast a run goes or where shared demo files live, never what it trains
+_REFERENCE_NEUTRAL = {"SLOW_MODEL_SLEEP", "DDP_TRAINER_CACHE"}
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """``reference_run(nproc, args, env=None) -> Reference``: each distinct run (process count, the
+    overrides other than output_dir, the environment but for the neutral variables) is trained once
+    per session, and every test comparing against it shares the result."""
+    done: dict[tuple, Reference] = {}
+
+    def get(nproc: int, args: list[str], env: dict[str, str] | None = None) -> Reference:
+        env = env or child_env()
+        args = [a for a in args if not a.startswith("output_dir=")]
+        key = (nproc, tuple(args), tuple(sorted((k, v) for k, v in env.items() if k not in _REFERENCE_NEUTRAL)))
+        if key not in done:
+            out = tmp_path_factory.mktemp("reference") / "run"
+            res = launch(nproc, *args, f"output_dir={out}", env=env)
+            assert res.returncode == 0, res.stderr
+            done[key] = Reference(out, res.stderr)
+        return done[key]
+
+    return get
+
+
 CLUSTER_ENV = "DDP_TRAINER_REQUIRE_CLUSTER_TESTS"  # set by .ci/run: a skipped cluster test fails instead
 
 

@@ -53,13 +53,10 @@ def assert_bitwise_equal(a: Path, b: Path) -> None:
         assert torch.equal(ma[k], mb[k]), k
 
 
-@pytest.fixture(scope="module")
-def reference(demo_small: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "run"
-    res = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
-               *resume_args(demo_small, out)], env=env())
-    assert res.returncode == 0, res.stderr
-    return out
+@pytest.fixture
+def reference(demo_small: Path, reference_run) -> Path:
+    """The uninterrupted 2-process run every resume here (and test_slurm's) must end equal to."""
+    return reference_run(2, resume_args(demo_small, Path("unused")), env()).path
 
 
 @pytest.mark.stacks
