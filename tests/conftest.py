@@ -105,6 +105,21 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
     time.sleep(0.2)  # let the kernel reap the orphans
 
 
+def kept_mid_epoch(kept: Path, into: Path) -> dict:
+    """The first mid-epoch state among the checkpoints a run kept (``FAULT_KEEP_CHECKPOINTS``), put
+    in place as ``into/checkpoints/last.pt`` of a fresh output folder: what a kill right after that
+    save leaves for the resume. Returns the state."""
+    import torch
+
+    for path in sorted(kept.iterdir()):
+        state = torch.load(path, weights_only=True)
+        if not state["epoch_complete"] and state["position"] > 0:
+            (into / "checkpoints").mkdir(parents=True)
+            shutil.copyfile(path, into / "checkpoints" / "last.pt")
+            return state
+    raise AssertionError(f"no mid-epoch checkpoint among {sorted(p.name for p in kept.iterdir())}")
+
+
 def our_lines(text: str) -> list[str]:
     """Lines our code printed (torchrun's own warnings and summaries left out)."""
     return [l for l in text.splitlines() if l.startswith("[rank") or l.startswith("error:")]
@@ -132,10 +147,10 @@ def small_args(demo_small: Path, tmp_path: Path) -> list[str]:
 
 class Reference:
     """A finished uninterrupted run: its output folder (read-only by convention: copy it to change
-    it) and what it printed."""
+    it), what it printed, and a copy of every checkpoint it wrote (``kept``: see kept_mid_epoch)."""
 
-    def __init__(self, path: Path, stderr: str):
-        self.path, self.stderr = path, stderr
+    def __init__(self, path: Path, stderr: str, kept: Path):
+        self.path, self.stderr, self.kept = path, stderr, kept
 
 
 # variables that change how fast a run goes or where shared demo files live, never what it trains
@@ -154,10 +169,12 @@ def reference_run(tmp_path_factory):
         args = [a for a in args if not a.startswith("output_dir=")]
         key = (nproc, tuple(args), tuple(sorted((k, v) for k, v in env.items() if k not in _REFERENCE_NEUTRAL)))
         if key not in done:
-            out = tmp_path_factory.mktemp("reference") / "run"
-            res = launch(nproc, *args, f"output_dir={out}", env=env)
+            base = tmp_path_factory.mktemp("reference")
+            (base / "kept").mkdir()
+            res = launch(nproc, *args, f"output_dir={base / 'run'}",
+                         env={**env, "FAULT_KEEP_CHECKPOINTS": str(base / "kept")})
             assert res.returncode == 0, res.stderr
-            done[key] = Reference(out, res.stderr)
+            done[key] = Reference(base / "run", res.stderr, base / "kept")
         return done[key]
 
     return get

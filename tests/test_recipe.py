@@ -339,9 +339,11 @@ def test_ema_is_validated_saved_monitored_and_evaluated(demo_small: Path, tmp_pa
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_with_the_recipe_on_resumes_model_and_ema_bitwise(demo_small: Path, tmp_path: Path):
-    from conftest import kill_when
-    from test_resume import mid_epoch_checkpoint, resume_args, start
+def test_a_mid_epoch_checkpoint_with_the_recipe_on_resumes_model_and_ema_bitwise(demo_small: Path, tmp_path: Path):
+    # the subject is the recipe's state in a mid-epoch checkpoint (EMA, warmup, mixing), not the kill:
+    # resume from the first mid-epoch state the uninterrupted run saved
+    from conftest import kept_mid_epoch
+    from test_resume import resume_args
 
     recipe = ["train.ema_decay=0.999", "train.ema_every_steps=2", "train.ema_decay_adjust=torchvision",
               "sched.warmup_epochs=1", "sched.warmup_start_factor=0.01",
@@ -350,14 +352,16 @@ def test_sigkill_mid_epoch_with_the_recipe_on_resumes_model_and_ema_bitwise(demo
               "data.interpolation=bicubic", "data.rrc_scale=[0.3,1.0]",
               "data.augment=[flip,random_resized_crop,trivialaugment,random_erasing]", "data.mixup_alpha=0.2",
               "data.cutmix_alpha=1.0", "model.weights=null"]
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    res = run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
-               *resume_args(demo_small, ref), *recipe], env=env())
+    ref, out, kept = tmp_path / "ref", tmp_path / "run", tmp_path / "kept"
+    kept.mkdir()
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
+               *resume_args(demo_small, ref), *recipe], env=env(SLOW_MODEL_SLEEP="0", FAULT_KEEP_CHECKPOINTS=str(kept)))
     assert res.returncode == 0, res.stderr
-    kill_when(start(2, [*resume_args(demo_small, out), *recipe]), mid_epoch_checkpoint(out / "checkpoints"))
-    res = run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
-               *resume_args(demo_small, out), *recipe], env=env())
+    state = kept_mid_epoch(kept, out)
+    res = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "launch.py"),
+               *resume_args(demo_small, out), *recipe], env=env(SLOW_MODEL_SLEEP="0"))
     assert res.returncode == 0, res.stderr
+    assert f"{state['position']} samples into the epoch" in res.stderr
     a = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)
     for part in ("model", ):

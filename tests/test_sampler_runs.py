@@ -2,13 +2,12 @@
 definition says, and a run SIGKILLed mid-epoch resumes bitwise equal to the uninterrupted one."""
 import os
 import shutil
-import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PY, ROOT, TORCHRUN, child_env, kill_when, metrics, run
+from conftest import PY, ROOT, TORCHRUN, child_env, kept_mid_epoch, metrics, run
 from torch.utils.data import DistributedSampler
 
 from ddp_trainer.data.samplers import epoch_order
@@ -99,18 +98,21 @@ def check_against_definition(sampler: str, data: Path, seen: dict, world: int, e
 
 
 @pytest.fixture(scope="module")
-def references(demo_small: Path, lopsided: Path, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """Per sampler: an uninterrupted 2-process, 2-epoch run of the slow model, samples recorded."""
+def references(demo_small: Path, lopsided: Path, tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
+    """Per sampler: an uninterrupted 2-process, 2-epoch run of the slow model, samples recorded, every
+    checkpoint it wrote kept: (run folder, recorded samples, kept checkpoints)."""
     out = {}
     for sampler in SAMPLERS:
         base = tmp_path_factory.mktemp(f"ref_{sampler}")
-        rec = base / "rec"
+        rec, kept = base / "rec", base / "kept"
         rec.mkdir()
+        kept.mkdir()
         args = args_for(sampler, data_for(sampler, demo_small, lopsided), base / "run", epochs=2,
                         model="slow_model:build")
-        res = run(command(2, args), env=env(FAULT_RECORD_SAMPLES=str(rec), SLOW_MODEL_SLEEP="0.02"))
+        res = run(command(2, args), env=env(FAULT_RECORD_SAMPLES=str(rec), FAULT_KEEP_CHECKPOINTS=str(kept),
+                                            SLOW_MODEL_SLEEP="0"))
         assert res.returncode == 0, res.stderr
-        out[sampler] = (base / "run", rec)
+        out[sampler] = (base / "run", rec, kept)
     return out
 
 
@@ -121,7 +123,7 @@ def test_each_rank_trains_what_the_sampler_defines(sampler: str, nproc: int, dem
                                                    references, tmp_path: Path):
     data = data_for(sampler, demo_small, lopsided)
     if nproc == 2:  # the reference run (2 epochs) is the 2-process case
-        run_dir, rec = references[sampler]
+        run_dir, rec, _ = references[sampler]
         epochs = 2
     else:
         rec, run_dir, epochs = tmp_path / "rec", tmp_path / "run", 1
@@ -135,21 +137,13 @@ def test_each_rank_trains_what_the_sampler_defines(sampler: str, nproc: int, dem
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(sampler: str, demo_small: Path, lopsided: Path,
-                                                         references, tmp_path: Path):
+def test_a_mid_epoch_checkpoint_resumes_bitwise_equal(sampler: str, demo_small: Path, lopsided: Path,
+                                                      references, tmp_path: Path):
+    # the subject is the sampler's position in a mid-epoch checkpoint, not the kill (test_resume's
+    # first test kills for real): resume from the first mid-epoch state the reference run saved
     out = tmp_path / "run"
     args = args_for(sampler, data_for(sampler, demo_small, lopsided), out, epochs=2, model="slow_model:build")
-    proc = subprocess.Popen(command(2, args), env=env(SLOW_MODEL_SLEEP="0.02"), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-    def mid_epoch() -> bool:
-        try:
-            s = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-        except Exception:
-            return False
-        return not s["epoch_complete"] and s["position"] > 0
-
-    kill_when(proc, mid_epoch)
+    kept_mid_epoch(references[sampler][2], out)
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["train_order"]["sampler"] == sampler
     if sampler == "distributed":  # its order depends on the world size: on 1 process the epoch restarts
@@ -160,7 +154,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(sampler: str, demo_small
         assert res.returncode == 0, res.stderr
         assert f"epoch {state['epoch']} restarts its order from the beginning" in res.stderr
         assert "world_size 2 -> 1" in res.stderr
-    res = run(command(2, args), env=env(SLOW_MODEL_SLEEP="0.02"))
+    res = run(command(2, args), env=env(SLOW_MODEL_SLEEP="0"))
     assert res.returncode == 0, res.stderr
     assert f"{state['position']} samples into the epoch" in res.stderr
     ref = torch.load(references[sampler][0] / "checkpoints" / "last.pt", weights_only=True)["model"]

@@ -18,13 +18,16 @@ with ``from ... import`` before the patch keeps the original).
   row went to metrics.jsonl and the trackers, before that epoch's checkpoint.
 - ``FAULT_EXIT_AT_STEP="RANK:N:MARKER"``: that global rank ends (exit 9) after its N-th optimizer
   step, once: only while the file MARKER does not exist (it creates it first).
+- ``FAULT_KEEP_CHECKPOINTS=DIR``: a copy of every checkpoint file the writer lands goes to
+  ``DIR/NNN-<name>`` (NNN counts the saves), so a test can resume from any state an uninterrupted
+  run passed through (tests/conftest.py's ``kept_mid_epoch``).
 """
 import importlib.abc
 import os
 import sys
 import time
 
-PATCHES = {}
+PATCHES: dict = {}  # module name -> the patches to run on it, in order
 
 
 def _rank():
@@ -117,16 +120,34 @@ def _exit_at_step(engine):
     engine.Engine.train_steps = patched
 
 
+def _keep_checkpoints(writer):
+    import shutil
+
+    folder = os.environ["FAULT_KEEP_CHECKPOINTS"]
+    real = writer.CheckpointWriter.save
+    count = [0]
+
+    def save(self, *args, **kwargs):
+        first = real(self, *args, **kwargs)
+        count[0] += 1
+        shutil.copyfile(first, os.path.join(folder, f"{count[0]:03d}-{first.name}"))
+        return first
+
+    writer.CheckpointWriter.save = save
+
+
 if os.environ.get("FAULT_EXIT_AFTER_ROW"):
-    PATCHES["ddp_trainer.training.report"] = _exit_after_row
+    PATCHES.setdefault("ddp_trainer.training.report", []).append(_exit_after_row)
 if os.environ.get("FAULT_EXIT_AT_STEP"):
-    PATCHES["ddp_trainer.training.engine"] = _exit_at_step
+    PATCHES.setdefault("ddp_trainer.training.engine", []).append(_exit_at_step)
 if os.environ.get("FAULT_PAUSE_IN_WRITE"):
-    PATCHES["ddp_trainer.checkpoint.writer"] = _pause_in_write
+    PATCHES.setdefault("ddp_trainer.checkpoint.writer", []).append(_pause_in_write)
+if os.environ.get("FAULT_KEEP_CHECKPOINTS"):
+    PATCHES.setdefault("ddp_trainer.checkpoint.writer", []).append(_keep_checkpoints)
 if os.environ.get("FAULT_SLOW_CACHE"):
-    PATCHES["ddp_trainer.data.decoded_cache"] = _slow_cache
+    PATCHES.setdefault("ddp_trainer.data.decoded_cache", []).append(_slow_cache)
 if os.environ.get("FAULT_RECORD_SAMPLES"):
-    PATCHES["ddp_trainer.data.datasets"] = _record_samples
+    PATCHES.setdefault("ddp_trainer.data.datasets", []).append(_record_samples)
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
@@ -144,11 +165,12 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
         else:
             return None
         real_exec = spec.loader.exec_module
-        patch = PATCHES[name]
+        patches = PATCHES[name]
 
         def exec_module(module):
             real_exec(module)
-            patch(module)
+            for patch in patches:
+                patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
@@ -157,6 +179,7 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 # a module already imported (a child forked by tests/helpers/warm_launcher.py from a parent that
 # imported ddp_trainer) is patched now; the others right after their first import
 for _name in [n for n in PATCHES if n in sys.modules]:
-    PATCHES.pop(_name)(sys.modules[_name])
+    for _patch in PATCHES.pop(_name):
+        _patch(sys.modules[_name])
 if PATCHES:
     sys.meta_path.insert(0, _PatchAfterImport())
