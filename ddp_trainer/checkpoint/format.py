@@ -32,7 +32,6 @@ import torch
 from ..config import MONITORABLE_METRICS
 from ..errors import CheckpointError
 from .layouts import Layout
-from .weights import strip_wrapper_prefixes
 
 FORMAT = "ddp_trainer.checkpoint"
 FORMAT_VERSION = 1
@@ -126,7 +125,8 @@ def monitored_metric(entries: Mapping[str, Any]) -> str | None:
 @dataclass
 class Checkpoint:
     """A checkpoint file of any accepted kind, read onto the CPU and normalised: ``entries`` holds
-    version 1's keys (those a foreign file has an equivalent for), wrapper prefixes stripped."""
+    version 1's keys (those a foreign file has an equivalent for), a foreign file's wrapper prefixes
+    stripped (:func:`~.weights.strip_wrapper_prefixes`)."""
 
     path: str
     kind: str  # "ddp_trainer" | "state_dict" | "pickled_model" | a foreign layout's name
@@ -188,5 +188,4 @@ class Checkpoint:
             how = "train.ema_decay" if self.ours else f"an EMA (the {self.kind} trainer's --model-ema)"
             raise CheckpointError(f"checkpoint '{self.path}' holds no EMA weights (it was trained without "
                                   f"{how}); leave out --ema")
-        sd, _ = strip_wrapper_prefixes(entry["weights"])
-        return sd
+        return entry["weights"]  # canonical: written so, or stripped when a foreign file was read
