@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import sys
 from typing import Callable
 
 import torch.distributed as tdist
@@ -40,3 +41,13 @@ def ddp_no_forward_buffer_sync() -> dict[str, bool]:
 def set_group_timeout(timeout: datetime.timedelta, group: tdist.ProcessGroup | None = None) -> None:
     """Set the timeout of the process group ``group`` (default: the default group) from now on."""
     group_timeout_setter()(timeout, group)
+
+
+def is_compiled_module(module: object) -> bool:
+    """``module`` is torch.compile's wrapper (``torch._dynamo.eval_frame.OptimizedModule``, which
+    keeps the original as ``_orig_mod``): told by its class, never by an attribute's name, which a
+    model's own child may have. torch has no public name for the class; nothing was compiled while
+    torch._dynamo is not imported."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(eval_frame, "OptimizedModule", None) if eval_frame is not None else None
+    return wrapper is not None and isinstance(module, wrapper)

@@ -8,7 +8,8 @@ Version 1's top-level keys (as written since format version 1; a file may lack t
 | ``format``, ``format_version`` | :func:`meta_entries` | ``"ddp_trainer.checkpoint"``, 1 |
 | ``monitor``, ``class_to_idx``, ``model_name``, ``config``, ``world_size``, ``torch_version`` | :func:`meta_entries` | what the run was |
 | ``model`` | the model | canonical state dict (no ``module.`` / ``_orig_mod.``), CPU tensors |
-| ``optimizer``, ``scheduler``, ``scaler`` | their components | state dicts (``scaler`` None without fp16) |
+| ``optimizer`` | the optimizer | torch's state dict, each group with ``param_names`` (see :func:`optimizer_param_names`) |
+| ``scheduler``, ``scaler`` | their components | state dicts (``scaler`` None without fp16) |
 | ``epoch``, ``position``, ``epoch_complete``, ``step``, ``train_loss_sum``, ``train_loss_count`` | the loop state | where the run is |
 | ``best``, ``best_k`` | the best ranking | the best monitored value; the K best ``[value, epoch]`` |
 | ``train_data`` | the training-set check | ``{"count", "sha256"}`` of the index |
@@ -31,7 +32,6 @@ import torch
 from ..config import MONITORABLE_METRICS
 from ..errors import CheckpointError
 from .layouts import Layout
-from .weights import strip_wrapper_prefixes
 
 FORMAT = "ddp_trainer.checkpoint"
 FORMAT_VERSION = 1
@@ -104,6 +104,18 @@ def rng_fits(entries: Mapping[str, Any], world_size: int) -> bool:
     return states is not None and len(states) == world_size
 
 
+def optimizer_param_names(entry: Mapping[str, Any] | None) -> list[list[str]] | None:
+    """The parameter names of each group of an ``optimizer`` entry (the model's canonical names, in
+    the order of the group's slots), by which its per-parameter state is matched to the model's
+    parameters. Written in each group's ``param_names`` (torch's own key for them) since the state is
+    kept by name; an extension of version 1 that older readers ignore. None: a file without them
+    (this project's earlier version-1 files, other trainers'), whose state is matched by position."""
+    groups = (entry or {}).get("param_groups") or []
+    if not groups or not all(isinstance(g, Mapping) and isinstance(g.get("param_names"), list) for g in groups):
+        return None
+    return [[str(n) for n in g["param_names"]] for g in groups]
+
+
 def monitored_metric(entries: Mapping[str, Any]) -> str | None:
     """The metric the file's ``best`` / ``best_k`` were ranked by (None: unknown, a foreign file)."""
     name = entries.get("monitor")
@@ -113,7 +125,8 @@ def monitored_metric(entries: Mapping[str, Any]) -> str | None:
 @dataclass
 class Checkpoint:
     """A checkpoint file of any accepted kind, read onto the CPU and normalised: ``entries`` holds
-    version 1's keys (those a foreign file has an equivalent for), wrapper prefixes stripped."""
+    version 1's keys (those a foreign file has an equivalent for), a foreign file's wrapper prefixes
+    stripped (:func:`~.weights.strip_wrapper_prefixes`)."""
 
     path: str
     kind: str  # "ddp_trainer" | "state_dict" | "pickled_model" | a foreign layout's name
@@ -175,5 +188,4 @@ class Checkpoint:
             how = "train.ema_decay" if self.ours else f"an EMA (the {self.kind} trainer's --model-ema)"
             raise CheckpointError(f"checkpoint '{self.path}' holds no EMA weights (it was trained without "
                                   f"{how}); leave out --ema")
-        sd, _ = strip_wrapper_prefixes(entry["weights"])
-        return sd
+        return entry["weights"]  # canonical: written so, or stripped when a foreign file was read

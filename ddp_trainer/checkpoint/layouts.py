@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .weights import is_state_dict
+from .weights import is_state_dict, strip_wrapper_prefixes
 
 NEXT, DONE = "next epoch to run", "last finished epoch"
 
@@ -60,12 +60,12 @@ class Layout:
 
     def ema_entry(self, obj: Mapping[str, Any]) -> dict[str, Any] | None:
         """The file's EMA as the format's ``model_ema`` entry ``{"weights", "n_averaged", "decay"}``
-        (None: the run kept none). ``n_averaged`` is None where the trainer does not count updates
+        (None: the run kept none), its wrapper's prefix stripped (torchvision's ``module.``). ``n_averaged`` is None where the trainer does not count updates
         (timm); ``decay`` is the one the run used, where its arguments say so."""
         sd = obj.get(self.ema_key) if self.ema_key else None
         if not isinstance(sd, Mapping) or not sd:
             return None
-        weights = {k: v for k, v in sd.items() if k != "n_averaged"}
+        weights, _ = strip_wrapper_prefixes({k: v for k, v in sd.items() if k != "n_averaged"})
         if not is_state_dict(weights):
             return None
         count = sd.get("n_averaged")

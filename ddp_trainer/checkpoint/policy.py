@@ -3,7 +3,7 @@ of the best epochs (``checkpoint.monitor``, ``mode``, ``keep_best``), and the wr
 assembled from a :class:`~.registry.StateRegistry`.
 
 Every rank calls :meth:`CheckpointManager.save` at the same points (the registry's collectives);
-only global rank 0 has a writer (a rank-0 decision made when the manager is built).
+only global rank 0 has a writer (a rank-0 decision made when the manager is opened).
 """
 from __future__ import annotations
 
@@ -94,9 +94,16 @@ class CheckpointManager:
         self.total_epochs = total_epochs
         self.ranking = BestRanking(cfg.monitor, cfg.mode, cfg.keep_best)
         registry.register("best", self.ranking, flat=True)
-        writer_cls = AsyncCheckpointWriter if cfg.async_ else CheckpointWriter
-        self.writer = writer_cls(folder, cfg.keep_last) if dist.is_main else None
+        self.folder = folder
+        self.writer: CheckpointWriter | AsyncCheckpointWriter | None = None  # rank 0, from open(): building it touches the folder
         self.last_saved: str | None = None  # what this run's last save held ("epoch 1, 64 samples in")
+
+    def open(self) -> None:
+        """Start rank 0's writer (it creates the folder and clears a killed run's temporary files):
+        called once the run has decided how it starts, so that a refused resume changes nothing."""
+        if self.dist.is_main and self.writer is None:
+            writer_cls = AsyncCheckpointWriter if self.cfg.async_ else CheckpointWriter
+            self.writer = writer_cls(self.folder, self.cfg.keep_last)
 
     # -- policy ------------------------------------------------------------------------------------
 

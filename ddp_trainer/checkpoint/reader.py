@@ -110,15 +110,15 @@ def _torch_load(path: Path, trust: bool) -> Any:
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
-    """Read any accepted checkpoint onto the CPU and normalise it (module docstring); keys with
-    ``module.`` / ``_orig_mod.`` are repaired. CheckpointError naming the file otherwise."""
+    """Read any accepted checkpoint onto the CPU and normalise it (module docstring); a foreign
+    file's keys that a wrapper prefixed with ``module.`` / ``_orig_mod.`` are repaired (our own files
+    are written canonical and read as they are). CheckpointError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found; check the path (resume=PATH, --checkpoint)")
     obj = _torch_load(path, trust)
-    if isinstance(obj, nn.Module):
-        sd, renamed = strip_wrapper_prefixes(unwrap(obj).state_dict())
-        return Checkpoint(str(path), "pickled_model", {"model": sd}, renamed)
+    if isinstance(obj, nn.Module):  # unwrapped: its keys are the model's own
+        return Checkpoint(str(path), "pickled_model", {"model": unwrap(obj).state_dict()})
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         version = obj.get("format_version")
         if version != FORMAT_VERSION:
@@ -127,8 +127,7 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
         if not checksum_matches(obj):
             raise CheckpointError(f"checkpoint '{path}' is damaged: its content does not match the checksum "
                                   f"written with it (corrupted on disk or in a copy); use an older checkpoint")
-        sd, renamed = strip_wrapper_prefixes(obj["model"])
-        return Checkpoint(str(path), OURS, {**obj, "model": sd}, renamed)
+        return Checkpoint(str(path), OURS, dict(obj))  # written canonical: its keys are the model's own
     layout = layouts.detect(obj)
     if layout is not None:
         sd, renamed = strip_wrapper_prefixes(obj[layout.weights_key])

@@ -35,14 +35,22 @@ def is_state_dict(obj: Any) -> bool:
 
 
 def strip_wrapper_prefixes(sd: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
-    """Remove ``module.`` and ``_orig_mod.`` path segments (DataParallel, DDP, torch.compile)."""
-    out, renamed = {}, 0
-    for key, value in sd.items():
-        parts = [p for p in key.split(".") if p not in WRAPPER_SEGMENTS]
-        new = ".".join(parts)
-        renamed += new != key
-        out[new] = value
-    return out, renamed
+    """Remove the prefix a wrapper put on the keys of a foreign file: a leading ``module.``
+    (DataParallel, DDP) or ``_orig_mod.`` (torch.compile), repeated for nested wrappers, where every
+    key starts with it (a wrapper prefixes all of them). Never inside a key, nor where only some keys
+    start with it: those are the model's own names (a child named ``module``). Returns the keys and
+    how many were renamed."""
+    keys = list(sd)
+    depth = 0
+    while keys:
+        segment = keys[0].split(".", 1)[0]
+        if segment not in WRAPPER_SEGMENTS or not all(k.startswith(segment + ".") for k in keys):
+            break
+        keys = [k[len(segment) + 1:] for k in keys]
+        depth += 1
+    if not depth:
+        return dict(sd), 0
+    return dict(zip(keys, sd.values())), len(keys)
 
 
 def fit_prefix(sd: Mapping[str, Any], want: Iterable[str]) -> tuple[dict[str, Any], str]:

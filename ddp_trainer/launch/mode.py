@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..compat import ddp_no_forward_buffer_sync
+from ..compat import ddp_no_forward_buffer_sync, is_compiled_module
 from ..errors import ConfigError
 from .dist import GradientSyncWatch
 
@@ -115,7 +115,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         elif isinstance(model, InputsOnReplicas):
             model = model.model
-        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
-            model = model._orig_mod  # torch.compile's OptimizedModule
+        elif is_compiled_module(model):  # by its class: a model's own child may be named _orig_mod
+            model = model._orig_mod
         else:
             return model

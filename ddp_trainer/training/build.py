@@ -3,8 +3,9 @@ pieces of state (each registered as a checkpoint component where it is built), t
 model, the loaders and the engine, handed to a :class:`~.trainer.Trainer`.
 
 Order matters and is deliberate: nothing is written to ``output_dir`` before it is locked and the
-run has decided how it starts; a checkpoint is read by rank 0 only, then broadcast, and restored
-into the unwrapped model (before DDP / DataParallel / compile wrap it).
+run has decided how it starts (the checkpoint read and restored, so that a refused resume changes
+nothing); a checkpoint is read by rank 0 only, then broadcast, and restored into the unwrapped
+model (before DDP / DataParallel / compile wrap it).
 """
 from __future__ import annotations
 
@@ -103,7 +104,6 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
             starts_from = cfg.model.init_from or cfg.model.weights
             init = (dist.main_then_broadcast(lambda: read_initial_weights(cfg, trust_checkpoint))
                     if starts_from and resume is None else None)
-        folder.open()
 
         apply_numerics(cfg, dist.device)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
@@ -124,7 +124,7 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         registry.register("meta", RunMeta(cfg, splits.class_to_idx, dist.world_size), flat=True)
         registry.register("model", ModelWeights(model))
         optimizer = build_optimizer(model, cfg.optim, base_lr)
-        registry.register("optimizer", OptimizerState(optimizer, cfg.optim.name, model))
+        registry.register("optimizer", OptimizerState(optimizer, cfg.optim, model))
         schedule = LRSchedule(base_lr, cfg.sched, cfg.train.epochs)
         registry.register("scheduler", schedule)
         scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.precision == "fp16")
@@ -158,6 +158,10 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
             if ema is not None and "model_ema" not in restored:
                 log.warning("resume: %s holds no EMA weights; train.ema_decay starts a new EMA from the resumed "
                             "weights", resume.path)
+        # opened only now: a model, optimizer state or weights refused above leave output_dir as it was
+        folder.open()
+        checkpoints.open()
+        if resume is not None:
             checkpoints.keep_replaced_best()
         if dist.is_main:  # after the restore: a resumed run continues its tracker runs
             runs.trackers = start_trackers(cfg, folder.path, runs.resumed)

@@ -9,15 +9,24 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..checkpoint.format import meta_entries, rng_fits
+from ..checkpoint.format import meta_entries, optimizer_param_names, rng_fits
 from ..checkpoint.registry import LoadContext, SaveContext
 from ..checkpoint.weights import canonical_tensors, load_weights
-from ..config import Config
+from ..config import Config, OptimConfig
 from ..errors import CheckpointError
 from ..launch.dist import Dist
 from ..trackers import Tracker
 from .engine import RunningLoss
 from .optim import carry_over_state, optimizer_family
+from .optim_state import (
+    StateMismatch,
+    file_optim_config,
+    load_by_name,
+    parameter_names,
+    positional_names,
+    setting_changes,
+    state_with_names,
+)
 from .state import TrainState
 
 log = logging.getLogger("ddp_trainer")
@@ -48,37 +57,62 @@ class ModelWeights:
 
 
 class OptimizerState:
-    """Our own files: the optimizer's whole state. Another trainer's: its per-parameter state
-    (momentum buffers, Adam moments, step) carried into our parameter groups when the optimizer
-    type matches and the parameters map (count and shapes); hyperparameters come from the config."""
+    """The optimizer's per-parameter state, kept and matched by parameter name (see
+    :mod:`.optim_state`); its hyperparameters always come from the config (a change is logged).
 
-    def __init__(self, optimizer: torch.optim.Optimizer, name: str, model: nn.Module) -> None:
-        self.optimizer, self.name, self.model = optimizer, name, model
+    Our own files: restored by name (earlier files without names: by position, through the grouping
+    of their own config, shapes checked); a state that does not fit is refused (CheckpointError)
+    unless ``optim.name`` changed, where the moments start fresh (one line). Another trainer's
+    file: its state carried into our groups when its type matches and its parameters map (count and
+    shapes), else skipped with a warning."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, model: nn.Module) -> None:
+        """``model``: the unwrapped model the optimizer's parameters belong to (canonical names)."""
+        self.optimizer, self.cfg, self.model = optimizer, cfg, model
+        self.names = parameter_names(model)
 
     def save(self, ctx: SaveContext) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        return state_with_names(self.optimizer, self.names)
 
     def load(self, sd: dict[str, Any], ctx: LoadContext) -> None:
         ckpt = ctx.checkpoint
         if not ckpt.ours:
-            family = optimizer_family(sd)
-            carried = carry_over_state(sd, self.optimizer, list(self.model.parameters())) \
-                if family == self.name else None
-            if carried is None:
-                why = (f"it is {family or 'of an unknown type'}, optim.name={self.name}" if family != self.name
-                       else "its parameters do not map onto the model's (count or shapes differ)")
-                log.warning("resume: optimizer state of the %s file skipped (%s)", ckpt.kind, why)
-            else:
-                log.info("resume: %s optimizer state of the %s file carried over for %d parameter(s); "
-                         "hyperparameters from the config", self.name, ckpt.kind, carried)
+            self._carry_foreign(sd, ckpt.kind)
             return
-        old_name = (ckpt.config or {}).get("optim", {}).get("name", self.name)
+        old_name = (ckpt.config or {}).get("optim", {}).get("name") or optimizer_family(sd) or self.cfg.name
+        if old_name != self.cfg.name:
+            log.info("resume: optim.name changed (%s -> %s): the optimizer's moments start fresh", old_name,
+                     self.cfg.name)
+            return
         try:
-            if old_name != self.name:
-                raise ValueError(f"checkpoint optimizer {old_name!r} != optim.name {self.name!r}")
-            self.optimizer.load_state_dict(sd)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            log.warning("resume: optimizer state skipped, it does not fit the configured optimizer (%s)", exc)
+            saved_names = optimizer_param_names(sd) or positional_names(
+                sd, self.model, file_optim_config(ckpt.config, self.cfg))
+            regrouped = load_by_name(self.optimizer, self.names, sd, saved_names)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            what = str(exc) if isinstance(exc, StateMismatch) else f"it cannot be loaded: {type(exc).__name__}: {exc}"
+            raise CheckpointError(
+                f"resume: the optimizer state in checkpoint '{ckpt.path}' does not fit this run's {self.cfg.name} "
+                f"optimizer ({what}); resume with the model as it was trained (the same parameters trainable), or "
+                f"keep only its weights with model.init_from={ckpt.path} (the optimizer starts new)",
+                shared=True) from None
+        if regrouped:
+            log.info("resume: the optimizer's state regrouped by parameter name (the parameter groups changed: "
+                     "optim.norm_weight_decay)")
+        changes = setting_changes(sd["param_groups"], self.optimizer.state_dict()["param_groups"])
+        if changes:
+            log.info("resume: optimizer settings from the config, not the checkpoint: %s", ", ".join(changes))
+
+    def _carry_foreign(self, sd: dict[str, Any], kind: str) -> None:
+        family = optimizer_family(sd)
+        name = self.cfg.name
+        carried = carry_over_state(sd, self.optimizer, list(self.model.parameters())) if family == name else None
+        if carried is None:
+            why = (f"it is {family or 'of an unknown type'}, optim.name={name}" if family != name
+                   else "its parameters do not map onto the model's (count or shapes differ)")
+            log.warning("resume: optimizer state of the %s file skipped (%s)", kind, why)
+        else:
+            log.info("resume: %s optimizer state of the %s file carried over for %d parameter(s); "
+                     "hyperparameters from the config", name, kind, carried)
 
 
 class ScalerState:

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from ..checkpoint.registry import LoadContext, SaveContext
-from ..checkpoint.weights import strip_wrapper_prefixes
 
 log = logging.getLogger("ddp_trainer")
 
@@ -91,10 +90,9 @@ class WeightEMA:
 
     def load(self, sd: dict[str, Any], ctx: LoadContext) -> None:
         """Our ``model_ema`` entry, or another trainer's EMA read into it (torchvision's and timm's
-        ``--model-ema``): wrapper prefixes stripped, and an unknown update count taken as "already
+        ``--model-ema``, wrapper prefixes stripped by the reader), and an unknown update count taken as "already
         averaging" (the next update blends instead of copying)."""
-        weights, _ = strip_wrapper_prefixes(sd["weights"])
-        self.module.load_state_dict(weights)
+        self.module.load_state_dict(sd["weights"])  # canonical keys (the reader strips a foreign wrapper's)
         self.n_averaged = 1 if sd.get("n_averaged") is None else int(sd["n_averaged"])
         if not ctx.checkpoint.ours:
             log.info("resume: the EMA weights of the %s file carried over (%s updates so far%s); train.ema_decay=%g "
