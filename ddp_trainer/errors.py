@@ -36,6 +36,11 @@ class CheckpointError(UserError):
     """A missing, corrupt, refused or mismatching checkpoint."""
 
 
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint the filesystem would not give now (permissions, EIO, ESTALE, a folder or a FIFO
+    where the file should be). Not damaged content: ``resume=auto`` never skips it for an older file."""
+
+
 class PeerTimeout(UserError):
     """A rank waited past the preparation timeout for another rank's step; the message names it."""
 

@@ -12,10 +12,10 @@ import shutil
 import time
 from pathlib import Path
 
-from ..checkpoint.reader import has_checkpoints
+from ..checkpoint.discovery import has_checkpoints
 from ..config import Config, dump
 from ..errors import CheckpointError, ConfigError, UserError
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write_text, check_writable
 from ..launch.dist import Dist
 from ..launch.runlock import RunLock
 from ..launch.signals import clear_marker
@@ -37,17 +37,19 @@ def check_output_layout(out: Path) -> None:
     """Refuse (exit 2, before anything is written) an output_dir where a name the run writes is taken
     by the wrong kind of entry: ``checkpoints`` a file, ``train.log`` a folder, output_dir a file."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir '{out}' is a file, not a folder; choose another output_dir", shared=True)
+        raise ConfigError(f"output_dir '{out}' is a file, not a folder; choose another output_dir")
     for name, folder in OUTPUT_ENTRIES.items():
         path = out / name
         if path.exists() and path.is_dir() != folder:
             want, found = ("a folder", "a file") if folder else ("a file", "a folder")
             raise ConfigError(f"'{path}' is {found}, but the run writes {want} there; move it out of "
-                              f"output_dir '{out}' or choose another output_dir", shared=True)
+                              f"output_dir '{out}' or choose another output_dir")
 
 
-def _unwritable(out: Path, exc: OSError) -> UserError:
-    return UserError(f"output_dir '{out}' cannot be written ({exc.strerror}); choose a writable output_dir")
+def _unwritable(folder: Path, exc: OSError) -> UserError:
+    what = "checkpoint folder" if folder.name == "checkpoints" else "output_dir"
+    return UserError(f"{what} '{folder}' cannot be written ({exc.strerror}); make it writable or choose "
+                     f"another output_dir")
 
 
 class RunFolder:
@@ -75,6 +77,14 @@ class RunFolder:
             self.lock = RunLock(self.path).acquire()
         except OSError as exc:
             raise _unwritable(self.path, exc) from None
+        # the lock may be taken in a folder that takes no new file (an old .lock, a read-only mount):
+        # found now, not when the first epoch's checkpoint is written
+        for folder in (self.path, self.checkpoints):
+            try:
+                if folder.is_dir():
+                    check_writable(folder)
+            except OSError as exc:
+                raise _unwritable(folder, exc) from None
 
     def open(self) -> None:
         """Every rank, once the run knows how it starts: rank 0 saves the resolved config, starts

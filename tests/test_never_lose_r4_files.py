@@ -1,0 +1,170 @@
+"""Never lose a run, round 4 (issue 28 A, E, G, H): a checkpoint the filesystem will not give now is not a
+damaged one; resume tries files by the state they hold; folders that cannot be written are found at
+start-up; clear messages for folders, foreign zips and bad images; no library globals changed per call;
+retention that logs what it deletes."""
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import os
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PY, ROOT, child_env, launch, metrics, run
+from test_never_lose import _args, _snapshot, finished  # noqa: F401 - finished: a fixture
+
+from ddp_trainer import config as config_mod
+from ddp_trainer.checkpoint.format import FORMAT, FORMAT_VERSION, with_checksum
+from ddp_trainer.checkpoint.reader import read_checkpoint
+from ddp_trainer.errors import CheckpointError
+from ddp_trainer.training.resume import find_resume
+
+
+# -- A: resume=auto, in process --------------------------------------------------------------------------
+
+def _ckpt(path: Path, epoch: int, step: int, complete: bool = True, position: int = 0) -> Path:
+    """A small file of this project's format holding (epoch, step)."""
+    torch.save(with_checksum({"format": FORMAT, "format_version": FORMAT_VERSION, "model": {"w": torch.zeros(3)},
+                              "epoch": epoch, "step": step, "epoch_complete": complete, "position": position}),
+               path)
+    return path
+
+
+def _auto() -> config_mod.Config:
+    return config_mod.load(None, ["resume=auto"])
+
+
+def _folder(tmp_path: Path) -> Path:
+    """last.pt == epoch_0002.pt (epoch 2, step 30), epoch_0001.pt (epoch 1, step 20)."""
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    _ckpt(ck / "epoch_0001.pt", 1, 20)
+    _ckpt(ck / "epoch_0002.pt", 2, 30)
+    os.link(ck / "epoch_0002.pt", ck / "last.pt")
+    return ck
+
+
+def test_candidates_are_tried_by_the_state_they_hold_not_by_name(tmp_path):
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    _ckpt(ck / "last.pt", 1, 20)  # an older state under the name tried first
+    _ckpt(ck / "epoch_0001.pt", 1, 20)
+    _ckpt(ck / "best_epoch_0002.pt", 2, 30)
+    _ckpt(ck / "best.pt", 3, 40)  # the newest: pruned epoch files, last.pt replaced by hand
+    found = find_resume(_auto(), ck, {}, trust=False)
+    assert found.path == str(ck / "best.pt") and found.start_epoch == 4
+    # a mid-epoch file of epoch 3 is newer than epoch 2's end, older than epoch 3's end
+    (ck / "best.pt").unlink()
+    _ckpt(ck / "last.pt", 3, 35, complete=False, position=16)
+    found = find_resume(_auto(), ck, {}, trust=False)
+    assert found.path == str(ck / "last.pt") and (found.start_epoch, found.start_position) == (3, 16)
+
+
+@pytest.mark.parametrize("where", ["folder", "fifo"])
+def test_a_folder_or_fifo_where_the_newest_file_should_be_stops_resume(tmp_path, where):
+    ck = _folder(tmp_path)
+    for name in ("last.pt", "epoch_0002.pt"):
+        (ck / name).unlink()
+        os.mkdir(ck / name) if where == "folder" else os.mkfifo(ck / name)
+    with pytest.raises(CheckpointError) as err:
+        find_resume(_auto(), ck, {}, trust=False)
+    kind = "is a folder, not a checkpoint file" if where == "folder" else "is a FIFO, not a regular file"
+    assert kind in err.value.message and "last.pt" in err.value.message
+
+
+@pytest.mark.parametrize("fault", ["ESTALE at open", "EIO mid-read", "EACCES at open"])
+def test_an_os_error_reading_the_newest_file_stops_resume_naming_it(tmp_path, monkeypatch, fault):
+    ck = _folder(tmp_path)
+    target = os.path.realpath(ck / "last.pt")
+    code = {"ESTALE": errno.ESTALE, "EIO": errno.EIO, "EACCES": errno.EACCES}[fault.split()[0]]
+    real_open = builtins.open
+
+    class FailingRead(io.FileIO):
+        def readinto(self, b):
+            if self.tell() > 100:
+                raise OSError(code, os.strerror(code))
+            return super().readinto(b)
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) in (target, str(ck / "epoch_0002.pt")):
+            if fault.endswith("at open"):
+                raise OSError(code, os.strerror(code), str(file))
+            return FailingRead(file, "r")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    with pytest.raises(CheckpointError) as err:
+        find_resume(_auto(), ck, {}, trust=False)
+    msg = err.value.message
+    assert "cannot be read" in msg and errno.errorcode[code] in msg and "not a damaged file" in msg, msg
+    assert "last.pt" in msg or "epoch_0002.pt" in msg
+
+
+def test_a_checkpoint_folder_that_cannot_be_listed_stops_resume(tmp_path, monkeypatch):
+    ck = _folder(tmp_path)
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(ck):
+            raise PermissionError(errno.EACCES, "Permission denied", str(ck))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(CheckpointError) as err:
+        find_resume(_auto(), ck, {}, trust=False)
+    assert f"checkpoint folder '{ck}' cannot be read (PermissionError EACCES" in err.value.message
+
+
+def test_damaged_content_is_still_skipped_for_the_next_newest(tmp_path):
+    ck = _folder(tmp_path)
+    data = (ck / "last.pt").read_bytes()
+    for name in ("last.pt", "epoch_0002.pt"):
+        (ck / name).unlink()
+        (ck / name).write_bytes(data[: len(data) // 2])
+    found = find_resume(_auto(), ck, {}, trust=False)
+    assert found.path == str(ck / "epoch_0001.pt")
+
+
+# -- A: end to end -----------------------------------------------------------------------------------------
+
+def test_resume_stops_at_an_unreadable_newest_checkpoint_and_changes_nothing(finished, demo_small, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    ck = out / "checkpoints"
+    for name in ("last.pt", "epoch_0001.pt"):  # the newest state, under both its names: FIFOs now
+        (ck / name).unlink()
+        os.mkfifo(ck / name)
+    before = _snapshot(out)
+    res = launch(0, *_args(demo_small, out, "train.epochs=3"), timeout=120)
+    assert res.returncode == 2, res.stderr
+    (err,) = [l for l in res.stderr.splitlines() if "error:" in l]
+    assert "is a FIFO, not a regular file" in err and ("last.pt" in err or "epoch_0001.pt" in err)
+    assert "skipping" not in res.stderr and "resume: from" not in res.stderr
+    assert _snapshot(out) == before  # epoch_0000.pt kept, nothing trained, written or pruned
+
+
+def _ro_mount(folder: Path, cmd: list[str]) -> list[str]:
+    """``cmd`` run with ``folder`` mounted read-only in a private mount namespace (root ignores modes)."""
+    return ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(folder), *cmd]
+
+
+@pytest.mark.parametrize("which", ["checkpoints", "output_dir"])
+def test_a_folder_that_cannot_be_written_is_found_at_start_up(finished, demo_small, tmp_path, which):
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a read-only bind mount")
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    folder = out / "checkpoints" if which == "checkpoints" else out
+    before = _snapshot(out)
+    res = run(_ro_mount(folder, [PY, str(ROOT / "launch.py"), *_args(demo_small, out, "train.epochs=3")]),
+              timeout=120)
+    assert res.returncode == 2, res.stderr
+    (err,) = [l for l in res.stderr.splitlines() if "error:" in l]
+    assert f"'{folder}' cannot be written" in err and "Read-only file system" in err, err
+    assert "epoch 2" not in res.stderr  # found before training
+    assert _snapshot(out) == before
