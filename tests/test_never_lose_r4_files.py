@@ -168,3 +168,60 @@ def test_a_folder_that_cannot_be_written_is_found_at_start_up(finished, demo_sma
     assert f"'{folder}' cannot be written" in err and "Read-only file system" in err, err
     assert "epoch 2" not in res.stderr  # found before training
     assert _snapshot(out) == before
+
+
+# -- H: messages of the commands ---------------------------------------------------------------------------
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    from ddp_trainer.cli import main
+
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert", "evaluate", "predict"])
+def test_a_folder_given_as_a_checkpoint_is_named_a_folder_with_its_files(finished, tmp_path, capsys, command):
+    ck = finished / "checkpoints"
+    argv = {"inspect": ["inspect", str(ck)], "convert": ["convert", str(ck), str(tmp_path / "out.pt")],
+            "evaluate": ["evaluate", "--checkpoint", str(ck)],
+            "predict": ["predict", "--checkpoint", str(finished), str(tmp_path / "x.png")]}[command]
+    code, err = _cli(capsys, *argv)
+    assert code == 2, err
+    named = finished if command == "predict" else ck
+    assert f"checkpoint '{named}' is a folder, not a checkpoint file; give one of its files, e.g. " \
+           f"'{ck / 'last.pt'}'" in err, err
+    assert "not found" not in err and not (tmp_path / "out.pt").exists()
+
+
+def test_resume_from_a_folder_is_named_a_folder(finished, demo_small, tmp_path):
+    res = launch(0, *_args(demo_small, tmp_path / "run", f"resume={finished / 'checkpoints'}"), timeout=120)
+    assert res.returncode == 2, res.stderr
+    (err,) = [l for l in res.stderr.splitlines() if "error:" in l]
+    assert "is a folder, not a checkpoint file" in err and "last.pt" in err and "not found" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_zip_that_is_not_a_checkpoint_is_named_so_without_torch_internals(tmp_path, capsys):
+    z = tmp_path / "weights.pt"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("notes.txt", "hello")
+        f.writestr("data/values.csv", "1,2")
+    code, err = _cli(capsys, "inspect", str(z))
+    assert code == 2
+    assert f"'{z}' is a zip archive, not a checkpoint (torch.save's archives hold a data.pkl; this one holds " \
+           f"notes.txt, data/values.csv)" in err, err
+    assert "enforce fail" not in err and "inline_container" not in err
+
+
+def test_predict_names_a_bad_image_without_training_keys_and_predicts_the_others(finished, demo_small, tmp_path):
+    good = sorted((demo_small / "val").rglob("*.png"))[:2]
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("this is a text file, not a JPEG\n")
+    res = run([PY, "-m", "ddp_trainer", "predict", "--checkpoint", str(finished / "checkpoints" / "last.pt"),
+               str(good[0]), str(fake), str(good[1])], timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert [l.split(":")[0] for l in res.stdout.splitlines()] == [str(good[0]), str(good[1])], res.stdout
+    errors = [l for l in res.stderr.splitlines() if "error:" in l]
+    assert any(f"cannot decode image '{fake}'" in l for l in errors), res.stderr
+    assert "bad_images" not in res.stderr and "data." not in res.stderr
+    assert "1 of 3 image(s) could not be read" in errors[-1]

@@ -16,7 +16,7 @@ from PIL import Image, ImageFile, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
-from ..errors import DataError, show_path
+from ..errors import DataError, ImageError, show_path
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 # torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they are still the fast path here
@@ -31,9 +31,9 @@ def _decode_with_torchvision(data: bytes) -> bool:
     return data.startswith(_TORCHVISION_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
-def _bad(path: str, why: str) -> DataError:
-    return DataError(f"cannot decode image '{show_path(path)}' ({why}); replace or delete the file, "
-                     f"or set data.bad_images=skip")
+def _bad(path: str, why: str) -> ImageError:
+    return ImageError(f"cannot decode image '{show_path(path)}' ({why}); replace or delete the file, "
+                      f"{ImageError.TRAINING_FIX}")
 
 
 def read_regular_file(path: str) -> bytes:
@@ -50,8 +50,8 @@ def read_regular_file(path: str) -> bytes:
         if not stat.S_ISREG(mode):
             kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
                     else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
-            raise DataError(f"'{show_path(path)}' is not a regular file ({kind}); only image files belong in "
-                            f"the class folders: remove it, or set data.bad_images=skip")
+            raise ImageError(f"'{show_path(path)}' is not a regular file ({kind}); only image files belong in "
+                             f"the class folders: remove it, {ImageError.TRAINING_FIX}")
         with os.fdopen(fd, "rb", closefd=True) as f:
             fd = -1
             return f.read()
@@ -89,10 +89,10 @@ def _header(path: str, data: bytes, max_pixels: int) -> Header:
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
     if width * height > max_pixels:
-        raise DataError(f"image '{show_path(path)}' is {width}x{height} = {width * height:,} pixels, more than "
-                        f"data.max_image_pixels={max_pixels:,} (a decompression bomb, or a far larger scan than "
-                        f"training needs); shrink or remove the file, raise data.max_image_pixels, or set "
-                        f"data.bad_images=skip")
+        raise ImageError(f"image '{show_path(path)}' is {width}x{height} = {width * height:,} pixels, more than "
+                         f"data.max_image_pixels={max_pixels:,} (a decompression bomb, or a far larger scan than "
+                         f"training needs); shrink or remove the file, raise data.max_image_pixels, "
+                         f"{ImageError.TRAINING_FIX}")
     return head
 
 
