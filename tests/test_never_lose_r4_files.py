@@ -21,7 +21,7 @@ from test_never_lose import _args, _snapshot, finished  # noqa: F401 - finished:
 from ddp_trainer import config as config_mod
 from ddp_trainer.checkpoint.format import FORMAT, FORMAT_VERSION, with_checksum
 from ddp_trainer.checkpoint.reader import read_checkpoint
-from ddp_trainer.errors import CheckpointError
+from ddp_trainer.errors import CheckpointError, DataError
 from ddp_trainer.training.resume import find_resume
 
 
@@ -225,3 +225,88 @@ def test_predict_names_a_bad_image_without_training_keys_and_predicts_the_others
     assert any(f"cannot decode image '{fake}'" in l for l in errors), res.stderr
     assert "bad_images" not in res.stderr and "data." not in res.stderr
     assert "1 of 3 image(s) could not be read" in errors[-1]
+
+
+# -- E: no library global changed per call -----------------------------------------------------------------
+
+def _images(demo_small: Path, tmp_path: Path) -> list[str]:
+    """PNGs of the demo set and the same pictures as JPEG, turned by EXIF (PIL's decode path)."""
+    from PIL import Image
+
+    pngs = sorted(str(p) for p in (demo_small / "train").rglob("*.png"))[:20]
+    turned = []
+    for i, p in enumerate(pngs[:5]):
+        with Image.open(p) as im:
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            out = tmp_path / f"turned{i}.jpg"
+            im.convert("RGB").save(out, exif=exif)
+            turned.append(str(out))
+    return pngs + turned
+
+
+def test_decoding_leaves_pils_decompression_bomb_guard_on(demo_small, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from ddp_trainer.data import images
+
+    before = Image.MAX_IMAGE_PIXELS
+    seen = []
+    real_open = Image.open
+
+    def open_(*args, **kwargs):  # what PIL's guard is at each open the decoder makes
+        seen.append(Image.MAX_IMAGE_PIXELS)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_)
+    for path in _images(demo_small, tmp_path):
+        images.load_rgb(path)
+        images.load_rgb_cropped(path, images.MAX_IMAGE_PIXELS, lambda h, w: (0, 0, h // 2, w // 2), 4,
+                                images.F.InterpolationMode.BILINEAR)
+    assert seen and set(seen) == {before}, set(seen)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_two_decoding_threads_leave_pils_guard_as_it_was(demo_small, tmp_path):
+    import threading
+
+    from PIL import Image
+
+    from ddp_trainer.data import images
+
+    paths = _images(demo_small, tmp_path)
+    before = Image.MAX_IMAGE_PIXELS
+
+    def decode():
+        for _ in range(10):
+            for path in paths:
+                images.load_rgb(path)
+
+    threads = [threading.Thread(target=decode) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_a_limit_above_pils_is_raised_once_and_never_lowered(tmp_path):
+    from PIL import Image
+
+    from ddp_trainer.data import images
+
+    before = Image.MAX_IMAGE_PIXELS
+    wide = tmp_path / "wide.png"
+    Image.new("L", (30000, 6100)).save(wide)  # 183 M pixels: above twice PIL's limit (PIL refuses it)
+    try:
+        with pytest.raises(DataError) as err:  # the default limit: refused (PIL's guard fires first), named
+            images.load_rgb(str(wide), max_pixels=images.MAX_IMAGE_PIXELS)
+        assert f"image '{wide}' is 183,000,000 pixels, more than data.max_image_pixels=89,478,485" in err.value.message
+        assert Image.MAX_IMAGE_PIXELS == before
+        head = images._header(str(wide), wide.read_bytes(), 200_000_000)  # allowed: PIL must open it
+        assert (head.width, head.height) == (30000, 6100)
+        assert Image.MAX_IMAGE_PIXELS == 100_000_000  # raised to half the limit, PIL refusing at twice
+        images._header(str(wide), wide.read_bytes(), 190_000_000)
+        assert Image.MAX_IMAGE_PIXELS == 100_000_000  # never lowered
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
