@@ -310,3 +310,43 @@ def test_a_limit_above_pils_is_raised_once_and_never_lowered(tmp_path):
         assert Image.MAX_IMAGE_PIXELS == 100_000_000  # never lowered
     finally:
         Image.MAX_IMAGE_PIXELS = before
+
+
+# -- G: retention and config -------------------------------------------------------------------------------
+
+def test_keep_last_0_removes_no_epoch_file_of_before_and_says_so(tmp_path, caplog):
+    from ddp_trainer.checkpoint.writer import CheckpointWriter
+
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    for e in range(3):
+        _ckpt(ck / f"epoch_{e:04d}.pt", e, 10 * e)
+    caplog.set_level("INFO", logger="ddp_trainer")
+    writer = CheckpointWriter(ck, keep_last=0)
+    writer.save({"epoch": 3, "model": {"w": torch.zeros(1)}}, epoch_file=3)
+    assert sorted(p.name for p in ck.iterdir()) == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"]
+    assert "the 3 there from before are kept (epoch_0000.pt, epoch_0001.pt, epoch_0002.pt)" in caplog.text
+
+
+def test_pruned_epoch_files_are_logged(tmp_path, caplog):
+    from ddp_trainer.checkpoint.writer import CheckpointWriter
+
+    ck = tmp_path / "checkpoints"
+    caplog.set_level("INFO", logger="ddp_trainer")
+    writer = CheckpointWriter(ck, keep_last=1)
+    for e in range(3):
+        writer.save({"epoch": e}, epoch_file=e)
+    assert sorted(p.name for p in ck.iterdir()) == ["epoch_0002.pt", "last.pt"]
+    assert "checkpoint: removed epoch_0000.pt (checkpoint.keep_last=1)" in caplog.text
+    assert "checkpoint: removed epoch_0001.pt (checkpoint.keep_last=1)" in caplog.text
+
+
+def test_resume_with_keep_last_0_keeps_the_earlier_epoch_files(finished, demo_small, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    res = launch(0, *_args(demo_small, out, "train.epochs=3", "checkpoint.keep_last=0"), timeout=120)
+    assert res.returncode == 0, res.stderr
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert "epoch_0000.pt" in names and "epoch_0001.pt" in names and "epoch_0002.pt" not in names
+    assert "checkpoint.keep_last=0: this run writes no epoch files and removes none" in res.stderr
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
