@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from ..runlog import EarlyRecords, MetricsFile, add_file_log
 
 NCCL_TRACE = "nccl_trace"  # NCCL's flight-recorder dumps on a collective timeout (each node's own)
 REPLACED = "replaced"  # resume=none over an earlier run: that run's files, moved here (replaced/<UTC time>/)
+REPLACED_KEPT = 1  # earlier runs kept in replaced/: overwrite=true asked for the run to be replaced
+_ASIDE = re.compile(r"^\d{8}-\d{6}(\.\d+)?$")  # replaced/<UTC time>[.N]/
 PREVIOUS_RUN = ("checkpoints", "metrics.jsonl", "metrics.csv", "train.log", "tensorboard", "config.yaml", "PREEMPTED",
                 "wandb")
 log = logging.getLogger("ddp_trainer")
@@ -129,6 +132,19 @@ class RunFolder:
             os.rename(self.path / name, aside / name)
         log.warning("resume=none: the earlier run's %s moved to %s (nothing of it is resumed or overwritten)",
                     ", ".join(found), aside)
+        self._bound_replaced()
+
+    def _bound_replaced(self) -> None:
+        """``replaced/`` keeps the last :data:`REPLACED_KEPT` earlier runs (each start over would add a
+        whole copy of a run); older ones are deleted, named in the log, once the newest is in place.
+        Entries not named by a start over are left alone."""
+        folder = self.path / REPLACED
+        runs = sorted((p for p in folder.iterdir() if p.is_dir() and _ASIDE.match(p.name)),
+                      key=lambda p: (p.name.split(".")[0], int(p.name.partition(".")[2] or 1)))
+        for old in runs[:-REPLACED_KEPT]:
+            shutil.rmtree(old)
+            log.warning("resume=none: deleted %s, an older run set aside (replaced/ keeps the last %d)", old,
+                        REPLACED_KEPT)
 
     def close(self) -> None:
         """Let go of held log records and of output_dir's lock (the process's end releases it too)."""
