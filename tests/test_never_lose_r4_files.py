@@ -350,3 +350,36 @@ def test_resume_with_keep_last_0_keeps_the_earlier_epoch_files(finished, demo_sm
     assert "epoch_0000.pt" in names and "epoch_0001.pt" in names and "epoch_0002.pt" not in names
     assert "checkpoint.keep_last=0: this run writes no epoch files and removes none" in res.stderr
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_replaced_keeps_the_last_earlier_run_only_and_logs_what_it_deletes(small_args, tmp_path):
+    out = tmp_path / "run"
+    args = [*small_args, "train.epochs=1", "data.num_workers=0"]
+    assert launch(0, *args, timeout=120).returncode == 0
+    (out / "replaced" / "notes").mkdir(parents=True)  # not a run set aside: left alone
+    sizes = []
+    for _ in range(3):
+        res = launch(0, *args, "resume=none", "overwrite=true", timeout=120)
+        assert res.returncode == 0, res.stderr
+        runs = sorted(p.name for p in (out / "replaced").iterdir() if p.name != "notes")
+        sizes.append(len(runs))
+    assert sizes == [1, 1, 1]
+    assert "resume=none: deleted " in res.stderr and "replaced/ keeps the last 1" in res.stderr
+    assert (out / "replaced" / "notes").is_dir()
+    assert (out / "replaced" / runs[0] / "checkpoints" / "last.pt").is_file()  # the run just replaced
+
+
+def test_ra_repeats_that_leave_one_image_per_epoch_are_refused(small_args, tmp_path):
+    res = launch(0, *small_args, "data.sampler=repeated_augment", "data.ra_repeats=1000000000", timeout=120)
+    assert res.returncode == 2, res.stderr
+    (err,) = [l for l in res.stderr.splitlines() if "error:" in l]
+    assert "data.ra_repeats=1000000000 with data.sampler=repeated_augment and 120 training image(s)" in err
+    assert "data.ra_repeats=3" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_repeated_augment_log_line_counts_what_is_drawn(small_args):
+    res = launch(0, *small_args, "train.epochs=1", "data.sampler=repeated_augment", "data.ra_repeats=50",
+                 timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "each epoch draws 120 images, 3 distinct ones 50 time(s) each (the last one 20 time(s))" in res.stderr
