@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from .data.demo import CLASSES, write_demo_data
 from .data.images import load_rgb
 from .data.samplers import EpochPlan
 from .data.transforms import ImageTransform, Normalize
-from .errors import EXIT_OK, CheckpointError
+from .errors import EXIT_OK, CheckpointError, DataError, ImageError
 from .launch.dist import Dist
 from .launch.environment import process_rank
 from .models import build_model, check_model_name
@@ -253,6 +254,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """One line per image with its top classes, in the order given. An image that cannot be read or
+    decoded is named on stderr (with no training key: predict has no data.bad_images) and the next
+    ones still predicted; then exit 2 naming how many failed."""
     loaded = read_checkpoint(args.checkpoint, args.trust_checkpoint)
     cfg = loaded.config or {}
     data = cfg.get("data", {})
@@ -270,13 +274,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     size = args.image_size or data.get("image_size", 224)
     tf = ImageTransform(size, ())
     norm = Normalize(data.get("mean", [0.485, 0.456, 0.406]), data.get("std", [0.229, 0.224, 0.225]))
+    unread: list[str] = []
     with torch.no_grad():
         for path in args.images:
-            x = norm(tf(load_rgb(path), None)[None])
+            try:
+                img = load_rgb(path)
+            except ImageError as exc:  # named, and the next images still predicted
+                print(f"error: {exc.plain}", file=sys.stderr, flush=True)
+                unread.append(path)
+                continue
+            x = norm(tf(img, None)[None])
             probs = torch.softmax(model(x).float(), dim=1)[0]
             top = probs.topk(min(args.top, len(classes)))
             best = ", ".join(f"{classes[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
-            print(f"{path}: {best}")
+            print(f"{path}: {best}", flush=True)
+    if unread:
+        raise DataError(f"predict: {len(unread)} of {len(args.images)} image(s) could not be read "
+                        f"({', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''}); the others were predicted")
     return EXIT_OK
 
 

@@ -32,8 +32,25 @@ class DataError(UserError):
     """A missing, inconsistent or unreadable dataset."""
 
 
+class ImageError(DataError):
+    """An image file that cannot be read or decoded. ``message`` adds training's way round it
+    (``data.bad_images=skip``); ``plain`` is the same line without it, for the commands that take no
+    training config (predict)."""
+
+    TRAINING_FIX = "or set data.bad_images=skip"
+
+    def __init__(self, message: str, *, shared: bool = False) -> None:
+        super().__init__(message, shared=shared)
+        self.plain = message.removesuffix(", " + self.TRAINING_FIX).removesuffix("; " + self.TRAINING_FIX)
+
+
 class CheckpointError(UserError):
     """A missing, corrupt, refused or mismatching checkpoint."""
+
+
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint the filesystem would not give now (permissions, EIO, ESTALE, a folder or a FIFO
+    where the file should be). Not damaged content: ``resume=auto`` never skips it for an older file."""
 
 
 class PeerTimeout(UserError):

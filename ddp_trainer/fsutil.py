@@ -66,3 +66,16 @@ def human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000  # type: ignore[assignment]
     raise AssertionError
+
+
+def check_writable(folder: Path) -> None:
+    """Raise the OSError a new file in ``folder`` would meet (a read-only mount, permissions, a full
+    inode table): creates, writes and removes one temporary file. Run at start-up, so that a folder a
+    run cannot write stops it before its first epoch, not at the first checkpoint."""
+    probe = Path(folder) / f".write-probe.tmp-{os.getpid()}"  # a temp name: writers clear leftovers
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"x")
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)

@@ -98,6 +98,13 @@ def resume_point(entries: Mapping[str, Any]) -> tuple[int, int]:
     return epoch, int(entries.get("position", 0) or 0)
 
 
+def resume_key(entries: Mapping[str, Any]) -> tuple[int, int, int]:
+    """How ``resume=auto`` orders files, newest first: (epoch, samples of it, step) a run resumed from
+    ``entries`` continues at (step -1 where the file has none)."""
+    step = entries.get("step")
+    return (*resume_point(entries), step if isinstance(step, int) else -1)
+
+
 def rng_fits(entries: Mapping[str, Any], world_size: int) -> bool:
     """The file's per-rank generator states can be restored: one for each rank of this run."""
     states = entries.get("rng")

@@ -1,4 +1,4 @@
-"""Reading checkpoints of every accepted kind onto the CPU, and finding the ones to resume from.
+"""Reading checkpoints of every accepted kind onto the CPU (finding them: :mod:`.discovery`).
 
 Accepted: this project's format (:mod:`.format`); the layouts of other trainers (:mod:`.layouts`),
 the classic ``{"net", "optimizer", "epoch"}`` dict among them; a plain state dict; and, only with
@@ -22,30 +22,12 @@ from torch import nn
 from ..errors import CheckpointError
 from ..launch.mode import unwrap
 from . import layouts
+from .discovery import require_file
 from .format import FORMAT, FORMAT_VERSION, OURS, Checkpoint, checksum_matches
+from .source import CheckpointFile
 from .weights import is_state_dict, strip_wrapper_prefixes
-from .writer import BEST_EPOCH_FILE, EPOCH_FILE
 
 log = logging.getLogger("ddp_trainer")
-
-
-def resume_candidates(folder: Path) -> list[Path]:
-    """Checkpoints to try on ``resume=auto``, newest first: last.pt, the epoch files by number, then
-    the best files (best_epoch_NNNN.pt by number, best.pt): every checkpoint of the folder is a
-    candidate, so a folder whose newer files were pruned or deleted still resumes, never starts over."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    names = [p.name for p in folder.iterdir()]
-    epochs = sorted((n for n in names if EPOCH_FILE.match(n)), reverse=True)
-    bests = sorted((n for n in names if BEST_EPOCH_FILE.match(n)), reverse=True)
-    first = [n for n in ("last.pt",) if n in names]
-    last = [n for n in ("best.pt",) if n in names]
-    return [folder / n for n in first + epochs + bests + last]
-
-
-def has_checkpoints(folder: Path) -> bool:
-    return bool(resume_candidates(folder))
 
 
 # Plain data that other trainers pickle into their checkpoints: torchvision's references and timm
@@ -58,40 +40,68 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:200]
 
 
-def _looks_like_torch_save(path: Path) -> bool:
+def _looks_like_torch_save(source: CheckpointFile) -> bool:
     """torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80)."""
-    with open(path, "rb") as f:
+    with source.open() as f:
         head = f.read(4)
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
-def _pickle_is_whole(path: Path) -> bool:
+def _pickle_is_whole(source: CheckpointFile) -> bool:
     """The file's pickle reads to its end (a zip written by torch.save: its data.pkl; the legacy format:
     the file's first pickle), so a refusal by weights_only was about what it references, not damage."""
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                name = next(n for n in z.namelist() if n.endswith("data.pkl"))
-                data = z.read(name)
-        else:
-            data = path.read_bytes()
+        with source.open() as f:
+            if zipfile.is_zipfile(f):
+                with zipfile.ZipFile(f) as z:
+                    name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                    data = z.read(name)
+            else:
+                f.seek(0)
+                data = f.read()
         for _ in pickletools.genops(data):
             pass
-    except Exception:  # noqa: BLE001 - any failure to walk the pickle means it is damaged
+    except Exception:  # noqa: BLE001 - any failure to walk the pickle means it is damaged (or fs_error)
         return False
     return True
 
 
-def _torch_load(path: Path, trust: bool) -> Any:
+def _zip_members(source: CheckpointFile) -> list[str] | None:
+    """The names in the file when it is a readable zip archive (None: not one, or a damaged one)."""
     try:
-        if not _looks_like_torch_save(path):
+        with source.open() as f, zipfile.ZipFile(f) as z:
+            return z.namelist()
+    except Exception:  # noqa: BLE001 - not a readable archive (or fs_error)
+        return None
+
+
+def _torch_error(exc: BaseException) -> str:
+    """torch's error text without its C++ location (``[enforce fail at inline_container.cc:180] .``)."""
+    return re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", _first_line(exc))
+
+
+def _torch_load(path: Path, trust: bool) -> Any:
+    """torch.load onto the CPU. An error of the filesystem met anywhere while reading (an open, a read
+    inside torch, the checks of a refused pickle) is CheckpointUnreadable, whatever it caused; every
+    other failure is the content's, a CheckpointError naming the damage."""
+    source = CheckpointFile(path)
+    try:
+        return _load_content(source, trust)
+    except Exception as exc:
+        raise source.fail(exc) from None
+
+
+def _load_content(source: CheckpointFile, trust: bool) -> Any:
+    path = source.path
+    try:
+        if not _looks_like_torch_save(source):
             raise CheckpointError(f"'{path}' is not a checkpoint (not a file written by torch.save); check the path")
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS), source.open() as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except pickle.UnpicklingError as exc:
-        if not _pickle_is_whole(path):
+        if not _pickle_is_whole(source):
             raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({_first_line(exc)}); use another file") from None
         if not trust:  # a whole pickle that weights_only refused: it references code
             found = re.search(r"GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)  # which one, when torch says
@@ -101,21 +111,28 @@ def _torch_load(path: Path, trust: bool) -> Any:
                 f"Pass --trust-checkpoint if you trust its source") from None
         log.warning("--trust-checkpoint: unpickling '%s' with weights_only=False (this runs code from the file)", path)
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            with source.open() as f:
+                return torch.load(f, map_location="cpu", weights_only=False)
         except Exception as exc2:  # noqa: BLE001 - any failure to read is "not usable", named
             raise CheckpointError(f"checkpoint '{path}' cannot be read ({_first_line(exc2)})") from None
     except Exception as exc:  # noqa: BLE001 - empty, cut, overwritten: whatever torch raises, the file is unusable
+        members = _zip_members(source)
+        if members is not None and not any(n.endswith("data.pkl") for n in members):
+            shown = (", ".join(members[:4]) + (", ..." if len(members) > 4 else "")) if members else "nothing"
+            raise CheckpointError(f"'{path}' is a zip archive, not a checkpoint (torch.save's archives hold a "
+                                  f"data.pkl; this one holds {shown}); check the path") from None
         raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({type(exc).__name__}: "
-                              f"{_first_line(exc)}); use another file") from None
+                              f"{_torch_error(exc)}); use another file") from None
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     """Read any accepted checkpoint onto the CPU and normalise it (module docstring); a foreign
     file's keys that a wrapper prefixed with ``module.`` / ``_orig_mod.`` are repaired (our own files
-    are written canonical and read as they are). CheckpointError naming the file otherwise."""
+    are written canonical and read as they are). CheckpointError naming the file otherwise: its
+    subclass CheckpointUnreadable when the filesystem refused (an OS error, a folder or a FIFO at the
+    path), never for damaged content, which is the only kind ``resume=auto`` may skip."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' not found; check the path (resume=PATH, --checkpoint)")
+    require_file(path)
     obj = _torch_load(path, trust)
     if isinstance(obj, nn.Module):  # unwrapped: its keys are the model's own
         return Checkpoint(str(path), "pickled_model", {"model": unwrap(obj).state_dict()})

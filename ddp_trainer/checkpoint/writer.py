@@ -87,6 +87,11 @@ class CheckpointWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".*.tmp-*"):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
+        if keep_last == 0:
+            kept = sorted(p.name for p in self.folder.iterdir() if EPOCH_FILE.match(p.name))
+            if kept:
+                log.info("checkpoint.keep_last=0: this run writes no epoch files and removes none; the %d there "
+                         "from before are kept (%s)", len(kept), _names(kept))
 
     def save(self, state: Mapping[str, Any], *, epoch_file: int | None = None, best: bool = False,
              also: Sequence[str] = (), remove: Sequence[str] = ()) -> Path:
@@ -109,7 +114,7 @@ class CheckpointWriter:
             raise CheckpointError(write_failure(first, exc, state_nbytes(state))) from None
         for name in remove:
             (self.folder / name).unlink(missing_ok=True)
-        if epoch_file is not None:
+        if first.name != "last.pt":  # an epoch file was written: the oldest beyond keep_last go
             self._prune()
         return first
 
@@ -123,9 +128,18 @@ class CheckpointWriter:
         """Nothing in flight."""
 
     def _prune(self) -> None:
+        """Remove the oldest epoch files beyond ``keep_last`` (logged), once a newer one is in place.
+        Never with keep_last=0: a run that writes no epoch file has none to replace them with."""
         epochs = sorted(p for p in self.folder.iterdir() if EPOCH_FILE.match(p.name))
-        for old in epochs[: max(0, len(epochs) - self.keep_last)]:
+        gone = epochs[: max(0, len(epochs) - self.keep_last)]
+        for old in gone:
             old.unlink(missing_ok=True)
+        if gone:
+            log.info("checkpoint: removed %s (checkpoint.keep_last=%d)", _names([p.name for p in gone]), self.keep_last)
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]}"
 
 
 def on_cpu(obj: Any) -> Any:

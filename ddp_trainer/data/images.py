@@ -16,7 +16,7 @@ from PIL import Image, ImageFile, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
-from ..errors import DataError, show_path
+from ..errors import DataError, ImageError, show_path
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 # torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they are still the fast path here
@@ -31,9 +31,9 @@ def _decode_with_torchvision(data: bytes) -> bool:
     return data.startswith(_TORCHVISION_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
-def _bad(path: str, why: str) -> DataError:
-    return DataError(f"cannot decode image '{show_path(path)}' ({why}); replace or delete the file, "
-                     f"or set data.bad_images=skip")
+def _bad(path: str, why: str) -> ImageError:
+    return ImageError(f"cannot decode image '{show_path(path)}' ({why}); replace or delete the file, "
+                      f"{ImageError.TRAINING_FIX}")
 
 
 def read_regular_file(path: str) -> bytes:
@@ -50,8 +50,8 @@ def read_regular_file(path: str) -> bytes:
         if not stat.S_ISREG(mode):
             kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
                     else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
-            raise DataError(f"'{show_path(path)}' is not a regular file ({kind}); only image files belong in "
-                            f"the class folders: remove it, or set data.bad_images=skip")
+            raise ImageError(f"'{show_path(path)}' is not a regular file ({kind}); only image files belong in "
+                             f"the class folders: remove it, {ImageError.TRAINING_FIX}")
         with os.fdopen(fd, "rb", closefd=True) as f:
             fd = -1
             return f.read()
@@ -66,6 +66,21 @@ MAX_IMAGE_PIXELS = 89_478_485  # data.max_image_pixels' default: PIL's own (Imag
 _ORIENTATION = 0x0112  # the EXIF tag: how the camera held the picture (1: as stored)
 
 
+# data.max_image_pixels is checked by _header from each file's header; PIL's own guard stays on (it
+# refuses more than twice Image.MAX_IMAGE_PIXELS, and warns above it, a warning our check replaces)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Let PIL open images of up to ``max_pixels`` (a ``data.max_image_pixels`` above twice PIL's
+    Image.MAX_IMAGE_PIXELS, which PIL refuses on its own): the global is raised to half of it, at most
+    once per larger limit, and never lowered or turned off. Changing it around each decode instead
+    raced between decoding threads (one thread's restore undid another's: it stayed None for good)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and 2 * limit < max_pixels:
+        Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
+
+
 class Header(NamedTuple):
     """What a file's header tells before anything is decoded."""
 
@@ -77,23 +92,27 @@ class Header(NamedTuple):
 
 
 def _header(path: str, data: bytes, max_pixels: int) -> Header:
-    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the limit is checked below, by key
+    allow_pixels(max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as probe:  # the header only: nothing is decoded yet
             width, height = probe.size
             head = Header(width, height, getattr(probe, "n_frames", 1),
                           "exif" in probe.info and probe.getexif().get(_ORIENTATION, 1) != 1,
                           probe.format == "JPEG" and probe.mode in ("RGB", "L"))
+    except Image.DecompressionBombError as exc:  # PIL's own guard, at twice its limit: over ours too
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(path, f"{int(found.group(1)):,}" if found else "too many", max_pixels) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise _bad(path, _pil_reason(exc)) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pil_limit
     if width * height > max_pixels:
-        raise DataError(f"image '{show_path(path)}' is {width}x{height} = {width * height:,} pixels, more than "
-                        f"data.max_image_pixels={max_pixels:,} (a decompression bomb, or a far larger scan than "
-                        f"training needs); shrink or remove the file, raise data.max_image_pixels, or set "
-                        f"data.bad_images=skip")
+        raise _too_large(path, f"{width}x{height} = {width * height:,}", max_pixels)
     return head
+
+
+def _too_large(path: str, size: str, max_pixels: int) -> ImageError:
+    return ImageError(f"image '{show_path(path)}' is {size} pixels, more than data.max_image_pixels={max_pixels:,} "
+                      f"(a decompression bomb, or a far larger scan than training needs); shrink or remove the file, "
+                      f"raise data.max_image_pixels, {ImageError.TRAINING_FIX}")
 
 
 def jpeg_reduction(width: int, height: int, need: int) -> int:
@@ -127,7 +146,6 @@ def _decode_reduced(path: str, data: bytes, head: Header, divisor: int, crop: _C
     where the full decode's does (rounding the box to whole reduced pixels shifts it by up to
     ``divisor / 2`` full pixels: a mean difference of 9.6 instead of 3.6 on textured photos). One C
     call on the small picture: the float RoIAlign it replaced cost more than the decoding it saved."""
-    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # checked by _header
     try:
         with Image.open(io.BytesIO(data)) as pil:
             # PIL's draft takes the largest scale s in 8, 4, 2 with s <= side // asked: for floor(side / d)
@@ -144,8 +162,6 @@ def _decode_reduced(path: str, data: bytes, head: Header, divisor: int, crop: _C
             arr = np.asarray(pil.convert("RGB") if pil.mode != "RGB" else pil, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as exc:
         raise _bad(path, _pil_reason(exc)) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pil_limit
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
@@ -216,15 +232,12 @@ def _decode(path: str, data: bytes, head: Header) -> torch.Tensor:
         if img.dtype != torch.uint8:  # a 16-bit PNG: scale to 8 bits as PIL does (not the low byte)
             img = F.to_dtype(img, torch.uint8, scale=True)
         return img  # HWC in memory (the decoder's layout): a copy to CHW cost as much as the decode itself
-    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # checked by _header
     try:
         with Image.open(io.BytesIO(data)) as pil:
             pil.load()  # the first frame of an animation
             arr = _to_rgb8(ImageOps.exif_transpose(pil))
     except (OSError, ValueError, SyntaxError) as exc:
         raise _bad(path, _pil_reason(exc)) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pil_limit
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 

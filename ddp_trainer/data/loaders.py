@@ -123,6 +123,11 @@ def sampler_spec(cfg: DataConfig, train: FolderIndex) -> SamplerSpec:
                                                          cfg.class_weights)
         except ValueError as exc:
             raise DataError(f"data.class_weights {exc}; name classes of '{train.root}'", shared=True) from None
+    if cfg.sampler == "repeated_augment" and cfg.ra_repeats >= max(len(train), 2):
+        # each epoch draws len(train) samples: ra_repeats copies of ceil(n / ra_repeats) images
+        raise DataError(f"data.ra_repeats={cfg.ra_repeats} with data.sampler=repeated_augment and {len(train):,} "
+                        f"training image(s) in '{train.root}': each epoch would draw a single image over and over; "
+                        f"use a small count of copies per image, e.g. data.ra_repeats=3", shared=True)
     return SamplerSpec(cfg.sampler, cfg.ra_repeats, probabilities)
 
 

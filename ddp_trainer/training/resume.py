@@ -8,11 +8,12 @@ from pathlib import Path
 from torch import nn
 
 from .. import pretrained
-from ..checkpoint.format import Checkpoint
-from ..checkpoint.reader import read_checkpoint, resume_candidates
+from ..checkpoint.discovery import peek_state, resume_candidates, same_file_groups
+from ..checkpoint.format import Checkpoint, resume_key
+from ..checkpoint.reader import read_checkpoint
 from ..checkpoint.weights import load_weights
 from ..config import Config, config_differences
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointUnreadable
 from ..models import classifier_head
 
 log = logging.getLogger("ddp_trainer")
@@ -20,25 +21,17 @@ log = logging.getLogger("ddp_trainer")
 
 def find_resume(cfg: Config, checkpoints: Path, class_to_idx: dict[str, int], trust: bool) -> Checkpoint | None:
     """The checkpoint to resume from (validated against the config and the data), or None.
-    ``resume=auto`` tries the folder's files newest first, skipping unusable ones with a warning."""
+
+    ``resume=auto`` tries the folder's files by the state they hold, newest first (a file and its hard
+    links once), skipping one whose content is unusable with a warning. A file the filesystem refuses
+    (CheckpointUnreadable) stops the run before anything is written: resuming an older file would
+    prune and overwrite the newer one."""
     if cfg.resume == "none":
         return None
     if cfg.resume != "auto":
         found = read_checkpoint(cfg.resume, trust)
     else:
-        found = None
-        skipped = []
-        for path in resume_candidates(checkpoints):
-            try:
-                found = read_checkpoint(path, trust)
-                break
-            except CheckpointError as exc:
-                log.warning("resume: skipping %s: %s", path.name, exc.message)
-                skipped.append(f"{path.name}: {exc.message}")
-        if found is None and skipped:
-            raise CheckpointError(
-                f"resume=auto: output_dir '{checkpoints.parent}' holds checkpoints but none can be used "
-                f"({'; '.join(skipped)}); nothing was changed. To start over there: resume=none overwrite=true")
+        found = _newest_usable(checkpoints, trust)
         if found is None:
             return None
     check_compatible(found, cfg, class_to_idx)
@@ -47,6 +40,44 @@ def find_resume(cfg: Config, checkpoints: Path, class_to_idx: dict[str, int], tr
     for line in config_differences(found.config, cfg.to_dict()):
         log.info("resume: config changed: %s", line)
     return found
+
+
+def _newest_usable(checkpoints: Path, trust: bool) -> Checkpoint | None:
+    """``resume=auto``'s pick (:func:`find_resume`); None for a folder without checkpoints."""
+    skipped: list[str] = []
+
+    def skip(names: list[Path], exc: CheckpointError) -> None:
+        shown = names[0].name + (f" (also {', '.join(p.name for p in names[1:])})" if names[1:] else "")
+        log.warning("resume: skipping %s: %s", shown, exc.message)
+        skipped.append(f"{shown}: {exc.message}")
+
+    ranked: list[tuple[tuple[int, int, int], list[Path], Checkpoint | None]] = []
+    for names in same_file_groups(resume_candidates(checkpoints)):
+        state = peek_state(names[0])
+        read = None
+        if state is None:  # the pickle alone does not tell: read it whole (a damaged file is skipped now)
+            try:
+                read = read_checkpoint(names[0], trust)
+            except CheckpointUnreadable:
+                raise
+            except CheckpointError as exc:
+                skip(names, exc)
+                continue
+            state = resume_key(read.entries)
+        ranked.append((state, names, read))
+    ranked.sort(key=lambda r: r[0], reverse=True)  # stable: on a tie, the folder's name order
+    for _, names, read in ranked:
+        try:
+            return read or read_checkpoint(names[0], trust)
+        except CheckpointUnreadable:
+            raise
+        except CheckpointError as exc:  # damaged content the peek did not see (a checksum, a cut tensor)
+            skip(names, exc)
+    if skipped:
+        raise CheckpointError(
+            f"resume=auto: output_dir '{checkpoints.parent}' holds checkpoints but none can be used "
+            f"({'; '.join(skipped)}); nothing was changed. To start over there: resume=none overwrite=true")
+    return None
 
 
 def check_compatible(found: Checkpoint, cfg: Config, class_to_idx: dict[str, int]) -> None:

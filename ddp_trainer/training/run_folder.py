@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
-from ..checkpoint.reader import has_checkpoints
+from ..checkpoint.discovery import has_checkpoints
 from ..config import Config, dump
 from ..errors import CheckpointError, ConfigError, UserError
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write_text, check_writable
 from ..launch.dist import Dist
 from ..launch.runlock import RunLock
 from ..launch.signals import clear_marker
@@ -23,6 +24,8 @@ from ..runlog import EarlyRecords, MetricsFile, add_file_log, remove_file_log
 
 NCCL_TRACE = "nccl_trace"  # NCCL's flight-recorder dumps on a collective timeout (each node's own)
 REPLACED = "replaced"  # resume=none over an earlier run: that run's files, moved here (replaced/<UTC time>/)
+REPLACED_KEPT = 1  # earlier runs kept in replaced/: overwrite=true asked for the run to be replaced
+_ASIDE = re.compile(r"^\d{8}-\d{6}(\.\d+)?$")  # replaced/<UTC time>[.N]/
 PREVIOUS_RUN = ("checkpoints", "metrics.jsonl", "metrics.csv", "train.log", "tensorboard", "config.yaml", "PREEMPTED",
                 "wandb")
 log = logging.getLogger("ddp_trainer")
@@ -37,17 +40,19 @@ def check_output_layout(out: Path) -> None:
     """Refuse (exit 2, before anything is written) an output_dir where a name the run writes is taken
     by the wrong kind of entry: ``checkpoints`` a file, ``train.log`` a folder, output_dir a file."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir '{out}' is a file, not a folder; choose another output_dir", shared=True)
+        raise ConfigError(f"output_dir '{out}' is a file, not a folder; choose another output_dir")
     for name, folder in OUTPUT_ENTRIES.items():
         path = out / name
         if path.exists() and path.is_dir() != folder:
             want, found = ("a folder", "a file") if folder else ("a file", "a folder")
             raise ConfigError(f"'{path}' is {found}, but the run writes {want} there; move it out of "
-                              f"output_dir '{out}' or choose another output_dir", shared=True)
+                              f"output_dir '{out}' or choose another output_dir")
 
 
-def _unwritable(out: Path, exc: OSError) -> UserError:
-    return UserError(f"output_dir '{out}' cannot be written ({exc.strerror}); choose a writable output_dir")
+def _unwritable(folder: Path, exc: OSError) -> UserError:
+    what = "checkpoint folder" if folder.name == "checkpoints" else "output_dir"
+    return UserError(f"{what} '{folder}' cannot be written ({exc.strerror}); make it writable or choose "
+                     f"another output_dir")
 
 
 class RunFolder:
@@ -76,6 +81,14 @@ class RunFolder:
             self.lock = RunLock(self.path).acquire()
         except OSError as exc:
             raise _unwritable(self.path, exc) from None
+        # the lock may be taken in a folder that takes no new file (an old .lock, a read-only mount):
+        # found now, not when the first epoch's checkpoint is written
+        for folder in (self.path, self.checkpoints):
+            try:
+                if folder.is_dir():
+                    check_writable(folder)
+            except OSError as exc:
+                raise _unwritable(folder, exc) from None
 
     def open(self) -> None:
         """Every rank, once the run knows how it starts: rank 0 saves the resolved config, starts
@@ -120,6 +133,19 @@ class RunFolder:
             os.rename(self.path / name, aside / name)
         log.warning("resume=none: the earlier run's %s moved to %s (nothing of it is resumed or overwritten)",
                     ", ".join(found), aside)
+        self._bound_replaced()
+
+    def _bound_replaced(self) -> None:
+        """``replaced/`` keeps the last :data:`REPLACED_KEPT` earlier runs (each start over would add a
+        whole copy of a run); older ones are deleted, named in the log, once the newest is in place.
+        Entries not named by a start over are left alone."""
+        folder = self.path / REPLACED
+        runs = sorted((p for p in folder.iterdir() if p.is_dir() and _ASIDE.match(p.name)),
+                      key=lambda p: (p.name.split(".")[0], int(p.name.partition(".")[2] or 1)))
+        for old in runs[:-REPLACED_KEPT]:
+            shutil.rmtree(old)
+            log.warning("resume=none: deleted %s, an older run set aside (replaced/ keeps the last %d)", old,
+                        REPLACED_KEPT)
 
     def close(self) -> None:
         """Let go of held log records, train.log and output_dir's lock (the process's end releases

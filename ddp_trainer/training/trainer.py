@@ -190,9 +190,11 @@ def _log_plan(plan: EpochPlan, drop_last: bool) -> None:
                  "repeat the first ones so that each of %d rank(s) gets %d", plan.n, plan.padded, plan.world,
                  plan.size // plan.world)
     elif spec.kind == "repeated_augment":
-        log.info("data.sampler=repeated_augment: each epoch draws %d images, %d distinct ones %d time(s) each "
+        distinct = math.ceil(plan.n / spec.repeats)
+        last = plan.n - (distinct - 1) * spec.repeats  # the order is cut at n draws: the last image's copies
+        log.info("data.sampler=repeated_augment: each epoch draws %d images, %d distinct ones %d time(s) each%s "
                  "(data.ra_repeats), the copies on different ranks with their own augmentation", plan.n,
-                 math.ceil(plan.n / spec.repeats), spec.repeats)
+                 distinct, spec.repeats, f" (the last one {last} time(s))" if last != spec.repeats else "")
     elif spec.kind == "class_balanced":
         log.info("data.sampler=class_balanced: each epoch draws %d images with replacement, classes weighted "
                  "(data.class_weights, else evenly)", plan.n)
