@@ -28,7 +28,7 @@ from .launch.environment import resolve
 from .launch.session import launched
 from .launch.signals import StopRequest, parse_signals, stop_with_parent
 from .models import build_model
-from .runlog import setup_logging
+from .runlog import console_logging
 from .training.engine import evaluate as exact_evaluation
 from .training.run import RunResult, check_config, execute
 
@@ -51,15 +51,15 @@ def train(config: str | Path | Mapping[str, Any] | Config | None = None, *, trus
                         "interleave: wait for the first to return, or start the second in a process of its own")
     try:
         env = resolve(os.environ)
-        setup_logging(env.rank)
-        cfg = check_config(build(config, overrides), env, debug=False)
-        if env.source == "torchrun":
-            stop_with_parent()
-        stop = StopRequest(parse_signals(cfg.preempt.signals), hard_exit=False).install()
-        try:
-            return execute(cfg, env, stop, trust_checkpoint=trust_checkpoint)
-        finally:
-            stop.uninstall()
+        with console_logging(env.rank):
+            cfg = check_config(build(config, overrides), env, debug=False)
+            if env.source == "torchrun":
+                stop_with_parent()
+            stop = StopRequest(parse_signals(cfg.preempt.signals), hard_exit=False).install()
+            try:
+                return execute(cfg, env, stop, trust_checkpoint=trust_checkpoint)
+            finally:
+                stop.uninstall()
     finally:
         _TRAINING.release()
 
@@ -74,8 +74,7 @@ def evaluate(checkpoint: str | Path, config: str | Path | Mapping[str, Any] | No
     is the one built.
     Under torchrun every rank evaluates its share and gets the whole result."""
     env = resolve(os.environ)
-    setup_logging(env.rank)
-    with launched(env, mode_request="auto", backend="auto", timeout_s=300.0) as (dist, _):
+    with console_logging(env.rank), launched(env, mode_request="auto", backend="auto", timeout_s=300.0) as (dist, _):
         loaded = dist.main_then_broadcast(lambda: _for_evaluation(read_checkpoint(checkpoint, trust_checkpoint), ema))
         cfg, named = _evaluation_config(loaded, config, overrides)
         name = cfg.model.name if named else loaded.model_name or cfg.model.name

@@ -12,8 +12,9 @@ import logging
 import logging.handlers
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .fsutil import atomic_write_text
 
@@ -41,6 +42,22 @@ def setup_logging(rank: int, level: str = "INFO") -> logging.Logger:
     logger.addHandler(handler)
     logger.setLevel(getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING)
     return logger
+
+
+@contextmanager
+def console_logging(rank: int, level: str = "INFO") -> Iterator[logging.Logger]:
+    """:func:`setup_logging` for the length of a call (a train() or evaluate() in a process that goes
+    on afterwards, a command called in-process): the logger's handlers, level and propagation are
+    put back as they were when it ends."""
+    logger = logging.getLogger(LOGGER)
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        yield setup_logging(rank, level)
+    finally:
+        for handler in logger.handlers:
+            if handler not in before[0]:
+                handler.close()
+        logger.handlers[:], logger.level, logger.propagate = before
 
 
 class EarlyRecords(logging.Handler):

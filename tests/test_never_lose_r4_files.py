@@ -9,18 +9,16 @@ import errno
 import io
 import os
 import shutil
-import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PY, ROOT, child_env, launch, metrics, run
+from conftest import PY, ROOT, launch, run
 from test_never_lose import _args, _snapshot, finished  # noqa: F401 - finished: a fixture
 
 from ddp_trainer import config as config_mod
 from ddp_trainer.checkpoint.format import FORMAT, FORMAT_VERSION, with_checksum
-from ddp_trainer.checkpoint.reader import read_checkpoint
 from ddp_trainer.errors import CheckpointError, DataError
 from ddp_trainer.training.resume import find_resume
 

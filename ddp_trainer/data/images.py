@@ -16,7 +16,7 @@ from PIL import Image, ImageFile, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
-from ..errors import DataError, ImageError, show_path
+from ..errors import ImageError, show_path
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 # torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they are still the fast path here
