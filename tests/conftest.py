@@ -25,7 +25,7 @@ def child_env(**extra: str) -> dict[str, str]:
     ``FAULT_*`` variables in ``extra`` inject faults (see tests/helpers/faults/sitecustomize.py)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "GROUP_RANK") and not k.startswith(("SLURM_", "FAULT_"))}
+                        "GROUP_RANK", "PYTEST_CURRENT_TEST") and not k.startswith(("SLURM_", "FAULT_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
     env.update(extra)
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(FAULTS)])
@@ -213,6 +213,11 @@ def pytest_terminal_summary(terminalreporter):
                                     "of test time): " + ", ".join(f"{n} {t:.0f} s" for n, t in slowest))
 
 
+# set by pytest per test, and by torch for the whole process the first time it needs the value (its
+# inductor cache folder, a memo of its own default): neither is something a test leaves behind
+_NOT_A_LEAK = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+
+
 def _process_state() -> dict[str, object]:
     """What a run inside the test process may change for the whole process (seeds aside)."""
     import logging
@@ -232,7 +237,7 @@ def _process_state() -> dict[str, object]:
         "torch.default_dtype": torch.get_default_dtype(),
         "torch.num_threads": torch.get_num_threads(),
         "PIL.Image.MAX_IMAGE_PIXELS": Image.MAX_IMAGE_PIXELS,
-        "os.environ": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},  # pytest's own
+        "os.environ": {k: v for k, v in os.environ.items() if k not in _NOT_A_LEAK},
         "cwd": os.getcwd(),
     }
     for name, logger in loggers.items():
@@ -258,8 +263,9 @@ def _restore(state: dict[str, object]) -> None:
     torch.set_default_dtype(state["torch.default_dtype"])
     torch.set_num_threads(state["torch.num_threads"])
     Image.MAX_IMAGE_PIXELS = state["PIL.Image.MAX_IMAGE_PIXELS"]
+    kept = {k: v for k, v in os.environ.items() if k in _NOT_A_LEAK}
     os.environ.clear()
-    os.environ.update(state["os.environ"])
+    os.environ.update({**state["os.environ"], **kept})
     os.chdir(state["cwd"])
     for key, value in state.items():
         if key.startswith("logger "):

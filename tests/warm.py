@@ -98,6 +98,9 @@ class WarmLauncher:
                 line = reader.readline()
             except (socket.timeout, TimeoutError):
                 _kill_tree(job)
+                # shown with the failed test (pytest prints a test's captured stderr)
+                print(f"warm launch timed out after {timeout} s; its stderr ends:\n{_read(err)[-4000:]}",
+                      file=sys.stderr)
                 raise subprocess.TimeoutExpired(cmd, timeout, _read(out), _read(err)) from None
             if not line:
                 raise RuntimeError(f"the warm launcher's job {job} ended without an answer: {_read(err)[-2000:]}")

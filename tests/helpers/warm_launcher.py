@@ -17,14 +17,16 @@ is run again in the child, after the environment is in place.
 - ``nproc == 0``: one process, like ``python PROGRAM ARGS``; the answer is its exit status
   (``-N`` when signal N ended it, as ``subprocess`` reports).
 - ``nproc >= 1``: like ``torchrun --standalone --nproc_per_node=N PROGRAM ARGS``: N ranks with the
-  variables torchrun sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``TORCHELASTIC_RUN_ID``, ...;
-  rank 0 hosts the store), each in a session of its own. When a rank fails the others get SIGTERM,
+  variables torchrun sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``TORCHELASTIC_RUN_ID``, ...),
+  each in a session of its own; the job hosts the rendezvous store, as torchrun's agent does
+  (``TORCHELASTIC_USE_AGENT_STORE=True``). When a rank fails the others get SIGTERM,
   then SIGKILL after ``TERM_GRACE_S``; the job prints torchrun's failure lines and answers 1, as
   torchrun exits. What torchrun itself does beyond that (restarts, rendezvous, its signal
   forwarding) is not here: tests of those run the real torchrun.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -34,6 +36,7 @@ import time
 import uuid
 
 TERM_GRACE_S = 30.0  # torchrun's wait between SIGTERM and SIGKILL for the ranks left
+STORE_TIMEOUT_S = 900.0
 POLL_S = 0.05
 
 
@@ -42,12 +45,6 @@ def _base_path() -> list[str]:
     mine = {os.path.dirname(os.path.abspath(__file__)),
             *(os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)}
     return [p for p in sys.path if p and os.path.abspath(p) not in mine]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _become(request: dict, env: dict[str, str], out_fd: int, err_fd: int, base_path: list[str]) -> dict:
@@ -119,20 +116,41 @@ def _job(conn: socket.socket, request: dict, out_fd: int, err_fd: int, base_path
             return got
         _, raw = os.waitpid(got, 0)
         _answer(conn, _status(raw))
-    port, run_id = _free_port(), str(uuid.uuid4())
+    run_id = str(uuid.uuid4())
     pids: dict[int, int] = {}
+    ports: list[int] = []  # the write ends: each rank waits for the store's port on its pipe
     for rank in range(nproc):
         rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
                     "ROLE_NAME": "default", "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
                     "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(nproc), "MASTER_ADDR": "localhost",
-                    "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
-                    "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_USE_AGENT_STORE": "False",
+                    "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+                    "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_USE_AGENT_STORE": "True",
                     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-        got = _fork_rank(request, rank_env, out_fd, err_fd, base_path, new_session=True)
-        if isinstance(got, dict):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            for fd in (write_end, *ports):
+                os.close(fd)
+            port = os.read(read_end, 32).decode().strip()
+            if not port:  # the job died before its store was up
+                os._exit(1)
+            os.close(read_end)
+            os.setsid()
             conn.close()
-            return got
-        pids[got] = rank
+            return _become(request, {**rank_env, "MASTER_PORT": port}, out_fd, err_fd, base_path)
+        os.close(read_end)
+        ports.append(write_end)
+        pids[pid] = rank
+    # the job hosts the store, as torchrun's agent does, on a port the kernel gives it: no window
+    # between choosing a free port and binding it in which another run can take it. Started after
+    # the forks, so that no rank inherits its thread.
+    import torch.distributed as tdist  # loaded by the server already (ddp_trainer imports it)
+
+    store = tdist.TCPStore("localhost", 0, nproc, True, timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S),
+                           wait_for_workers=False)
+    for fd in ports:
+        os.write(fd, f"{store.port}\n".encode())
+        os.close(fd)
     codes: dict[int, int] = {}
     first_failure = None
     deadline = None
