@@ -51,3 +51,24 @@ def test_an_old_class_balanced_identity_counts_as_unknown(caplog):
         state = _resumed(old, now)
     assert state.position == 0
     assert "unknown in a checkpoint written by an older version" in caplog.text
+
+
+# --- I.2 a build removes only this host's dead builds' temporary files ---------------------------
+
+def test_a_build_leaves_another_hosts_temporary_files_alone(demo_small, tmp_path):
+    """A cache folder shared by two nodes: node-b's build in progress is a file named with its host and
+    pid; its lock is held on node-b, so here it looks free and its pid looks dead."""
+    from ddp_trainer.data import decoded_cache
+    from ddp_trainer.data.folder_index import scan
+
+    other = tmp_path / ".decoded-abc-1x3x16x16.u8.tmp-node-b.cluster-999999"
+    other.write_bytes(b"\0" * 100)
+    mine = tmp_path / f".decoded-abc-1x3x16x16.u8.tmp-{decoded_cache.this_host()}-999999"
+    mine.write_bytes(b"\0" * 100)  # this host's build that was killed: its process is gone
+    unnamed = tmp_path / ".decoded-abc-1x3x16x16.u8.tmp-x"
+    unnamed.write_bytes(b"\0")  # no host and pid in the name: nobody can tell whose, kept
+    path = decoded_cache.build(scan(demo_small / "val"), 16, tmp_path)
+    assert path.exists()
+    assert other.exists() and other.stat().st_size == 100  # node-b's build goes on
+    assert unnamed.exists()
+    assert not mine.exists()

@@ -7,8 +7,10 @@ so a reader never sees a half-written cache. Reused by every rank of the node an
 rebuilt when the dataset (paths, labels, sizes, modification times) or the stored size changes: the
 file name is a hash of all of these (each local rank fingerprints a share of the files).
 
-A build that dies (SIGKILL, node failure) leaves its temporary file behind, but its lock dies with
-it: the next build on that folder removes every temporary file whose lock it can take.
+A build that dies (SIGKILL, node failure) leaves its temporary file behind, named with its host and
+process id. The next build on this host removes this host's leftovers: those whose process is gone
+and whose lock is free. Another host's temporary files are never touched, since a shared cache folder
+may hold another node's build in progress and the lock (``flock``) may not reach across nodes.
 
 The file is raw ``uint8`` of shape ``(images, 3, size, size)`` (named in the file name), so its
 exact size is known before building, and the free space is checked against it.
@@ -103,10 +105,36 @@ def file_name(key: str, images: int, size: int) -> str:
     return f"decoded-{key}-{images}x3x{size}x{size}.u8"
 
 
+def this_host() -> str:
+    """The host name that temporary files carry (``.<cache>.tmp-<host>-<pid>``)."""
+    return os.uname().nodename
+
+
+def _owner(tmp: Path) -> tuple[str, int] | None:
+    """The host and process id in a temporary file's name; None when it carries none."""
+    host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
+    return (host, int(pid)) if host and pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def remove_dead_builds(folder: Path) -> list[Path]:
-    """Delete the temporary files of builds that no longer run (their lock is free); return them."""
+    """Delete this host's temporary files of builds that no longer run (their process is gone and
+    their lock is free); return them. Other hosts' files are left alone, whatever their state."""
     removed = []
+    host = this_host()
     for tmp in sorted(folder.glob(TMP_GLOB)):
+        owner = _owner(tmp)
+        if owner is None or owner[0] != host or _alive(owner[1]):
+            continue  # another node's (its build may be running), or a live process of ours
         try:
             fd = os.open(tmp, os.O_RDWR)
         except FileNotFoundError:
@@ -164,7 +192,7 @@ class _NodeBuilder:
         free = shutil.disk_usage(self.folder).free
         if free < need:
             raise DataError(self._no_space(need, free))
-        tmp = path.with_name(f".{path.name}.tmp-{os.uname().nodename}-{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp-{this_host()}-{os.getpid()}")
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
