@@ -10,6 +10,16 @@ from ddp_trainer.data.samplers import SamplerSpec, class_balanced_probabilities
 from ddp_trainer.training.components import SamplerCheck
 from ddp_trainer.training.state import TrainState
 
+@pytest.fixture(autouse=True)
+def _sigchld_kept():
+    """torch's first loader with workers sets a SIGCHLD handler for good: put back the test's."""
+    import signal
+
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    signal.signal(signal.SIGCHLD, before)
+
+
 # --- I.1 class_balanced's identity is a digest of its probabilities ------------------------------
 
 LABELS = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]
@@ -72,3 +82,109 @@ def test_a_build_leaves_another_hosts_temporary_files_alone(demo_small, tmp_path
     assert other.exists() and other.stat().st_size == 100  # node-b's build goes on
     assert unnamed.exists()
     assert not mine.exists()
+
+
+# --- I.4 loader workers: an explicit start method, picklable under spawn/forkserver, signals set up ----
+
+def _config(demo_small, tmp_path, *more):
+    from ddp_trainer import config as config_mod
+
+    return config_mod.load(None, [f"data.root={demo_small}", "data.image_size=16", "data.batch_size=4",
+                                  "data.num_workers=1", "data.index_cache=false",
+                                  f"data.cache_dir={tmp_path / 'cache'}", *more])
+
+
+def _sigterm_own_worker(real):
+    """load_rgb that, inside a loader worker, first sends SIGTERM to its own process: what a signal
+    sent to every process of a job (or a worker alone) does."""
+    import os
+    import signal
+
+    import torch
+
+    def load_rgb(*args, **kwargs):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    return load_rgb
+
+
+def test_the_run_loaders_fork_explicitly_on_linux(demo_small, tmp_path):
+    import multiprocessing
+
+    from ddp_trainer.data.datasets import FolderDataset, eval_transform
+    from ddp_trainer.data.folder_index import scan
+    from ddp_trainer.data.loaders import make_eval_loader
+    from ddp_trainer.launch.dist import Dist
+
+    cfg = _config(demo_small, tmp_path)
+    ds = FolderDataset(scan(demo_small / "val"), eval_transform(cfg.data))
+    loader = make_eval_loader(ds, cfg.data, Dist.single(), Dist.single().device)
+    assert "fork" in multiprocessing.get_all_start_methods()  # Linux
+    assert loader.multiprocessing_context is multiprocessing.get_context("fork")  # not Python's default
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_the_run_loaders_work_under_spawn_and_forkserver(demo_small, tmp_path, method):
+    """The dataset and the stop-signal worker init reach a worker that did not fork: pickled."""
+    import signal
+
+    import torch
+
+    from ddp_trainer.data.datasets import FolderDataset, eval_transform
+    from ddp_trainer.data.folder_index import scan
+    from ddp_trainer.data.loaders import make_eval_loader
+    from ddp_trainer.launch.dist import Dist
+    from ddp_trainer.launch.signals import worker_init_ignoring
+
+    cfg = _config(demo_small, tmp_path)
+    ds = FolderDataset(scan(demo_small / "val"), eval_transform(cfg.data))
+    dist = Dist.single()
+    inline = [b[0] for b in make_eval_loader(ds, cfg.data, dist, dist.device, workers=0)]
+    loader = make_eval_loader(ds, cfg.data, dist, dist.device, workers=1,
+                              worker_init_fn=worker_init_ignoring([signal.SIGTERM, signal.SIGUSR1]))
+    loader.multiprocessing_context = method
+    got = [b[0] for b in loader]
+    assert len(got) == len(inline) and all(torch.equal(a, b) for a, b in zip(got, inline))
+
+
+def test_check_verify_works_under_spawn(demo_small, monkeypatch):
+    """``check --verify``'s dataset is picklable: its loader works when workers are spawned."""
+    import signal
+
+    from ddp_trainer import check
+    from ddp_trainer.data import workers
+    from ddp_trainer.data.folder_index import scan
+
+    monkeypatch.setattr(workers, "START_METHOD", "spawn")
+    assert check._verify(scan(demo_small / "val"), 1, 10**8, [signal.SIGTERM]) == []
+
+
+def test_the_cache_builds_workers_ignore_the_stop_signals(demo_small, tmp_path, monkeypatch):
+    """The decoded cache build inside a run's data set-up: its worker is sent SIGTERM while it
+    decodes, and the build goes on (the parent decides when to stop), as in the training loaders."""
+    import signal
+
+    from ddp_trainer.data import decoded_cache
+    from ddp_trainer.data.datasets import scan_splits
+    from ddp_trainer.data.loaders import build_run_data, sampler_spec
+    from ddp_trainer.launch.dist import Dist
+    from ddp_trainer.launch.signals import worker_init_ignoring
+
+    monkeypatch.setattr(decoded_cache, "load_rgb", _sigterm_own_worker(decoded_cache.load_rgb))
+    cfg = _config(demo_small, tmp_path, "data.cache=decoded")
+    splits = scan_splits(cfg.data, demo_small)
+    data = build_run_data(cfg, Dist.single(), splits, sampler_spec(cfg.data, splits.train),
+                          worker_init_fn=worker_init_ignoring([signal.SIGTERM]), before_fork=lambda: None)
+    data.close()
+    assert len(list((tmp_path / "cache").rglob("decoded-*.u8"))) == 2
+
+
+def test_check_verify_workers_ignore_the_stop_signals(demo_small, monkeypatch, capsys):
+    from ddp_trainer import check, cli
+
+    monkeypatch.setattr(check, "load_rgb", _sigterm_own_worker(check.load_rgb))
+    code = cli.main(["check", f"data.root={demo_small}", "data.num_workers=1", "data.index_cache=false", "--verify"])
+    assert code == 0, capsys.readouterr()
+    assert "0 unreadable" in capsys.readouterr().out

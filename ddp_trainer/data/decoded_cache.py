@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from .demo import cache_root
 from .folder_index import FolderIndex
 from .images import MAX_IMAGE_PIXELS, load_rgb
 from .transforms import ImageTransform
+from .workers import start_method
 
 log = logging.getLogger("ddp_trainer")
 VERSION = 3  # 3: pictures turned by their EXIF orientation, 16-bit and float images scaled
@@ -278,7 +279,8 @@ class _DecodeInto(torch.utils.data.Dataset):
 
 
 def _fill(index: FolderIndex, fit: ImageTransform, tmp: Path, share: int, shares: int, workers: int,
-          max_pixels: int, reduced: bool = False) -> list[tuple[int, int, str]]:
+          max_pixels: int, reduced: bool = False,
+          worker_init_fn: Callable[[int], None] | None = None) -> list[tuple[int, int, str]]:
     """Decode this process's contiguous share of the images into ``tmp``; returns the checksum of
     each chunk written, ``(first image, end, digest)``."""
     n = len(index)
@@ -287,7 +289,8 @@ def _fill(index: FolderIndex, fit: ImageTransform, tmp: Path, share: int, shares
     if hi <= lo:
         return chunks
     ds = _DecodeInto(index, fit, tmp, lo, hi, max_pixels, reduced)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, worker_init_fn=worker_init_fn,
+                                         multiprocessing_context=start_method(workers))
     ticker = Ticker(f"data.cache: decoding {index.root}", total=n, scale=shares)
     try:
         for start, stop, digest in loader:
@@ -299,11 +302,13 @@ def _fill(index: FolderIndex, fit: ImageTransform, tmp: Path, share: int, shares
 
 
 def ensure(index: FolderIndex, size: int, folder: Path, dist: Dist, workers: int = 0, resize: int | None = None,
-           interpolation: str = "bilinear", max_pixels: int = MAX_IMAGE_PIXELS, reduced: bool = False) -> Path:
+           interpolation: str = "bilinear", max_pixels: int = MAX_IMAGE_PIXELS, reduced: bool = False,
+           worker_init_fn: Callable[[int], None] | None = None) -> Path:
     """This node's cache of ``index`` at ``size`` (shorter side resized to ``resize``, default
     ``size``, then centre-cropped), built first if missing; ``reduced``: JPEGs decoded at a DCT
     scale that keeps that side (data.reduced_decode, part of the key). Every rank calls this; every local rank of
-    a node that builds decodes a share. A failure on any rank fails all."""
+    a node that builds decodes a share, with ``workers`` loader workers set up by ``worker_init_fn``
+    (the training loaders' one: they ignore the stop signals). A failure on any rank fails all."""
     fit = ImageTransform(size, resize=resize, interpolation=interpolation)
     env = dist.env
     builder = _NodeBuilder(index, size, folder) if env.is_local_main else None
@@ -322,7 +327,7 @@ def ensure(index: FolderIndex, size: int, folder: Path, dist: Dist, workers: int
             with dist.waiting("the decoded cache build (every local rank decodes a share)"):
                 if target.tmp is not None:
                     mine = dist.all_ok(lambda: _fill(index, fit, target.tmp, env.local_rank, env.local_world_size,
-                                                     workers, max_pixels, reduced))
+                                                     workers, max_pixels, reduced, worker_init_fn))
                 else:
                     mine = dist.all_ok(lambda: [])  # this node has its cache; join the others' collectives
                 decoded = time.monotonic() - t0
