@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +189,85 @@ def test_check_verify_workers_ignore_the_stop_signals(demo_small, monkeypatch, c
     code = cli.main(["check", f"data.root={demo_small}", "data.num_workers=1", "data.index_cache=false", "--verify"])
     assert code == 0, capsys.readouterr()
     assert "0 unreadable" in capsys.readouterr().out
+
+
+# --- I.3 the index memory compares server times with server times; lengths are checked ----------
+
+def _tree(root):
+    for c in ("ant", "bee"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            (root / c / f"{i}.png").write_bytes(b"x")
+    return root
+
+
+def _server_behind(root, seconds: float) -> int:
+    """Stamp every directory as a file server whose clock is ``seconds`` behind this machine's does
+    for a change made just now."""
+    import os
+    import time
+
+    t = time.time_ns() - int(seconds * 1e9)
+    for dirpath, _, _ in os.walk(root):
+        os.utime(dirpath, ns=(t, t))
+    return t
+
+
+@pytest.fixture
+def other_filesystem(tmp_path):
+    """A memory folder on another filesystem than the data (/dev/shm: tmpfs), as a cache on a local
+    disk for data on a file server."""
+    import os
+    import shutil
+    import tempfile
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's folder")
+    folder = tempfile.mkdtemp(prefix="r4-reading-memory-", dir="/dev/shm")
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_file_added_during_a_scan_on_a_server_behind_is_seen(tmp_path, other_filesystem):
+    import os
+    import time
+
+    from ddp_trainer.data.folder_index import scan
+
+    root = _tree(tmp_path / "train")
+    t = _server_behind(root, 3)  # the server's "now", which this machine's clock calls 3 s ago
+    scan(root, None, other_filesystem)
+    # a file added in the same server tick as the scan's listing leaves the mtime as it was
+    (root / "bee" / "late.png").write_bytes(b"x")
+    os.utime(root / "bee", ns=(t, t))
+    assert "bee/late.png" in [rel for rel, _ in scan(root, None, other_filesystem).samples]
+    # once a scan on this host, 2 s or more after the last, saw the same mtimes, the listing is reused
+    time.sleep(2.1)
+    scan(root, None, other_filesystem)
+    (root / "ant" / "sneaky.png").write_bytes(b"x")  # slipped in with the mtime put back: unseen if reused
+    os.utime(root / "ant", ns=(t, t))
+    assert "ant/sneaky.png" not in [rel for rel, _ in scan(root, None, other_filesystem).samples]
+
+
+def test_a_memory_file_with_impossible_lengths_is_rebuilt_with_a_warning(tmp_path, caplog):
+    import json
+    import struct
+
+    from ddp_trainer.data.folder_index import scan
+    from ddp_trainer.data.tree_memory import MAGIC
+
+    root, memory = _tree(tmp_path / "train"), tmp_path / "memory"
+    _server_behind(root, 60)
+    first = scan(root, None, memory)
+    (path,) = memory.iterdir()
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[len(MAGIC):len(MAGIC) + 8])
+    head = json.loads(raw[len(MAGIC) + 8:len(MAGIC) + 8 + size])
+    head["entries"] = 2**40  # a damaged count: reading 12 TiB would raise MemoryError
+    new = json.dumps(head).encode()
+    path.write_bytes(MAGIC + struct.pack("<Q", len(new)) + new + raw[len(MAGIC) + 8 + size:])
+    with caplog.at_level(logging.WARNING, logger="ddp_trainer"):
+        assert scan(root, None, memory) == first
+    assert "is damaged" in caplog.text and "scanned in full" in caplog.text
+    path.write_bytes(MAGIC + struct.pack("<Q", 2**60))  # a header length beyond the file
+    assert scan(root, None, memory) == first
