@@ -271,3 +271,77 @@ def test_a_memory_file_with_impossible_lengths_is_rebuilt_with_a_warning(tmp_pat
     assert "is damaged" in caplog.text and "scanned in full" in caplog.text
     path.write_bytes(MAGIC + struct.pack("<Q", 2**60))  # a header length beyond the file
     assert scan(root, None, memory) == first
+
+
+# --- I.5 a peer lost during DDP's one-time bucket rebuild reads as lost contact -------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_peer_lost_at_ddps_bucket_rebuild_reads_as_lost_contact(demo_small, tmp_path):
+    """Two nodes (two torchrun agents, so that the survivor's agent does not stop it first); rank 1
+    ends after its first optimizer step, so rank 0's next collective is the rebuild's broadcast at
+    step 2's forward (the timeouts are equal: no barrier lowers them in between)."""
+    import subprocess
+
+    from conftest import ROOT, TORCHRUN, child_env
+
+    port, marker = _free_port(), tmp_path / "exited"
+    env = child_env(FAULT_EXIT_AT_STEP=f"1:1:{marker}")
+    procs = [subprocess.Popen([*TORCHRUN, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+                               "--master_addr=127.0.0.1", f"--master_port={port}", str(ROOT / "launch.py"),
+                               f"data.root={demo_small}", f"output_dir={tmp_path / f'run{node}'}",
+                               "model.name=tiny_cnn_bn", "data.image_size=16", "data.batch_size=8",
+                               "data.num_workers=0", "train.epochs=1", "dist.init_timeout_s=60", "dist.timeout_s=60"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+             for node in (0, 1)]
+    try:
+        out0 = procs[0].communicate(timeout=120)[0]
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert marker.exists(), out0[-3000:]
+    errors = [l for l in out0.splitlines() if l.startswith("[rank 0] error:")]
+    assert errors and "lost contact with another rank during training" in errors[0], out0[-3000:]
+    assert "DDP's bucket rebuild" in errors[0]
+
+
+def test_a_model_error_in_the_rebuild_forward_stays_the_models(small_args):
+    import os
+
+    from conftest import ROOT, launch, our_lines
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'helpers'}", "OMP_NUM_THREADS": "1"}
+    res = launch(2, *small_args, "model.name=forward_bug_model:build", "data.num_workers=0", env=env, timeout=120)
+    assert res.returncode != 0
+    errors = [l for l in our_lines(res.stderr) if l.startswith("[rank 1] error:")]
+    assert errors and "ValueError: a bug in the model at forward 2" in errors[0], res.stderr[-3000:]
+    assert "lost contact" not in errors[0]
+
+
+def test_the_ddp_internals_the_rebuild_relies_on(tmp_path):
+    """compat.rebuild_ddp_buckets reaches into DDP (``_has_rebuilt_buckets``, ``reducer._rebuild_buckets``):
+    this fails loudly when a torch upgrade changes them. One gloo process."""
+    import torch
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ddp_trainer import compat
+
+    tdist.init_process_group("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)))
+        assert compat.ddp_inside(ddp) is ddp and compat.ddp_inside(ddp.module) is None
+        assert compat.rebuild_ddp_buckets(ddp) is False  # nothing due before the first backward
+        ddp(torch.randn(3, 4)).sum().backward()
+        assert compat.rebuild_ddp_buckets(ddp) is True  # due now: run, once
+        assert compat.rebuild_ddp_buckets(ddp) is False
+        ddp(torch.randn(3, 4)).sum().backward()  # DDP's own call in the forward has nothing left to do
+    finally:
+        tdist.destroy_process_group()
