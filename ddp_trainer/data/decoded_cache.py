@@ -8,8 +8,9 @@ rebuilt when the dataset (paths, labels, sizes, modification times) or the store
 file name is a hash of all of these (each local rank fingerprints a share of the files).
 
 A build that dies (SIGKILL, node failure) leaves its temporary file behind, named with its host and
-process id. The next build on this host removes this host's leftovers: those whose process is gone
-and whose lock is free. Another host's temporary files are never touched, since a shared cache folder
+process id, but its lock dies with it. The next build on this host removes this host's leftovers
+whose lock it can take (on one host the lock is the proof of life: the kernel releases it when the
+process dies, while its pid may linger as a zombie or be reused). Another host's temporary files are never touched, since a shared cache folder
 may hold another node's build in progress and the lock (``flock``) may not reach across nodes.
 
 The file is raw ``uint8`` of shape ``(images, 3, size, size)`` (named in the file name), so its
@@ -111,31 +112,20 @@ def this_host() -> str:
     return os.uname().nodename
 
 
-def _owner(tmp: Path) -> tuple[str, int] | None:
-    """The host and process id in a temporary file's name; None when it carries none."""
+def _host_of(tmp: Path) -> str | None:
+    """The host in a temporary file's name (``...tmp-<host>-<pid>``); None when it names none."""
     host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
-    return (host, int(pid)) if host and pid.isdigit() else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
+    return host if host and pid.isdigit() else None
 
 
 def remove_dead_builds(folder: Path) -> list[Path]:
-    """Delete this host's temporary files of builds that no longer run (their process is gone and
-    their lock is free); return them. Other hosts' files are left alone, whatever their state."""
+    """Delete this host's temporary files of builds that no longer run (their lock is free); return
+    them. Other hosts' files are left alone, whatever their state."""
     removed = []
     host = this_host()
     for tmp in sorted(folder.glob(TMP_GLOB)):
-        owner = _owner(tmp)
-        if owner is None or owner[0] != host or _alive(owner[1]):
-            continue  # another node's (its build may be running), or a live process of ours
+        if _host_of(tmp) != host:
+            continue  # another node's: its build may be running, under a lock this node cannot see
         try:
             fd = os.open(tmp, os.O_RDWR)
         except FileNotFoundError:
