@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import statistics
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -22,9 +24,11 @@ from .data.folder_index import FolderIndex
 from .data.images import load_rgb
 from .data.loaders import sampler_spec
 from .data.samplers import EpochPlan
+from .data.workers import start_method
 from .errors import EXIT_OK, EXIT_USER_ERROR, DataError, show_path
 from .fsutil import human_bytes
 from .launch.dist import Dist
+from .launch.signals import parse_signals, worker_init_ignoring
 from .models import build_model, check_model_name
 from .training.build import check_trainable
 
@@ -89,20 +93,32 @@ def _cache_lines(splits: Splits, cfg: Config, verify: bool) -> tuple[list[str], 
     return lines, True
 
 
-def _verify(index: FolderIndex, workers: int, max_pixels: int) -> list[tuple[str, str]]:
-    """(relative path, reason) of every image of ``index`` that does not decode."""
-    class Probe(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(index)
+class _Probe(torch.utils.data.Dataset):
+    """Decodes image ``i`` of ``index``: ``(i, "")``, or ``(i, why)`` when it does not decode.
+    Module-level, so that a worker started by ``spawn`` or ``forkserver`` can unpickle it."""
 
-        def __getitem__(self, i: int) -> tuple[int, str]:
-            try:
-                load_rgb(index.path(i), max_pixels)
-                return i, ""
-            except DataError as exc:
-                return i, exc.message
+    def __init__(self, index: FolderIndex, max_pixels: int) -> None:
+        self.index, self.max_pixels = index, max_pixels
 
-    loader = torch.utils.data.DataLoader(Probe(), batch_size=None, num_workers=workers)
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[int, str]:
+        try:
+            load_rgb(self.index.path(i), self.max_pixels)
+            return i, ""
+        except DataError as exc:
+            return i, exc.message
+
+
+def _verify(index: FolderIndex, workers: int, max_pixels: int,
+            signals: Sequence[signal.Signals] = ()) -> list[tuple[str, str]]:
+    """(relative path, reason) of every image of ``index`` that does not decode. The loader's
+    workers ignore ``signals`` (the stop signals, as the training loaders' workers do), so that a
+    signal sent to every process reaches the command, not a worker that would die of it."""
+    loader = torch.utils.data.DataLoader(_Probe(index, max_pixels), batch_size=None, num_workers=workers,
+                                         worker_init_fn=worker_init_ignoring(signals),
+                                         multiprocessing_context=start_method(workers))
     return [(index.rel(i), why) for i, why in loader if why]
 
 
@@ -149,7 +165,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_OK
     t1 = time.monotonic()
     bad = [(split, rel, why) for split, index in (("train", splits.train), ("val", splits.val))
-           for rel, why in _verify(index, cfg.data.num_workers, cfg.data.max_image_pixels)]
+           for rel, why in _verify(index, cfg.data.num_workers, cfg.data.max_image_pixels,
+                                   parse_signals(cfg.preempt.signals))]
     n = len(splits.train) + len(splits.val)
     print(f"images: decoded {n} in {time.monotonic() - t1:.1f} s; {len(bad)} unreadable")
     for split, rel, why in bad[:50]:

@@ -51,3 +51,25 @@ def is_compiled_module(module: object) -> bool:
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     wrapper = getattr(eval_frame, "OptimizedModule", None) if eval_frame is not None else None
     return wrapper is not None and isinstance(module, wrapper)
+
+
+def ddp_inside(model: object) -> DistributedDataParallel | None:
+    """The DDP wrapper ``model`` is, or holds as torch.compile's original; None when there is none."""
+    if is_compiled_module(model):
+        model = model._orig_mod  # type: ignore[attr-defined]
+    return model if isinstance(model, DistributedDataParallel) else None
+
+
+def rebuild_ddp_buckets(ddp: DistributedDataParallel) -> bool:
+    """DDP's one-time rebuild of its gradient buckets, run now rather than inside the next forward:
+    ``reducer._rebuild_buckets()`` (private: torch calls it at the start of every forward with grad
+    enabled; it is due once, at the first forward after the first synced backward, and broadcasts
+    rank 0's bucket order). True when it ran; then DDP's own call in the forward finds nothing to do.
+    False when none was due (no collective)."""
+    if getattr(ddp, "_has_rebuilt_buckets", None) is None or not hasattr(ddp.reducer, "_rebuild_buckets"):
+        raise RuntimeError("this torch's DistributedDataParallel no longer has _has_rebuilt_buckets and "
+                           "reducer._rebuild_buckets(); see ddp_trainer.compat.rebuild_ddp_buckets")
+    if ddp._has_rebuilt_buckets or not ddp.reducer._rebuild_buckets():
+        return False
+    ddp._has_rebuilt_buckets = True  # what DDP's forward records when it rebuilds them itself
+    return True

@@ -53,13 +53,16 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(demo_small: Path, tmp_p
 
 def test_dead_builds_are_removed_and_live_ones_kept(demo_small: Path, tmp_path: Path):
     idx = scan(demo_small / "val")
-    dead = tmp_path / ".decoded-abc-1x3x16x16.u8.tmp-host-999999"
+    host = decoded_cache.this_host()
+    dead = tmp_path / f".decoded-abc-1x3x16x16.u8.tmp-{host}-999999"
     dead.write_bytes(b"\0" * 100)  # what a killed build leaves behind: nobody holds its lock
-    live = tmp_path / ".decoded-def-1x3x16x16.u8.tmp-host-1"
+    holder = subprocess.Popen([PY, "-c", "import fcntl, os, sys, time; p = sys.stdin.readline().strip(); "
+                               "fd = os.open(p, os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
+                               "time.sleep(60)"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    live = tmp_path / f".decoded-def-1x3x16x16.u8.tmp-{host}-{holder.pid}"  # a build of this host, running
     live.write_bytes(b"\0" * 100)
-    holder = subprocess.Popen([PY, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(live)],
-                              stdout=subprocess.PIPE, text=True)
+    holder.stdin.write(f"{live}\n")
+    holder.stdin.flush()
     try:
         assert holder.stdout.readline().strip() == "locked"
         path = decoded_cache.build(idx, 16, tmp_path)

@@ -104,9 +104,9 @@ def test_killing_one_host_ends_the_other_promptly(hosts):
     procs = {h: start_host(h, own[h], mnt, args, 29603, "twohosts-c", SLOW_MODEL_SLEEP="0.2") for h in HOSTS}
     log = own["host0"] / "run" / "train.log"
     t0 = time.monotonic()
-    # past step 2: DDP rebuilds its buckets with a broadcast at the start of step 2's forward, once per
-    # run; a peer lost there reads as gloo's own text (see the closing note of issue 23). Every later
-    # step's only collective is the gradient all-reduce, where the loss is told as lost contact.
+    # past step 2: DDP rebuilds its buckets with a broadcast just before step 2's forward, once per run
+    # (a peer lost there is tested in test_never_lose_r4_reading.py). Every later step's only
+    # collective is the gradient all-reduce, the one this test kills the peer in.
     while not (log.exists() and log.read_text().count("samples, loss=") >= 2):
         assert time.monotonic() - t0 < 120 and procs["host0"].poll() is None, "training never started"
         time.sleep(0.1)

@@ -10,6 +10,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -161,15 +162,16 @@ def build_splits(cfg: Config, dist: Dist) -> Splits:
 
 
 def with_decoded_cache(index: FolderIndex, cfg: DataConfig, dist: Dist, size: int,
-                       resize: int | None = None) -> CachedImages | None:
+                       resize: int | None = None,
+                       worker_init_fn: Callable[[int], None] | None = None) -> CachedImages | None:
     """For ``data.cache: decoded``: this node's cache of ``index`` at ``size`` (shorter side first
-    resized to ``resize``, then centre-cropped; built first if missing, by every local rank) as a
-    CachedImages; else None."""
+    resized to ``resize``, then centre-cropped; built first if missing, by every local rank, its
+    loader workers set up by ``worker_init_fn``) as a CachedImages; else None."""
     if cfg.cache != "decoded":
         return None
     path = decoded_cache.ensure(index, size, decoded_cache.cache_folder(cfg), dist, workers=cfg.num_workers,
                                 resize=resize, interpolation=cfg.interpolation, max_pixels=cfg.max_image_pixels,
-                                reduced=cfg.reduced_decode)
+                                reduced=cfg.reduced_decode, worker_init_fn=worker_init_fn)
     return CachedImages(path, len(index), size)
 
 

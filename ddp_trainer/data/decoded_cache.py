@@ -7,8 +7,11 @@ so a reader never sees a half-written cache. Reused by every rank of the node an
 rebuilt when the dataset (paths, labels, sizes, modification times) or the stored size changes: the
 file name is a hash of all of these (each local rank fingerprints a share of the files).
 
-A build that dies (SIGKILL, node failure) leaves its temporary file behind, but its lock dies with
-it: the next build on that folder removes every temporary file whose lock it can take.
+A build that dies (SIGKILL, node failure) leaves its temporary file behind, named with its host and
+process id, but its lock dies with it. The next build on this host removes this host's leftovers
+whose lock it can take (on one host the lock is the proof of life: the kernel releases it when the
+process dies, while its pid may linger as a zombie or be reused). Another host's temporary files are never touched, since a shared cache folder
+may hold another node's build in progress and the lock (``flock``) may not reach across nodes.
 
 The file is raw ``uint8`` of shape ``(images, 3, size, size)`` (named in the file name), so its
 exact size is known before building, and the free space is checked against it.
@@ -24,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -38,6 +41,7 @@ from .demo import cache_root
 from .folder_index import FolderIndex
 from .images import MAX_IMAGE_PIXELS, load_rgb
 from .transforms import ImageTransform
+from .workers import start_method
 
 log = logging.getLogger("ddp_trainer")
 VERSION = 3  # 3: pictures turned by their EXIF orientation, 16-bit and float images scaled
@@ -103,10 +107,25 @@ def file_name(key: str, images: int, size: int) -> str:
     return f"decoded-{key}-{images}x3x{size}x{size}.u8"
 
 
+def this_host() -> str:
+    """The host name that temporary files carry (``.<cache>.tmp-<host>-<pid>``)."""
+    return os.uname().nodename
+
+
+def _host_of(tmp: Path) -> str | None:
+    """The host in a temporary file's name (``...tmp-<host>-<pid>``); None when it names none."""
+    host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
+    return host if host and pid.isdigit() else None
+
+
 def remove_dead_builds(folder: Path) -> list[Path]:
-    """Delete the temporary files of builds that no longer run (their lock is free); return them."""
+    """Delete this host's temporary files of builds that no longer run (their lock is free); return
+    them. Other hosts' files are left alone, whatever their state."""
     removed = []
+    host = this_host()
     for tmp in sorted(folder.glob(TMP_GLOB)):
+        if _host_of(tmp) != host:
+            continue  # another node's: its build may be running, under a lock this node cannot see
         try:
             fd = os.open(tmp, os.O_RDWR)
         except FileNotFoundError:
@@ -164,7 +183,7 @@ class _NodeBuilder:
         free = shutil.disk_usage(self.folder).free
         if free < need:
             raise DataError(self._no_space(need, free))
-        tmp = path.with_name(f".{path.name}.tmp-{os.uname().nodename}-{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp-{this_host()}-{os.getpid()}")
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
@@ -250,7 +269,8 @@ class _DecodeInto(torch.utils.data.Dataset):
 
 
 def _fill(index: FolderIndex, fit: ImageTransform, tmp: Path, share: int, shares: int, workers: int,
-          max_pixels: int, reduced: bool = False) -> list[tuple[int, int, str]]:
+          max_pixels: int, reduced: bool = False,
+          worker_init_fn: Callable[[int], None] | None = None) -> list[tuple[int, int, str]]:
     """Decode this process's contiguous share of the images into ``tmp``; returns the checksum of
     each chunk written, ``(first image, end, digest)``."""
     n = len(index)
@@ -259,7 +279,8 @@ def _fill(index: FolderIndex, fit: ImageTransform, tmp: Path, share: int, shares
     if hi <= lo:
         return chunks
     ds = _DecodeInto(index, fit, tmp, lo, hi, max_pixels, reduced)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, worker_init_fn=worker_init_fn,
+                                         multiprocessing_context=start_method(workers))
     ticker = Ticker(f"data.cache: decoding {index.root}", total=n, scale=shares)
     try:
         for start, stop, digest in loader:
@@ -271,11 +292,13 @@ def _fill(index: FolderIndex, fit: ImageTransform, tmp: Path, share: int, shares
 
 
 def ensure(index: FolderIndex, size: int, folder: Path, dist: Dist, workers: int = 0, resize: int | None = None,
-           interpolation: str = "bilinear", max_pixels: int = MAX_IMAGE_PIXELS, reduced: bool = False) -> Path:
+           interpolation: str = "bilinear", max_pixels: int = MAX_IMAGE_PIXELS, reduced: bool = False,
+           worker_init_fn: Callable[[int], None] | None = None) -> Path:
     """This node's cache of ``index`` at ``size`` (shorter side resized to ``resize``, default
     ``size``, then centre-cropped), built first if missing; ``reduced``: JPEGs decoded at a DCT
     scale that keeps that side (data.reduced_decode, part of the key). Every rank calls this; every local rank of
-    a node that builds decodes a share. A failure on any rank fails all."""
+    a node that builds decodes a share, with ``workers`` loader workers set up by ``worker_init_fn``
+    (the training loaders' one: they ignore the stop signals). A failure on any rank fails all."""
     fit = ImageTransform(size, resize=resize, interpolation=interpolation)
     env = dist.env
     builder = _NodeBuilder(index, size, folder) if env.is_local_main else None
@@ -294,7 +317,7 @@ def ensure(index: FolderIndex, size: int, folder: Path, dist: Dist, workers: int
             with dist.waiting("the decoded cache build (every local rank decodes a share)"):
                 if target.tmp is not None:
                     mine = dist.all_ok(lambda: _fill(index, fit, target.tmp, env.local_rank, env.local_world_size,
-                                                     workers, max_pixels, reduced))
+                                                     workers, max_pixels, reduced, worker_init_fn))
                 else:
                     mine = dist.all_ok(lambda: [])  # this node has its cache; join the others' collectives
                 decoded = time.monotonic() - t0

@@ -23,6 +23,7 @@ from .datasets import (
 )
 from .folder_index import FolderIndex
 from .samplers import EpochPlan, ExactEvalSampler, PlanBatchSampler, SamplerSpec, class_balanced_probabilities
+from .workers import start_method
 
 
 def _collate(items: list[tuple[torch.Tensor, int, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -39,6 +40,7 @@ def _loader_kwargs(cfg: DataConfig, device: torch.device, workers: int,
         "num_workers": workers,
         "pin_memory": cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda",
         "collate_fn": _collate,
+        "multiprocessing_context": start_method(workers),  # explicit: see .workers
     }
     if workers > 0:
         kwargs["persistent_workers"] = cfg.persistent_workers
@@ -162,10 +164,11 @@ def build_run_data(cfg: Config, dist: Dist, splits: Splits, sampler: SamplerSpec
     """The datasets (over this node's decoded caches with ``data.cache=decoded``: built first when
     missing) and their loaders. ``before_fork`` runs before loader workers fork (see LoaderOwner)."""
     d = cfg.data
-    train_cache = with_decoded_cache(splits.train, d, dist, d.train_cache_size)
+    # the cache build's workers get the training loaders' set-up (they ignore the stop signals too)
+    train_cache = with_decoded_cache(splits.train, d, dist, d.train_cache_size, worker_init_fn=worker_init_fn)
     train_set = FolderDataset(splits.train, train_transform(d), cfg.seed, train_cache, d.max_image_pixels,
                               d.reduced_decode)
-    val_cache = with_decoded_cache(splits.val, d, dist, d.image_size, d.val_resize)
+    val_cache = with_decoded_cache(splits.val, d, dist, d.image_size, d.val_resize, worker_init_fn=worker_init_fn)
     val_set = FolderDataset(splits.val, eval_transform(d, cached=val_cache is not None), cfg.seed, val_cache,
                             d.max_image_pixels)
     train_loader, batches = make_train_loader(train_set, d, dist.device, worker_init_fn=worker_init_fn)

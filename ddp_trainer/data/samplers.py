@@ -42,6 +42,7 @@ micro-batches are sliced from it when asked for.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
@@ -111,11 +112,17 @@ class SamplerSpec:
         elif self.kind == "distributed":
             out["world_size"] = world
         elif self.kind == "class_balanced":
-            p = self.probabilities
-            assert p is not None
-            # a hash of the probabilities: class weights or counts changed -> another order
-            out["probabilities"] = int(torch.round(p.double() * 2**40).long().sum().item() % (1 << 62))
+            out["probabilities_sha256"] = probabilities_digest(self.probabilities)
         return out
+
+
+def probabilities_digest(p: torch.Tensor | None) -> str:
+    """A SHA-256 of the exact per-sample draw probabilities, in sample order: what
+    ``torch.multinomial`` draws an epoch from, so any change of the class weights (a swap of two
+    classes' weights included), the labels or their order gives another digest."""
+    assert p is not None
+    # float32 bytes, as drawn from; contiguous so that a view of a larger tensor hashes alike
+    return hashlib.sha256(p.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
 def class_balanced_probabilities(labels: Sequence[int], classes: Sequence[str],

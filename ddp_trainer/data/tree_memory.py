@@ -9,10 +9,18 @@ walked (with its mtime) and the image names found; the next scan stats those dir
 of listing them, and lists again only a class folder in which one of them changed (the split
 folder itself likewise, for class folders added or removed).
 
-Two guards keep a stale listing out: a directory whose mtime lies within :data:`RACY_NS` of the
-scan that recorded it is listed again next time (a file added in the same clock tick as the scan
-would not move the mtime: the "racy git" problem; coarse timestamps on some filesystems), and a
-memory file that does not parse, names another folder or another format is ignored. File contents
+Two guards keep a stale listing out. A listing is trusted next time only when it is *settled*: made
+after the clock tick of its directory's mtime had ended (a file added in the same tick as the scan
+would not move the mtime: the "racy git" problem; coarse timestamps on some filesystems). Mtimes are
+the file server's clock, which may be seconds off this machine's, so they are compared only with
+the server's own times, never with ``time.time()``: a directory is settled when its mtime is older
+than :data:`RACY_NS` before the scan started by the server's clock, read as the mtime of a file the
+scan creates in the memory folder when that folder is on the same filesystem; or else when an
+earlier scan on this host, ended at least :data:`RACY_NS` before this one started, had seen the same
+mtime (a duration of this machine's clock, whatever the server's says). So with the memory on
+another filesystem than the data, a directory's listing is reused from the third start on. And a
+memory file that does not parse, whose recorded lengths do not fit its size, that names another
+folder or another format is ignored (a damaged one with a warning) and written again. File contents
 are not the index's business (the decoded cache checks every file's size and mtime itself).
 Failing to write the memory only costs the next start its speed: a warning, never an error.
 """
@@ -23,6 +31,7 @@ import json
 import logging
 import os
 import struct
+import tempfile
 import time
 from array import array
 from collections import Counter
@@ -36,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ddp_trainer")
 
-FORMAT = 1
+FORMAT = 2  # 2: each directory's "settled" flag; the recording host and end time
 MAGIC = b"ddp_trainer.tree_memory\n"
 RACY_NS = 2_000_000_000  # mtimes this close to the recording scan are not trusted (FAT: 2 s ticks)
 
@@ -55,13 +64,16 @@ class TreeMemory:
         key = hashlib.sha256(self.folder.encode("utf-8", "surrogateescape")).hexdigest()[:24]
         self.path = memory_dir / f"{key}.tree"
         self.started_ns = time.time_ns()
-        self._old_scanned_ns = 0
-        self._old_top: tuple[int, list[str]] | None = None
-        self._old_dirs: dict[str, list[tuple[str, int]]] = {}
+        self.host = os.uname().nodename
+        self._server_start_ns = _server_now(memory_dir, folder)  # None: no file on the data's filesystem
+        self._gap_ok = False  # the last scan ended, on this host, RACY_NS or more before this one started
+        self._old_top: tuple[int, list[str], bool] | None = None
+        self._old_dirs: dict[str, list[tuple[str, int, bool]]] = {}
+        self._old_mtimes: dict[str, int] = {}  # every directory the last scan recorded -> its mtime
         self._old_span: dict[str, tuple[int, int]] = {}  # class -> its entries [first, stop) in the old index
         self._old_index: FolderIndex | None = None
-        self._top: tuple[int, list[str]] | None = None
-        self._dirs: dict[str, list[tuple[str, int]]] = {}
+        self._top: tuple[int, list[str], bool] | None = None
+        self._dirs: dict[str, list[tuple[str, int, bool]]] = {}
         self.reused = self.listed = 0  # class folders taken from memory / listed again
         self._read()
 
@@ -69,46 +81,69 @@ class TreeMemory:
         try:
             with open(self.path, "rb") as f:
                 if f.read(len(MAGIC)) != MAGIC:
-                    return
+                    return self._damaged("not a memory file")
+                left = os.fstat(f.fileno()).st_size - len(MAGIC) - 8
                 (size,) = struct.unpack("<Q", f.read(8))
+                if size > left:  # every length is checked against the file before it is read
+                    return self._damaged("its header is longer than the file")
                 head = json.loads(f.read(size))
                 if head.get("format") != FORMAT or head.get("folder") != self.folder:
                     return
                 n, paths_size = int(head["entries"]), int(head["paths_bytes"])
+                if n < 0 or paths_size < 0 or 12 * n + paths_size != left - size:
+                    return self._damaged(f"it records {n} entries and {paths_size} path bytes, which do not "
+                                         f"fit its size")
                 ends, labels = array("q"), array("i")
                 ends.frombytes(f.read(8 * n))
                 labels.frombytes(f.read(4 * n))
                 paths = f.read(paths_size)
                 if len(ends) != n or len(labels) != n or len(paths) != paths_size or f.read(1):
-                    return  # cut short or padded: not what was written
-            top_mtime, top_names = head["top"]
+                    return self._damaged("it was cut short or padded")
+            top_mtime, top_names, top_settled = head["top"]
             table = head["classes"]
             spans, first = {}, 0
             for name, dirs, count in table:
                 spans[name] = (first, first + int(count))
                 first += int(count)
             if first != n:
-                return
+                return self._damaged("its class table does not add up")
             self._old_index = self._make_index(self.folder, tuple(name for name, _, _ in table), paths, ends, labels)
-            self._old_dirs = {name: [(d, int(m)) for d, m in dirs] for name, dirs, _ in table}
+            self._old_dirs = {name: [(d, int(m), bool(s)) for d, m, s in dirs] for name, dirs, _ in table}
+            self._old_mtimes = {d: m for dirs in self._old_dirs.values() for d, m, _ in dirs}
             self._old_span = spans
-            self._old_top = (int(top_mtime), list(top_names))
-            self._old_scanned_ns = int(head["scanned_ns"])
-        except (OSError, ValueError, TypeError, KeyError, struct.error):
+            self._old_top = (int(top_mtime), list(top_names), bool(top_settled))
+            self._gap_ok = head["host"] == self.host and self.started_ns - int(head["finished_ns"]) >= RACY_NS
+        except (OSError, ValueError, TypeError, KeyError, struct.error) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                self._damaged(str(exc) or type(exc).__name__)
             self._old_index, self._old_dirs, self._old_span, self._old_top = None, {}, {}, None
+            self._old_mtimes, self._gap_ok = {}, False
 
-    def _trusted(self, recorded_ns: int, now_ns: int) -> bool:
-        return recorded_ns == now_ns and recorded_ns < self._old_scanned_ns - RACY_NS
+    def _damaged(self, why: str) -> None:
+        log.warning("data.index_cache: %s is damaged (%s); %s is scanned in full and remembered again",
+                    self.path, why, self.folder)
+
+    def _settled(self, rel: str | None, mtime: int) -> bool:
+        """Whether a listing of directory ``rel`` (None: the split folder) made by this scan, whose
+        mtime is ``mtime``, was made after that mtime's clock tick (see the module's docstring)."""
+        if self._server_start_ns is not None and mtime < self._server_start_ns - RACY_NS:
+            return True  # old by the server's own clock
+        seen = self._old_top[0] if rel is None and self._old_top is not None else self._old_mtimes.get(rel or "")
+        return self._gap_ok and seen == mtime
+
+    @staticmethod
+    def _trusted(settled: bool, recorded_ns: int, now_ns: int) -> bool:
+        return settled and recorded_ns == now_ns
 
     def class_folders(self, folder: Path, list_them: Callable[[Path], list[str]]) -> list[str]:
         """The split folder's class folder names: remembered when its mtime is unchanged, else
         ``list_them(folder)``."""
         mtime = os.stat(folder).st_mtime_ns
-        if self._old_top is not None and self._trusted(self._old_top[0], mtime):
-            names = self._old_top[1]
+        if self._old_top is not None and self._trusted(self._old_top[2], self._old_top[0], mtime):
+            names, settled = self._old_top[1], True
         else:
-            names = list_them(folder)
-        self._top = (mtime, names)
+            names, settled = list_them(folder), self._settled(None, mtime)
+        self._top = (mtime, names, settled)
         return names
 
     def unchanged(self, name: str, folder: Path) -> bool:
@@ -118,7 +153,8 @@ class TreeMemory:
         if not dirs:
             return False
         try:
-            return all(self._trusted(mtime, os.stat(os.path.join(folder, rel)).st_mtime_ns) for rel, mtime in dirs)
+            return all(self._trusted(settled, mtime, os.stat(os.path.join(folder, rel)).st_mtime_ns)
+                       for rel, mtime, settled in dirs)
         except OSError:
             return False
 
@@ -143,7 +179,9 @@ class TreeMemory:
         self.reused += 1
 
     def listed_again(self, name: str, dirs: list[tuple[str, int]]) -> None:
-        self._dirs[name] = dirs
+        """Class folder ``name`` was listed by this scan: ``dirs`` are the directories walked, with
+        the mtimes stated (each after its listing)."""
+        self._dirs[name] = [(rel, mtime, self._settled(rel, mtime)) for rel, mtime in dirs]
         self.listed += 1
 
     def save(self, index: FolderIndex) -> None:
@@ -153,7 +191,8 @@ class TreeMemory:
             return
         assert self._top is not None
         counts = Counter(index.labels)
-        head = {"format": FORMAT, "folder": self.folder, "scanned_ns": self.started_ns, "top": list(self._top),
+        head = {"format": FORMAT, "folder": self.folder, "host": self.host, "scanned_ns": self.started_ns,
+                "finished_ns": time.time_ns(), "top": list(self._top),
                 "classes": [[name, self._dirs[name], counts.get(k, 0)] for k, name in enumerate(index.classes)],
                 "entries": len(index), "paths_bytes": len(index._paths)}
         raw = json.dumps(head).encode("ascii")  # non-ASCII names are escaped (surrogates included)
@@ -169,3 +208,21 @@ class TreeMemory:
         except OSError as exc:
             log.warning("data.index_cache: could not remember the scan of %s in %s (%s); the next start scans "
                         "it again", self.folder, self.path, exc.strerror or exc)
+
+
+def _server_now(memory_dir: Path, folder: Path) -> int | None:
+    """The file server's clock now, as the mtime of a file created (and removed) in ``memory_dir``,
+    when that folder is on the same filesystem as ``folder``; else None (or when it cannot be
+    written: then nothing is remembered either)."""
+    try:
+        memory_dir.mkdir(parents=True, exist_ok=True)
+        if os.stat(memory_dir).st_dev != os.stat(folder).st_dev:
+            return None
+        fd, name = tempfile.mkstemp(prefix=".clock-", dir=memory_dir)
+        try:
+            return os.fstat(fd).st_mtime_ns
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError:
+        return None

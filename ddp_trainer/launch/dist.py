@@ -122,6 +122,11 @@ class Dist:
 
     # -- collectives; no-ops without a process group ------------------------------------------
 
+    def watch(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``, a collective torch runs by itself (named ``what``), as one of ours: a failure
+        raises :class:`CollectiveFailed`, read by :meth:`training` / :meth:`waiting`."""
+        return self._run(what, fn)
+
     def _run(self, what: str, fn: Callable[[], T]) -> T:
         """Run one collective; a failure becomes :class:`CollectiveFailed` (what, how long it waited)."""
         t0 = time.monotonic()

@@ -303,17 +303,22 @@ def write_ready() -> None:
     _write_node_marker(READY_SUFFIX, f"{os.getpid()}\n")
 
 
-def worker_init_ignoring(signals: Sequence[signal.Signals]) -> Callable[[int], None]:
-    """A DataLoader ``worker_init_fn``: loader workers ignore the stop signals (the main process
-    shuts them down itself), so a signal sent to every process of a job cannot kill them first."""
-    names = [s.name for s in signals]
+class _IgnoreSignals:
+    """A picklable worker init (a worker started by ``spawn`` or ``forkserver`` receives it pickled)."""
 
-    def init(worker_id: int) -> None:
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def __call__(self, worker_id: int) -> None:
         signal.set_wakeup_fd(-1)  # the parent's watcher socket is not this worker's
-        for name in names:
+        for name in self.names:
             signal.signal(signal.Signals[name], signal.SIG_IGN)
 
-    return init
+
+def worker_init_ignoring(signals: Sequence[signal.Signals]) -> Callable[[int], None]:
+    """A DataLoader ``worker_init_fn`` (picklable): loader workers ignore the stop signals (the main
+    process shuts them down itself), so a signal sent to every process of a job cannot kill them first."""
+    return _IgnoreSignals([s.name for s in signals])
 
 
 def write_marker(output_dir: Path | None, signal_name: str, epoch: int, step: int, saved: bool = True) -> None:

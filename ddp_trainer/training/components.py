@@ -180,7 +180,9 @@ class SamplerCheck:
     """Entry ``train_order``: the sampler a mid-epoch position belongs to (``data.sampler`` and what
     its order depends on: ``ra_repeats``, the class weights, ``distributed``'s world size). A resume
     under another one restarts the epoch's order with a warning (a file without the entry was
-    written by the ``plan`` sampler). Restored after the loop state (needs position)."""
+    written by the ``plan`` sampler; one written before ``class_balanced``'s identity became a digest of
+    its probabilities cannot tell whether the class weights changed, so it counts as another sampler).
+    Restored after the loop state (needs position)."""
 
     def __init__(self, identity: dict[str, Any], state: TrainState) -> None:
         self.identity, self.state = identity, state
@@ -193,8 +195,13 @@ class SamplerCheck:
         state = self.state
         if state.position == 0 or saved == self.identity:
             return
-        change = ", ".join(f"{k} {saved.get(k)} -> {self.identity.get(k)}"
-                           for k in sorted(set(saved) | set(self.identity)) if saved.get(k) != self.identity.get(k))
+        if "probabilities" in saved:
+            # written before the digest (a sum of rounded probabilities, blind to a swap of two
+            # classes' weights): it cannot tell whether the weights changed, so it counts as changed
+            change = "class_balanced's class weights: unknown in a checkpoint written by an older version"
+        else:
+            change = ", ".join(f"{k} {saved.get(k)} -> {self.identity.get(k)}"
+                               for k in sorted(set(saved) | set(self.identity)) if saved.get(k) != self.identity.get(k))
         log.warning("resume: the epoch's order was drawn differently when the checkpoint was written (%s), so "
                     "its position (%d) means other samples now; epoch %d restarts its order from the beginning",
                     change, state.position, state.epoch)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import compat
 from ..data.mixing import BatchMixer
 from ..data.samplers import EpochPlan
 from ..errors import CollectiveFailed, NonFiniteLoss
@@ -74,6 +75,10 @@ class Engine:
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
         # gradient sync is skipped on accumulation micro-steps (DDP only has no_sync)
         self.no_sync: Callable[[], Any] = getattr(model, "no_sync", contextlib.nullcontext)
+        # DDP's one-time bucket rebuild (a broadcast) is due at the first forward after the first
+        # synced backward: run on its own there (see _rebuild_buckets), not inside the forward
+        self._ddp = compat.ddp_inside(model) if dist is not None and dist.active else None
+        self._synced_once = False
         self.running = running or RunningLoss(device)
         # the first optimizer step (global number) whose loss was nan/inf, -1 if none; on the device,
         # read only when asked (no sync per step)
@@ -119,6 +124,8 @@ class Engine:
                 if self.mixer is not None:  # soft targets; the seed follows the step, so resume is exact
                     images, targets = self.mixer(images, labels, first_step + j, m)
                 sync = contextlib.nullcontext() if m == last else self.no_sync()
+                if self._ddp is not None and self._synced_once:
+                    self._rebuild_buckets()
                 try:
                     with sync:
                         with self.autocast():
@@ -129,6 +136,7 @@ class Engine:
                 except RuntimeError as exc:
                     self._collective_failure(exc, time.monotonic() - started)
                     raise
+                self._synced_once |= m == last
                 real = weights > 0
                 finite &= torch.isfinite(losses.detach()).all()
                 self.running.loss_sum += (losses.detach() * real).sum()
@@ -143,6 +151,15 @@ class Engine:
                                               first_step + j)
             consumed = plan.consumed_after(j)
             yield StepDone(j, consumed, lr)
+
+    def _rebuild_buckets(self) -> None:
+        """Run DDP's bucket rebuild as a collective of its own, once: a peer lost there raises
+        CollectiveFailed (lost contact, or a timeout), not the broadcast's raw gloo/NCCL error that
+        the forward would raise, indistinguishable there from the model's own errors."""
+        ddp, self._ddp = self._ddp, None
+        assert ddp is not None and self.dist is not None
+        self.dist.watch("DDP's bucket rebuild (a broadcast from rank 0 at the first forward after the first "
+                        "synced backward)", lambda: compat.rebuild_ddp_buckets(ddp))
 
     def _collective_failure(self, exc: RuntimeError, waited_s: float) -> None:
         """Raise CollectiveFailed from ``exc`` when the step's backward failed in DDP's gradient
