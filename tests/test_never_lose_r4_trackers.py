@@ -51,3 +51,64 @@ def test_a_damaged_line_in_metrics_jsonl_is_named_and_skipped(small_args, tmp_pa
     named = [l for l in second.stderr.splitlines() if "metrics.jsonl: line 2 is damaged" in l]
     assert len(named) == 1 and "not UTF-8" in named[0] and str(out) in named[0], second.stderr[-2000:]
     assert [r["epoch"] for r in metrics(out)] == [0, 1, 2]
+
+
+def _mlflow_run(small_args: list[str], tmp_path: Path, monkeypatch, *extra: str):
+    """train() in this process with MLflow on (a real file store), and the store's one run."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip install -e '.[mlflow]')")
+    from mlflow.tracking import MlflowClient
+
+    import ddp_trainer
+    import yaml
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # torch sets it on first use: teardown removes it again
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    uri = f"file://{tmp_path / 'mlruns'}"
+    overrides = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in [
+        *small_args, "data.num_workers=0", "log.mlflow=true", f"log.mlflow_uri={uri}", *extra])}
+    result = ddp_trainer.train(**overrides)
+    client = MlflowClient(tracking_uri=uri)
+    (one,) = client.search_runs([client.get_experiment_by_name("ddp_trainer").experiment_id])
+    return result, client, one
+
+
+def test_a_slow_tracker_does_not_hold_up_the_run(small_args, tmp_path: Path, monkeypatch, capsys):
+    import threading
+    import time
+
+    from ddp_trainer import trackers
+    release = threading.Event()
+    real = trackers.MlflowTracker._log
+
+    def slow(self, row):  # a server that answers after 8 s (dist.timeout_s=2 below)
+        release.wait(8)
+        real(self, row)
+
+    monkeypatch.setattr(trackers.MlflowTracker, "_log", slow)
+    t0 = time.monotonic()
+    _mlflow_run(small_args, tmp_path, monkeypatch, "dist.timeout_s=2")
+    took = time.monotonic() - t0
+    release.set()
+    for thread in [t for t in threading.enumerate() if t.name == "tracker-mlflow"]:
+        thread.join(10)
+    assert took < 7, took  # was: 2 x 8 s inside the epochs, beyond dist.timeout_s between collectives
+    busy = [l for l in capsys.readouterr().err.splitlines() if "still busy" in l]
+    assert len(busy) == 1 and "log.mlflow: still busy after 1 s" in busy[0], busy
+
+
+def test_a_transient_tracker_error_is_retried(small_args, tmp_path: Path, monkeypatch, capsys):
+    from ddp_trainer import trackers
+    real, calls = trackers.MlflowTracker._log, []
+
+    def blinks(self, row):  # the server's first answer is an error, then it works again
+        calls.append(row["epoch"])
+        if len(calls) == 1:
+            raise ConnectionError("connection reset by peer")
+        real(self, row)
+
+    monkeypatch.setattr(trackers.MlflowTracker, "_log", blinks)
+    monkeypatch.setattr(trackers, "RETRY_WAITS_S", (0.2, 0.5), raising=False)
+    _, client, one = _mlflow_run(small_args, tmp_path, monkeypatch)
+    history = client.get_metric_history(one.info.run_id, "val_loss")
+    assert sorted(m.step for m in history) == [0, 1], calls  # was: given up at the first error, no epoch logged
+    assert not [l for l in capsys.readouterr().err.splitlines() if "cannot log" in l]
