@@ -61,8 +61,7 @@ def _mlflow_run(small_args: list[str], tmp_path: Path, monkeypatch, *extra: str)
     import ddp_trainer
     import yaml
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # torch sets it on first use: teardown removes it again
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # torch sets it on first use
     uri = f"file://{tmp_path / 'mlruns'}"
     overrides = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in [
         *small_args, "data.num_workers=0", "log.mlflow=true", f"log.mlflow_uri={uri}", *extra])}
@@ -112,3 +111,33 @@ def test_a_transient_tracker_error_is_retried(small_args, tmp_path: Path, monkey
     history = client.get_metric_history(one.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == [0, 1], calls  # was: given up at the first error, no epoch logged
     assert not [l for l in capsys.readouterr().err.splitlines() if "cannot log" in l]
+
+
+def test_a_keyboard_interrupt_in_train_waits_for_the_checkpoint_writer(small_args, tmp_path: Path, monkeypatch):
+    import threading
+    import time
+
+    import yaml
+
+    import ddp_trainer
+    from ddp_trainer.checkpoint import writer
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # torch sets it on first use
+    real_write, real_save = writer.CheckpointWriter.save, writer.AsyncCheckpointWriter.save
+
+    def slow_write(self, *args, **kwargs):  # a slow disk: the write outlasts the interrupt
+        time.sleep(1.5)
+        return real_write(self, *args, **kwargs)
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C lands just after a background write started
+        real_save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer.CheckpointWriter, "save", slow_write)
+    monkeypatch.setattr(writer.AsyncCheckpointWriter, "save", interrupted)
+    overrides = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in [*small_args, "data.num_workers=0"])}
+    with pytest.raises(KeyboardInterrupt):
+        ddp_trainer.train(**overrides)
+    alive = [t.name for t in threading.enumerate() if t.name == "checkpoint-writer"]
+    for t in [t for t in threading.enumerate() if t.name == "checkpoint-writer"]:
+        t.join(10)
+    assert not alive  # was: the writer thread still running after train() had raised
