@@ -1,7 +1,6 @@
 """Pictures of a run: a grid of one augmented batch with class names, and curves from metrics.jsonl."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -10,6 +9,7 @@ from PIL import Image, ImageDraw
 
 from .errors import UserError
 from .extras import optional
+from .runlog import MetricsFile
 
 GRID_COLUMNS = 8
 GRID_PAD = 4
@@ -58,12 +58,7 @@ def save_curves(run_dir: Path, out: Path) -> tuple[int, int]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise UserError(f"'{path}' not found; give the output_dir of a run (it holds metrics.jsonl)")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
+    rows = MetricsFile(path).rows()  # a damaged line is named and skipped
     if not rows:
         raise UserError(f"'{path}' holds no finished epoch yet")
     optional("matplotlib", "plot", "plot").use("Agg")  # no display: draw into files (before pyplot loads)

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from .errors import ConfigError
 from .extras import optional
 
 log = logging.getLogger("ddp_trainer")
@@ -49,28 +50,43 @@ class Progress:
 
 
 class Scalars:
-    """TensorBoard scalars (``log.tensorboard: true``) on global rank 0; a no-op otherwise."""
+    """TensorBoard scalars (``log.tensorboard: true``) on global rank 0; a no-op otherwise. Like every
+    tracker, TensorBoard missing (or its writer failing to start or write) is one warning line and
+    the run goes on without it."""
 
     def __init__(self, enabled: bool, folder: str) -> None:
         self.writer = None
-        if enabled:
+        if not enabled:
+            return
+        try:
             # torch's module imports the tensorboard package: the extra
             board = optional("torch.utils.tensorboard", "log.tensorboard=true", "tensorboard", package="tensorboard",
                              instead="log.tensorboard=false")
             self.writer = board.SummaryWriter(folder)
+        except ConfigError as exc:
+            log.warning("%s; the run goes on without it", exc)
+        except Exception as exc:  # noqa: BLE001 - a tracker that cannot start never fails the run
+            log.warning("log.tensorboard: cannot start (%s: %s); the run goes on without it", type(exc).__name__, exc)
 
     def add(self, row: dict[str, Any], step: int) -> None:
         if self.writer is None:
             return
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                self.writer.add_scalar(key, value, step)
-        self.writer.flush()
+        try:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        except Exception as exc:  # noqa: BLE001 - a tracker never fails the run
+            log.warning("log.tensorboard: cannot write (%s: %s); the run goes on without it", type(exc).__name__, exc)
+            self.close()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception as exc:  # noqa: BLE001 - closing a tracker never fails the run
+                log.warning("log.tensorboard: cannot close (%s: %s)", type(exc).__name__, exc)
 
 
 PREPARATION_PROGRESS_S = 10.0  # seconds between progress lines of a long preparation step

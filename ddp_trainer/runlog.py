@@ -110,13 +110,21 @@ class MetricsFile:
     """``metrics.jsonl``: exactly one JSON line per finished epoch, appended and fsynced (opened by
     path for each row: a file deleted or moved during the run is created again); and beside it
     ``metrics.csv``, the same rows and columns as a table (timm's ``summary.csv`` habit: what
-    spreadsheets and plotting scripts open), rewritten from the JSON lines after each change."""
+    spreadsheets and plotting scripts open), rewritten from the JSON lines after each change.
+
+    Neither copy is ever rebuilt from a poorer other: an epoch that only ``metrics.csv`` still holds
+    (``metrics.jsonl`` deleted, truncated or with a damaged line) is written back into
+    ``metrics.jsonl`` from it, with one warning, before the table is rewritten. A line that is not
+    UTF-8 or not a JSON object is named (file and line number) in one warning and skipped; a last
+    line without its newline (torn by a kill) is left out without one."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.csv = path.with_suffix(".csv")
+        self._named: set[tuple[int, bytes]] = set()  # damaged lines already warned about
 
     def append(self, row: dict[str, Any]) -> None:
+        self._restore_from_csv(before=int(row["epoch"]))
         line = json.dumps(row, sort_keys=False) + "\n"
         with open(self.path, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(line)
@@ -125,18 +133,73 @@ class MetricsFile:
         self._write_csv()
 
     def rows(self) -> list[dict[str, Any]]:
-        """The complete rows (a line torn by a kill is left out)."""
-        if not self.path.exists():
+        """The complete rows (a line torn by a kill, or a damaged one, is left out)."""
+        return [row for _, row in self._lines()]
+
+    def _lines(self) -> list[tuple[str, dict[str, Any]]]:
+        """(line, row) of each complete row, in file order."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
             return []
         out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+        chunks = raw.split(b"\n")
+        for number, chunk in enumerate(chunks, 1):
+            if not chunk.strip():
                 continue
-            if isinstance(row, dict):
-                out.append(row)
+            torn = number == len(chunks)  # no newline after it: the kill came mid-write
+            try:
+                line = chunk.decode("utf-8")
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                    raise ValueError("not a metrics row (a JSON object with an integer epoch)")
+            except UnicodeDecodeError as exc:
+                self._damaged(number, chunk, torn, f"byte {exc.start + 1} is not UTF-8")
+                continue
+            except ValueError as exc:  # JSONDecodeError included
+                self._damaged(number, chunk, torn, str(exc).splitlines()[0][:120])
+                continue
+            out.append((line, row))
         return out
+
+    def _damaged(self, number: int, chunk: bytes, torn: bool, why: str) -> None:
+        if torn or (number, chunk) in self._named:
+            return
+        self._named.add((number, chunk))
+        logging.getLogger(LOGGER).warning("%s: line %d is damaged (%s); skipped (the other rows are kept)",
+                                          self.path, number, why)
+
+    def _csv_rows(self) -> list[dict[str, Any]]:
+        """The rows ``metrics.csv`` holds, with numbers as numbers and empty cells as None ([] when it
+        is missing or cannot be read: it is the spare copy)."""
+        try:
+            text = self.csv.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as exc:
+            logging.getLogger(LOGGER).warning("%s: cannot be read (%s: %s); not used to restore %s", self.csv,
+                                              type(exc).__name__, exc, self.path.name)
+            return []
+        out = []
+        for row in csv.DictReader(io.StringIO(text)):
+            parsed = {k: _cell(v) for k, v in row.items() if k is not None}
+            if isinstance(parsed.get("epoch"), int):
+                out.append(parsed)
+        return out
+
+    def _restore_from_csv(self, before: int) -> None:
+        """Write back into ``metrics.jsonl`` the rows of epochs before ``before`` that only
+        ``metrics.csv`` still holds (in epoch order with the ones it has)."""
+        lines = self._lines()
+        have = {row["epoch"] for _, row in lines}
+        lost = {r["epoch"]: r for r in self._csv_rows() if r["epoch"] < before and r["epoch"] not in have}
+        if not lost:
+            return
+        merged = sorted([(row["epoch"], line) for line, row in lines]
+                        + [(epoch, json.dumps(row)) for epoch, row in lost.items()], key=lambda t: t[0])
+        atomic_write_text(self.path, "".join(line + "\n" for _, line in merged))
+        logging.getLogger(LOGGER).warning("%s: epoch(s) %s were missing; restored from %s", self.path,
+                                          sorted(lost), self.csv.name)
 
     def _write_csv(self) -> None:
         rows = self.rows()
@@ -148,20 +211,25 @@ class MetricsFile:
         atomic_write_text(self.csv, text.getvalue())
 
     def cut_back(self, first_epoch_to_drop: int) -> int:
-        """Keep only complete rows of epochs before ``first_epoch_to_drop``; returns rows kept.
-
-        Used on resume so that no epoch appears twice and no torn last line survives a kill.
-        """
-        if not self.path.exists():
+        """Keep only complete rows of epochs before ``first_epoch_to_drop`` (those only
+        ``metrics.csv`` holds restored first); returns rows kept. Used on resume so that no epoch
+        appears twice, no torn or damaged line survives and neither copy loses a row the other has."""
+        if not self.path.exists() and not self.csv.exists():
             return 0
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] < first_epoch_to_drop:
-                kept.append(line)
+        self._restore_from_csv(before=first_epoch_to_drop)
+        kept = [line for line, row in self._lines() if row["epoch"] < first_epoch_to_drop]
         atomic_write_text(self.path, "".join(k + "\n" for k in kept))
         self._write_csv()
         return len(kept)
+
+
+def _cell(text: str | None) -> Any:
+    """A metrics.csv cell as the JSON row had it: an int, a float, None (empty) or the text."""
+    if text is None or text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False}.get(text, text)

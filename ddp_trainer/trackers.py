@@ -7,17 +7,26 @@ same tracker run; and a tracker skips the epochs its run already holds (a run ki
 an epoch but before its checkpoint trains that epoch again, to the same values, since resume is
 exact): every epoch is in the tracker's history exactly once. A tracker that cannot start or log
 (package missing, server unreachable) is one warning line, never a failed run.
+
+A tracker never holds up the ranks: on rank 0 each one starts and logs in a thread of its own, fed
+by a queue (:class:`QueuedTracker`), so the training loop only hands rows over. The loop waits for
+a tracker twice, each time at most ``wait_s`` (:func:`tracker_wait_s`: under half of
+``dist.timeout_s``, so that the other ranks' next collective cannot time out): for its start (its run
+id goes into the checkpoints) and for its close. A failed log call is tried again
+(:data:`RETRY_WAITS_S`) before the tracker is given up with one warning.
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+import queue
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from .config import Config, flatten
 
@@ -46,6 +55,10 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+RETRY_WAITS_S = (1.0, 4.0)  # the pauses before a failed log call is tried again (then the tracker is given up)
+TRACKER_WAIT_S = 60.0  # the longest the loop waits for a tracker's start or close (less under a short dist.timeout_s)
+
+
 class Tracker:
     """One tracker's run: ``run_id`` (kept in checkpoints) and the epochs it already holds."""
 
@@ -57,15 +70,23 @@ class Tracker:
         self._failed = False
 
     def epoch(self, row: dict[str, Any]) -> None:
+        """Log ``row`` (in the tracker's thread: it may take long); a failure is tried again after
+        each of :data:`RETRY_WAITS_S` (a server that blinked), then the tracker is given up with one
+        warning."""
         if self._failed or row["epoch"] in self.logged:
             return
-        try:
-            self._log(row)
-            self.logged.add(row["epoch"])
-        except Exception as exc:  # noqa: BLE001 - a tracker never fails the run
-            self._failed = True
-            log.warning("log.%s: cannot log epoch %d (%s); the run goes on without it", self.name, row["epoch"],
-                        _why(exc))
+        for attempt in range(len(RETRY_WAITS_S) + 1):
+            try:
+                self._log(row)
+                self.logged.add(row["epoch"])
+                return
+            except Exception as exc:  # noqa: BLE001 - a tracker never fails the run
+                if attempt < len(RETRY_WAITS_S):
+                    time.sleep(RETRY_WAITS_S[attempt])
+                    continue
+                self._failed = True
+                log.warning("log.%s: cannot log epoch %d after %d tries (%s); the run goes on without it", self.name,
+                            row["epoch"], attempt + 1, _why(exc))
 
     def catch_up(self, rows: list[dict[str, Any]]) -> None:
         """Log the earlier epochs this tracker's run lacks (a kill can cost a tracker what it had not
@@ -223,26 +244,103 @@ def mlflow_uri(configured: str | None) -> str:
     return uri
 
 
-def start_trackers(cfg: Config, folder: Path, run_ids: dict[str, str]) -> list[Tracker]:
-    """The trackers ``log.*`` asks for (global rank 0), continuing the runs of ``run_ids``."""
-    wanted = [(WandbTracker, cfg.log.wandb, "wandb"), (MlflowTracker, cfg.log.mlflow, "mlflow")]
-    started: list[Tracker] = []
-    for cls, on, extra in wanted:
-        if not on:
-            continue
+def tracker_wait_s(cfg: Config) -> float:
+    """How long the training loop waits at most for a tracker's start or close: :data:`TRACKER_WAIT_S`,
+    and under half of ``dist.timeout_s`` (the other ranks wait at their next collective meanwhile)."""
+    return min(TRACKER_WAIT_S, cfg.dist.timeout_s / 2)
+
+
+def _start_one(cls: type, extra: str, cfg: Config, folder: Path, run_id: str | None) -> Tracker | None:
+    """Start one tracker (in its thread), or None after one warning."""
+    try:
+        tracker = cls(cfg, folder, run_id)
+    except ImportError as exc:
+        log.warning("log.%s=true but %s is not installed (pip install -e '.[%s]'); the run goes on without "
+                    "it", cls.name, exc.name or cls.name, extra)
+        return None
+    except Exception as exc:  # noqa: BLE001 - a tracker that cannot start never fails the run
+        log.warning("log.%s: cannot start (%s); the run goes on without it", cls.name, _why(exc))
+        return None
+    resumed = f", continuing run {tracker.run_id} (epochs {sorted(tracker.logged)} already there)" \
+        if run_id else f", run {tracker.run_id}"
+    log.info("log.%s: on%s", cls.name, resumed)
+    return tracker
+
+
+class QueuedTracker:
+    """A tracker that starts, logs and closes in a thread of its own, fed by a queue: :meth:`epoch`
+    and :meth:`catch_up` only hand rows over and never wait. ``run_id``: the tracker run's id once it
+    has started (the resumed one until then). Created waiting at most ``wait_s`` for the start;
+    :meth:`close` (idempotent) waits at most ``wait_s`` for the rows handed over to be logged, and a
+    tracker still busy then is left to finish on its own (one warning; its thread is a daemon)."""
+
+    def __init__(self, name: str, start: Callable[[], Tracker | None], run_id: str | None, wait_s: float) -> None:
+        self.name, self.run_id, self.wait_s = name, run_id, wait_s
+        self._start = start
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._started = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name=f"tracker-{name}", daemon=True)
+        self._thread.start()
+        if not self._started.wait(wait_s):
+            log.warning("log.%s: still starting after %g s; the run goes on and logs to it once it has started "
+                        "(a tracker never holds up the ranks)", name, wait_s)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        self._queue.put(("epoch", dict(row)))
+
+    def catch_up(self, rows: list[dict[str, Any]]) -> None:
+        self._queue.put(("catch_up", [dict(r) for r in rows]))
+
+    def close(self, finished: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(("close", finished))
+        self._thread.join(self.wait_s)
+        if self._thread.is_alive():
+            log.warning("log.%s: still busy after %g s; the run ends without waiting for it (rows it had not "
+                        "logged yet may be missing from the tracker; metrics.jsonl has them all)",
+                        self.name, self.wait_s)
+
+    def _work(self) -> None:
         try:
-            tracker = cls(cfg, folder, run_ids.get(cls.name))
-        except ImportError as exc:
-            log.warning("log.%s=true but %s is not installed (pip install -e '.[%s]'); the run goes on without "
-                        "it", cls.name, exc.name or cls.name, extra)
-            continue
-        except Exception as exc:  # noqa: BLE001 - a tracker that cannot start never fails the run
-            log.warning("log.%s: cannot start (%s); the run goes on without it", cls.name, _why(exc))
-            continue
-        resumed = f", continuing run {tracker.run_id} (epochs {sorted(tracker.logged)} already there)" \
-            if run_ids.get(cls.name) else f", run {tracker.run_id}"
-        log.info("log.%s: on%s", cls.name, resumed)
-        started.append(tracker)
+            tracker = self._start()
+        finally:
+            self._started.set()
+        if tracker is not None:
+            self.run_id = tracker.run_id
+        while True:
+            kind, value = self._queue.get()
+            if tracker is None:
+                if kind == "close":
+                    return
+                continue
+            try:
+                if kind == "epoch":
+                    tracker.epoch(value)
+                elif kind == "catch_up":
+                    tracker.catch_up(value)
+                else:
+                    tracker.close(value)
+                    return
+            except Exception as exc:  # noqa: BLE001 - a tracker never fails the run
+                log.warning("log.%s: %s failed (%s); the run goes on without it", self.name, kind, _why(exc))
+                tracker = None
+                if kind == "close":
+                    return
+
+
+def start_trackers(cfg: Config, folder: Path, run_ids: dict[str, str]) -> list[QueuedTracker]:
+    """The trackers ``log.*`` asks for (global rank 0), continuing the runs of ``run_ids``, each in
+    its own thread (:class:`QueuedTracker`)."""
+    wanted = [(WandbTracker, cfg.log.wandb, "wandb"), (MlflowTracker, cfg.log.mlflow, "mlflow")]
+    started: list[QueuedTracker] = []
+    for cls, on, extra in wanted:
+        if on:
+            run_id = run_ids.get(cls.name)
+            started.append(QueuedTracker(cls.name, lambda c=cls, e=extra, r=run_id: _start_one(c, e, cfg, folder, r),
+                                         run_id, tracker_wait_s(cfg)))
     return started
 
 

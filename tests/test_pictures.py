@@ -75,12 +75,12 @@ def test_bar_shows_in_a_terminal_and_not_in_a_pipe(small_args):
     assert "epoch 0:" in text and "img/s" in text and "\r" in text  # a tqdm bar redrawn in place
 
 
-def test_tensorboard_scalars_or_a_clear_error(small_args, tmp_path: Path):
+def test_tensorboard_scalars_or_one_warning(small_args, tmp_path: Path):
     import importlib.util
 
     res = launch(0, *small_args, "train.epochs=1", "log.tensorboard=true", timeout=120)
     if importlib.util.find_spec("tensorboard") is None:
-        assert res.returncode == 2
+        assert res.returncode == 0, res.stderr  # like W&B or MLflow missing: one warning, the run goes on
         assert "pip install tensorboard" in res.stderr and "log.tensorboard=false" in res.stderr
     else:
         assert res.returncode == 0, res.stderr

@@ -95,12 +95,12 @@ def test_logs_deleted_during_a_run_are_written_again(demo_small, tmp_path):
     args = _args(demo_small, out, "train.epochs=3", "model.name=slow_model:build", "train.log_every_steps=1")
     proc = subprocess.Popen([PY, str(ROOT / "launch.py"), *args], env=env(SLOW_MODEL_SLEEP="0.1"), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (out / "metrics.jsonl").exists(), proc=proc)
+    wait_for(lambda: (out / "metrics.csv").exists(), proc=proc)  # epoch 0's row in both copies
     (out / "metrics.jsonl").unlink()
     (out / "train.log").unlink()
     time.sleep(0.1)
     assert proc.wait(180) == 0, proc.stderr.read()
     # was: the later lines went to the deleted train.log and were lost
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]  # epoch 0 restored from metrics.csv, the surviving copy
     assert "done: val_loss=" in (out / "train.log").read_text()

@@ -15,7 +15,7 @@ from ..checkpoint.weights import canonical_tensors, load_weights
 from ..config import Config, OptimConfig
 from ..errors import CheckpointError
 from ..launch.dist import Dist
-from ..trackers import Tracker
+from ..trackers import QueuedTracker
 from .engine import RunningLoss
 from .optim import carry_over_state, optimizer_family
 from .optim_state import (
@@ -214,7 +214,7 @@ class TrackerRuns:
 
     def __init__(self) -> None:
         self.resumed: dict[str, str] = {}  # from the checkpoint
-        self.trackers: list[Tracker] = []  # started after the restore (global rank 0)
+        self.trackers: list[QueuedTracker] = []  # started after the restore (global rank 0)
 
     def save(self, ctx: SaveContext) -> dict[str, str]:
         return {**self.resumed, **{t.name: t.run_id for t in self.trackers if t.run_id}}

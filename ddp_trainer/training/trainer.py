@@ -70,9 +70,12 @@ class Trainer:
         return FitResult(epochs_run, last_val, self.folder.path, self.report.last_row)
 
     def close(self) -> None:
-        """Stop the loader workers now; close what the report writes to (a tracker of a run that
-        did not finish is marked so); let go of output_dir (held log records, the lock)."""
+        """Stop the loader workers now; wait for the checkpoint write in flight (its thread never
+        outlives the run: after a KeyboardInterrupt, train() returns only once it has ended); close
+        what the report writes to (a tracker of a run that did not finish is marked so); let go of
+        output_dir (held log records, the lock)."""
         self.data.close()
+        self.checkpoints.wait_local()  # no collective: every path out of the run, a failed one included
         self.report.close(finished=False)
         self.folder.close()
 
