@@ -180,6 +180,7 @@ def test_moments_of_other_parameters_are_refused_naming_them(form, monkeypatch, 
     assert "model.init_from" in text  # the fix: keep the weights, start the optimizer new
 
 
+@pytest.mark.stacks  # resume by parameter name on the second stack too
 def test_a_reordered_model_resumes_bitwise_as_if_nothing_changed(demo_small, tmp_path):
     def args(out: Path, epochs: int) -> list[str]:
         return [f"data.root={demo_small}", f"output_dir={out}", "model.name=named_models:ordered",

@@ -283,6 +283,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.stacks  # DDP internals differ between torch versions: the second stack checks its own
 def test_a_peer_lost_at_ddps_bucket_rebuild_reads_as_lost_contact(demo_small, tmp_path):
     """Two nodes (two torchrun agents, so that the survivor's agent does not stop it first); rank 1
     ends after its first optimizer step, so rank 0's next collective is the rebuild's broadcast at
@@ -325,6 +326,7 @@ def test_a_model_error_in_the_rebuild_forward_stays_the_models(small_args):
     assert "lost contact" not in errors[0]
 
 
+@pytest.mark.stacks  # the private DDP internals of each tested torch
 def test_the_ddp_internals_the_rebuild_relies_on(tmp_path):
     """compat.rebuild_ddp_buckets reaches into DDP (``_has_rebuilt_buckets``, ``reducer._rebuild_buckets``):
     this fails loudly when a torch upgrade changes them. One gloo process."""
