@@ -109,11 +109,12 @@ def _verify(index: FolderIndex, workers: int, max_pixels: int) -> list[tuple[str
 def cmd_check(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     cfg = config_mod.load(args.config, args.overrides)
-    check_model_name(cfg.model.name)
+    check_model_name(cfg.model.name, drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     root = resolve_root(cfg.data, Dist.single())
     splits = scan_splits(cfg.data, root)
     scanned = time.monotonic() - t0
-    model = build_model(cfg.model.name, len(splits.classes))
+    model = build_model(cfg.model.name, len(splits.classes), drop_rate=cfg.model.drop_rate,
+                        drop_path_rate=cfg.model.drop_path_rate)
     world = max(1, args.nproc)
     check_trainable(len(splits.train), world, cfg.data.batch_size, model, len(splits.classes), cfg.checkpoint.monitor)
     print(f"config: valid ({len(config_mod.valid_keys())} keys); model {cfg.model.name} "

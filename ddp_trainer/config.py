@@ -135,12 +135,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "resnet18"  # torchvision builder, tiny_cnn / tiny_cnn_bn, or package.module:callable
+    name: str = "resnet18"  # torchvision builder, timm/NAME, tiny_cnn / tiny_cnn_bn, or package.module:callable
     init_from: Optional[str] = None  # weights-only start (fine-tuning)
     weights: Optional[str] = None  # torchvision pretrained weights (DEFAULT, IMAGENET1K_V1, ...) from torch's hub cache
     sync_batchnorm: bool = False
+    drop_rate: float = 0.0  # dropout before the classifier (timm's --drop; torchvision's dropout); 0: the model's default
+    drop_path_rate: float = 0.0  # stochastic depth (timm's --drop-path; torchvision's stochastic_depth_prob); 0: the model's default
 
     def __post_init__(self) -> None:
+        for key, rate in (("model.drop_rate", self.drop_rate), ("model.drop_path_rate", self.drop_path_rate)):
+            _check(0.0 <= rate < 1.0, key, rate, "use a probability in [0, 1), e.g. 0.1")
         _check(not (self.init_from and self.weights), "model.weights", self.weights,
                "give model.weights or model.init_from, not both")
 

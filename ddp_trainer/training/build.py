@@ -107,7 +107,8 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
 
         apply_numerics(cfg, dist.device)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
-        model = build_model(cfg.model.name, num_classes)
+        model = build_model(cfg.model.name, num_classes, drop_rate=cfg.model.drop_rate,
+                            drop_path_rate=cfg.model.drop_path_rate)
         check_trainable(len(splits.train), dist.world_size, cfg.data.batch_size, model, num_classes,
                         cfg.checkpoint.monitor)
         if init is not None:
