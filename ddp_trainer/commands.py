@@ -84,9 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.set_defaults(fn=cmd_predict)
 
-    p = sub.add_parser("weights", help="the file and URL of torchvision pretrained weights (model.weights)")
-    p.add_argument("model", help="a torchvision classifier, e.g. resnet18")
-    p.add_argument("weights", nargs="?", default="DEFAULT", help="DEFAULT (default), IMAGENET1K_V1, ...")
+    p = sub.add_parser("weights", help="the file and URL of pretrained weights (model.weights), and where to put it")
+    p.add_argument("model", help="a torchvision classifier (resnet18) or a timm model (timm/resnet18.a1_in1k)")
+    p.add_argument("weights", nargs="?", default="DEFAULT",
+                   help="DEFAULT (default), IMAGENET1K_V1, ...; for timm: DEFAULT (the hub cache), local-dir:FOLDER, FILE")
     p.add_argument("--traceback", action="store_true")
     p.set_defaults(fn=cmd_weights)
 
@@ -103,7 +104,11 @@ def cmd_weights(args: argparse.Namespace) -> int:
     print(f"weights: {found.weights}")
     print(f"file:    {found.path.name}")
     print(f"folder:  {found.path.parent} ({'present' if found.present else 'missing'})")
-    print(f"url:     {found.url}")
+    if found.url:
+        print(f"url:     {found.url}")
+    how = getattr(found, "how", None)  # timm's files: the hub cache's layout, a folder or a path
+    if how and not found.present:
+        print(f"get it:  {how}")
     return EXIT_OK
 
 
