@@ -66,6 +66,9 @@ class DataConfig:
     max_image_pixels: int = 89_478_485  # a larger image is refused before it is decoded (PIL's default limit)
     mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) (torchvision's recipe: 0.2); 0: off
     cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha) (torchvision's recipe: 1.0); 0: off
+    # a timm model's own image_size, interpolation, mean, std and val_crop_pct for every one of these
+    # keys not set; auto: when model.weights is set (pretrained weights expect their statistics)
+    from_model: Literal["auto", True, False] = "auto"
 
     def __post_init__(self) -> None:
         _check(8 <= self.image_size <= 8192, "data.image_size", self.image_size, "use 8 to 8192")
@@ -334,12 +337,20 @@ class Config:
         _check(self.sched.min_lr <= self.optim.lr or self.sched.name != "cosine", "sched.min_lr", self.sched.min_lr,
                f"use a floor of at most optim.lr={self.optim.lr:g} (the cosine decays from optim.lr to sched.min_lr)")
 
+    # the data.* values data.from_model took from the model, ((key, value), ...): not a key itself
+    # (a stored config holds the values, so a resume or an evaluation takes nothing again)
+    taken_from_model: typing.ClassVar[tuple[tuple[str, Any], ...]] = ()
+
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self)
 
     def replace(self, **overrides: Any) -> "Config":
-        """A copy with dotted-key overrides applied (``{"train.epochs": 3}``), validated again."""
-        return from_dict(_merge(self.to_dict(), _nest(overrides, source="replace")))
+        """A copy with dotted-key overrides applied (``{"train.epochs": 3}``), validated again; the
+        values taken from the model stay recorded where the overrides do not replace them."""
+        new = from_dict(_merge(self.to_dict(), _nest(overrides, source="replace")))
+        object.__setattr__(new, "taken_from_model", tuple((k, v) for k, v in self.taken_from_model
+                                                          if f"data.{k}" not in overrides))
+        return new
 
 
 def _key(f: dataclasses.Field) -> str:
@@ -465,8 +476,32 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
 
 
 def from_dict(values: Mapping[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from a nested mapping (missing keys take defaults)."""
-    return _build(Config, values, "")
+    """Build and validate a :class:`Config` from a nested mapping (missing keys take defaults, or
+    the model's own data settings: :func:`_with_model_data`)."""
+    return _with_model_data(_build(Config, values, ""), values)
+
+
+def _with_model_data(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """``cfg`` with a timm model's data settings in every ``data.*`` key that ``values`` (what the
+    user gave) does not set, when ``data.from_model`` is on (``auto``: with ``model.weights``),
+    recorded in ``taken_from_model``. ``true`` for a model other than ``timm/NAME`` is refused."""
+    wanted = cfg.data.from_model
+    if wanted is False or (wanted == "auto" and not cfg.model.weights):
+        return cfg
+    if not cfg.model.name.startswith("timm/"):
+        _check(wanted == "auto", "data.from_model", wanted,
+               "only timm/NAME models carry their data settings; set data.image_size, data.mean, ... yourself "
+               "and data.from_model=auto")
+        return cfg
+    # the model's settings need torch and timm, which a config of any other model never loads
+    from .models.data_settings import data_settings
+    given = values.get("data") or {}
+    taken = {k: v for k, v in data_settings(cfg.model.name).items() if k not in given}
+    if not taken:
+        return cfg
+    new = _build(Config, _merge(dict(values), {"data": taken}), "")
+    object.__setattr__(new, "taken_from_model", tuple(taken.items()))
+    return new
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -110,3 +110,32 @@ def test_two_processes_fine_tune_from_the_hub_cache_and_log_the_file(small_args,
                      f"output_dir={tmp_path / 'other'}", env=child_env(HF_HOME=str(tmp_path / "empty")))
     assert missing.returncode == 2
     assert [l for l in missing.stderr.splitlines() if "is not there" in l][0].count("hf download") == 1
+
+
+def test_a_pretrained_timm_model_s_data_settings_fill_the_keys_not_set_and_are_logged(small_args, tmp_path):
+    timm, st = _timm_and_safetensors()
+    from ddp_trainer import config as config_mod
+
+    want = timm.data.resolve_data_config({}, model=timm.create_model(TINY, pretrained=False))
+    name = [f"model.name=timm/{TINY}"]
+    cfg = config_mod.load(None, name + ["model.weights=DEFAULT", "data.std=[0.2,0.2,0.2]"])
+    assert (cfg.data.image_size, cfg.data.interpolation) == (want["input_size"][1], want["interpolation"])
+    assert cfg.data.mean == list(want["mean"]) and cfg.data.val_crop_pct == want["crop_pct"]
+    assert cfg.data.std == [0.2, 0.2, 0.2]  # set by the user: kept
+    assert dict(cfg.taken_from_model) == {"image_size": 160, "mean": [0.5, 0.5, 0.5], "interpolation": "bilinear",
+                                          "val_crop_pct": 0.95}
+    # auto is off without pretrained weights; false is off with them; true is on without them
+    assert config_mod.load(None, name).data.image_size == 32
+    assert config_mod.load(None, name + ["model.weights=DEFAULT", "data.from_model=false"]).taken_from_model == ()
+    assert config_mod.load(None, name + ["data.from_model=true"]).data.mean == [0.5, 0.5, 0.5]
+    # the stored config holds the values: building from it takes nothing again
+    assert config_mod.from_dict(cfg.to_dict()).taken_from_model == () and config_mod.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match=r"^data.from_model: bad value True; only timm/NAME models carry"):
+        config_mod.load(None, ["model.name=resnet18", "data.from_model=true"])
+
+    home, _ = _hub_home(tmp_path, timm, st)
+    res = launch(0, *small_args, *name, "model.weights=DEFAULT", "data.image_size=16", "train.epochs=1",
+                 env=child_env(HF_HOME=str(home)))
+    assert res.returncode == 0, res.stderr
+    assert f"data.from_model: data.mean=[0.5, 0.5, 0.5] from timm/{TINY}'s pretrained config" in res.stderr
+    assert "data.from_model: data.image_size" not in res.stderr  # set on the command line

@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -45,6 +46,14 @@ def check_name(name: str) -> None:
             close = difflib.get_close_matches(bare, tags, n=3, cutoff=0.0)
             choices = ", ".join(PREFIX + c for c in close) if close else f"{PREFIX}{arch} (it has no tagged weights)"
             raise ConfigError(f"model.name: timm has no weights tag {tag!r} for {arch}; choose one of {choices}")
+
+
+def meta_model(name: str) -> nn.Module:
+    """``timm/NAME`` built on the meta device, for what timm attaches to it (its pretrained config):
+    no memory, no init time."""
+    check_name(name)
+    with torch.device("meta"):
+        return load_timm(name).create_model(timm_name(name), pretrained=False)
 
 
 def build(name: str, num_classes: int, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:

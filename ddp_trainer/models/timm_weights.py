@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-import torch
-
 from ..errors import ConfigError
-from .timm_nets import check_name, load_timm, timm_name
+from .timm_nets import meta_model, timm_name
 
 LOCAL_DIR = "local-dir:"
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm reads from a hub repo, in its order
@@ -60,10 +58,7 @@ def hub_id(name: str) -> str:
     """The hub repository of ``timm/NAME``'s default weights (``timm/resnet18.a1_in1k`` for
     ``timm/resnet18``): the pretrained config timm attaches to the model, read from a build on the
     meta device. ConfigError when timm keeps this model's weights elsewhere than on the hub."""
-    check_name(name)
-    timm = load_timm(name)
-    with torch.device("meta"):  # only the pretrained config is wanted: no memory, no init time
-        cfg = timm.create_model(timm_name(name), pretrained=False).pretrained_cfg
+    cfg = meta_model(name).pretrained_cfg
     repo = cfg.get("hf_hub_id") or ""
     if not repo or repo.startswith(LOCAL_DIR):
         raise ConfigError(f"model.weights=DEFAULT: timm keeps no hub weights for {timm_name(name)}; download "

@@ -97,6 +97,8 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         num_classes = len(splits.classes)
         log.info("data: %d train / %d val images, %d classes; val from %s", len(splits.train), len(splits.val),
                  num_classes, splits.source)
+        for key, value in cfg.taken_from_model:
+            log.info("data.from_model: data.%s=%s from %s's pretrained config", key, value, cfg.model.name)
         sampler = sampler_spec(cfg.data, splits.train)
         with dist.waiting("rank 0 to read the checkpoint"):
             resume = dist.main_then_broadcast(
