@@ -154,7 +154,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "adamw"
+    name: Literal["sgd", "adamw", "lamb"] = "adamw"  # lamb: timm's LAMB with its defaults (needs timm)
     lr: float = 0.002  # not rescaled with the global batch: set it for yours
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.05
