@@ -208,6 +208,8 @@ class TrainConfig:
     log_every_steps: int = 50
     stop_on_nonfinite: bool = True  # a nan/inf training loss stops the run, keeping the last good checkpoint
     label_smoothing: float = 0.0  # training loss only; validation loss stays plain cross-entropy
+    loss: Literal["ce", "bce"] = "ce"  # bce: timm's BinaryCrossEntropy (its --bce-loss), smoothing = label_smoothing
+    bce_target_threshold: Optional[float] = None  # bce: targets above it become 1, the rest 0 (timm's --bce-target-thresh)
     ema_decay: Optional[float] = None  # an EMA of the weights (e.g. 0.9998), validated each epoch; null: off
     ema_every_steps: int = 1  # update the EMA every N optimizer steps (torchvision's --model-ema-steps)
     # torchvision: ema_decay is its --model-ema-decay, rescaled to 1 - (1 - decay) x global batch x
@@ -229,6 +231,11 @@ class TrainConfig:
                "use at least 1 (torchvision's recipe: 32)")
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
                "use a number in [0, 1), e.g. 0.1")
+        if self.bce_target_threshold is not None:
+            _check(self.loss == "bce", "train.bce_target_threshold", self.bce_target_threshold,
+                   "set train.loss=bce with it, or remove it")
+            _check(0.0 <= self.bce_target_threshold < 1.0, "train.bce_target_threshold", self.bce_target_threshold,
+                   "use a number in [0, 1), e.g. 0.2 (timm's recipes), or null")
 
 
 @dataclass(frozen=True)

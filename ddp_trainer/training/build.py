@@ -45,6 +45,7 @@ from .engine import Engine, RunningLoss
 from .optim import LRSchedule, build_optimizer, scaled_lr
 from .report import EpochReport
 from .resume import apply_initial_weights, find_resume, read_initial_weights
+from .losses import training_loss
 from .run_folder import RunFolder
 from .state import TrainState
 from .trainer import Trainer
@@ -185,7 +186,7 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         engine = Engine(model, optimizer, Normalize(cfg.data.mean, cfg.data.std).to(dist.device), dist.device,
                         cfg.train.precision, cfg.train.clip_grad_norm, cfg.train.channels_last, scaler,
                         label_smoothing=cfg.train.label_smoothing, mixer=mixer, dist=dist, running=running,
-                        replicas_prepare=on_replicas)
+                        replicas_prepare=on_replicas, loss=training_loss(cfg.train))
         report = EpochReport(cfg, dist, folder, sinks)
         report.keep_rows_before(loop.state.epoch, resumed=resume is not None)
         log.info("model %s (%.2fM parameters); global batch %d = %d per process x %d process(es) x %d "
