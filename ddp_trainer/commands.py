@@ -26,7 +26,7 @@ from .data.transforms import ImageTransform, Normalize
 from .errors import EXIT_OK, CheckpointError
 from .launch.dist import Dist
 from .launch.environment import process_rank
-from .models import build_model, check_model_name
+from .models import build_model, check_model_name, name_of_file_arch
 from .pictures import save_curves, save_grid
 from .pretrained import resolve as resolve_weights
 
@@ -219,7 +219,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise CheckpointError(f"--strip-prefix {strip!r}: key {bad!r} does not start with it; the keys start "
                                   f"with {common_prefix(list(sd)) or bad.split('.')[0] + '.'!r}")
         sd = {k[len(strip):]: v for k, v in sd.items()}
-    name = args.model or loaded.model_name or (loaded.layout.arch if loaded.layout else None)
+    name = args.model or loaded.model_name or (name_of_file_arch(loaded.layout.arch, loaded.layout.name)
+                                                if loaded.layout and loaded.layout.arch else None)
     checked = ""
     if name:
         check_model_name(name)

@@ -22,7 +22,7 @@ from . import imported, timm_nets, torchvision_nets
 from .head import classifier_head
 from .local import LOCAL_MODELS, TinyCNN
 
-__all__ = ["LOCAL_MODELS", "TinyCNN", "build_model", "check_model_name", "classifier_head"]
+__all__ = ["LOCAL_MODELS", "TinyCNN", "build_model", "check_model_name", "classifier_head", "name_of_file_arch"]
 
 
 def build_model(name: str, num_classes: int, *, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
@@ -57,6 +57,15 @@ def check_model_name(name: str, *, drop_rate: float = 0.0, drop_path_rate: float
     if drop_rate or drop_path_rate:
         with torch.device("meta"):  # the builder refuses the keyword; no memory, no init time
             build_model(name, 2, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+
+
+def name_of_file_arch(arch: str, layout: str) -> str:
+    """The ``model.name`` of the architecture another trainer's file states: a timm ``train.py``
+    file's ``args.model`` that is no torchvision builder is timm's (``convnext_tiny`` is both, with
+    other keys: a timm file of it needs ``--model timm/convnext_tiny``; ``resnet*`` keys agree)."""
+    if layout == "timm" and arch not in LOCAL_MODELS and arch not in torchvision_nets.names():
+        return timm_nets.PREFIX + arch
+    return arch
 
 
 def refuse_drop_rates(name: str, drop_rate: float, drop_path_rate: float) -> None:
