@@ -24,7 +24,8 @@ MAX_LR = 3.0e38  # float32's range: past it the rate itself becomes inf in the o
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 AUGMENTATIONS = ("flip", "random_resized_crop", "trivialaugment", "randaugment", "autoaugment", "random_erasing")
-POLICIES = ("trivialaugment", "randaugment", "autoaugment")  # at most one of these per run
+POLICIES = ("trivialaugment", "randaugment", "autoaugment")  # at most one of these (or a timm string) per run
+TIMM_AUGMENT_PREFIXES = ("rand-", "augmix-")  # timm's augmentation strings (data/timm_augment.py), e.g. rand-m7-mstd0.5-inc1
 # what checkpoint.monitor may name: columns of each epoch's metrics row (the *_ema ones need train.ema_decay)
 MONITORABLE_METRICS = ("val_loss", "val_acc", "val_acc5", "train_loss", "val_loss_ema", "val_acc_ema")
 
@@ -88,11 +89,13 @@ class DataConfig:
         _check(len(self.std) == 3 and all(s > 0 for s in self.std), "data.std", self.std,
                "give three positive numbers (R, G, B)")
         for name in self.augment:
-            if name not in AUGMENTATIONS:
+            if name not in AUGMENTATIONS and not name.startswith(TIMM_AUGMENT_PREFIXES):
                 raise ConfigError(f"data.augment: unknown augmentation {name!r}; "
-                                  f"choose from {', '.join(AUGMENTATIONS)} or none{_hint(name, AUGMENTATIONS)}")
-        policies = [a for a in self.augment if a in POLICIES]
-        _check(len(policies) <= 1, "data.augment", self.augment, f"use at most one of {', '.join(POLICIES)}")
+                                  f"choose from {', '.join(AUGMENTATIONS)}, a timm string (rand-m9-mstd0.5-inc1, "
+                                  f"augmix-m5-w4-d2) or none{_hint(name, AUGMENTATIONS)}")
+        policies = [a for a in self.augment if a in POLICIES or a.startswith(TIMM_AUGMENT_PREFIXES)]
+        _check(len(policies) <= 1, "data.augment", self.augment,
+               f"use at most one of {', '.join(POLICIES)} and timm's strings")
         # Beta(a, a) below 1e-3 puts all its mass at 0 and 1 (nothing mixes), and torch's sampler
         # fails on tiny values (1e-300): refused here rather than at the first mixed batch
         for key, alpha in (("data.mixup_alpha", self.mixup_alpha), ("data.cutmix_alpha", self.cutmix_alpha)):

@@ -1,4 +1,4 @@
-"""configs/recipes/timm_rsb_a3.yaml: timm's model, LAMB and BCE as the paper's column A3 sets them,
+"""configs/recipes/timm_rsb_a3.yaml: timm's model, LAMB, BCE and RandAugment string as the paper's column A3 sets them,
 loaded and run for a debug pass (skips where timm is missing)."""
 import pytest
 import torchvision.models  # noqa: F401  (timm imports it, which sets TORCHINDUCTOR_CACHE_DIR: done here, before the tests' process-state check)
@@ -15,6 +15,7 @@ def test_the_rsb_a3_recipe_loads_with_timm_s_keys_and_runs_a_debug_pass(demo_sma
         "timm/resnet50", "lamb", "bce", 0.2)
     assert (cfg.train.epochs, cfg.data.train_image_size, cfg.data.image_size, cfg.data.val_crop_pct) == (
         100, 160, 224, 0.95)
+    assert cfg.data.augment == ["random_resized_crop", "flip", "rand-m6-mstd0.5-inc1"]
     assert cfg.optim.lr * 2048 / 256 == pytest.approx(8e-3) and cfg.taken_from_model == ()  # from scratch
     res = run([PY, str(ROOT / "launch.py"), "--debug", "--config", str(path), f"data.root={demo_small}",
                f"output_dir={tmp_path / 'run'}", "data.image_size=32", "data.train_image_size=24",
