@@ -84,6 +84,8 @@ def evaluate(checkpoint: str | Path, config: str | Path | Mapping[str, Any] | No
         if loaded.class_to_idx is not None and dict(loaded.class_to_idx) != splits.class_to_idx:
             raise CheckpointError(f"checkpoint '{checkpoint}' classes {list(loaded.class_to_idx)} differ "
                                   f"from the data's {list(splits.classes)}; point data.root at its dataset")
+        # without the run's drop rates: evaluation runs in eval mode, where they change nothing,
+        # and an overridden model.name need not have the stored model's settings
         model = build_model(name, len(splits.classes))
         other = f" (trained as model.name={loaded.model_name}, evaluated as {name})" if name != loaded.model_name \
             and loaded.model_name else ""

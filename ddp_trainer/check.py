@@ -125,15 +125,18 @@ def _verify(index: FolderIndex, workers: int, max_pixels: int,
 def cmd_check(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     cfg = config_mod.load(args.config, args.overrides)
-    check_model_name(cfg.model.name)
+    check_model_name(cfg.model.name, drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     root = resolve_root(cfg.data, Dist.single())
     splits = scan_splits(cfg.data, root)
     scanned = time.monotonic() - t0
-    model = build_model(cfg.model.name, len(splits.classes))
+    model = build_model(cfg.model.name, len(splits.classes), drop_rate=cfg.model.drop_rate,
+                        drop_path_rate=cfg.model.drop_path_rate)
     world = max(1, args.nproc)
     check_trainable(len(splits.train), world, cfg.data.batch_size, model, len(splits.classes), cfg.checkpoint.monitor)
     print(f"config: valid ({len(config_mod.valid_keys())} keys); model {cfg.model.name} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(splits.classes)} classes)")
+    for key, value in cfg.taken_from_model:
+        print(f"  data.{key}={value} (data.from_model: {cfg.model.name}'s pretrained config)")
     print(f"data: root '{root}', scanned in {scanned:.1f} s; val from {splits.source}")
     for split, index in (("train", splits.train), ("val", splits.val)):
         print(f"  {split}: {len(index)} images in {len(index.classes)} classes; file types: {_types(index)}")

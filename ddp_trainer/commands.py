@@ -27,7 +27,7 @@ from .data.transforms import ImageTransform, Normalize
 from .errors import EXIT_OK, CheckpointError, DataError, ImageError
 from .launch.dist import Dist
 from .launch.environment import process_rank
-from .models import build_model, check_model_name
+from .models import build_model, check_model_name, name_of_file_arch
 from .pictures import save_curves, save_grid
 from .pretrained import resolve as resolve_weights
 
@@ -85,9 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.set_defaults(fn=cmd_predict)
 
-    p = sub.add_parser("weights", help="the file and URL of torchvision pretrained weights (model.weights)")
-    p.add_argument("model", help="a torchvision classifier, e.g. resnet18")
-    p.add_argument("weights", nargs="?", default="DEFAULT", help="DEFAULT (default), IMAGENET1K_V1, ...")
+    p = sub.add_parser("weights", help="the file and URL of pretrained weights (model.weights), and where to put it")
+    p.add_argument("model", help="a torchvision classifier (resnet18) or a timm model (timm/resnet18.a1_in1k)")
+    p.add_argument("weights", nargs="?", default="DEFAULT",
+                   help="DEFAULT (default), IMAGENET1K_V1, ...; for timm: DEFAULT (the hub cache), local-dir:FOLDER, FILE")
     p.add_argument("--traceback", action="store_true")
     p.set_defaults(fn=cmd_weights)
 
@@ -104,7 +105,11 @@ def cmd_weights(args: argparse.Namespace) -> int:
     print(f"weights: {found.weights}")
     print(f"file:    {found.path.name}")
     print(f"folder:  {found.path.parent} ({'present' if found.present else 'missing'})")
-    print(f"url:     {found.url}")
+    if found.url:
+        print(f"url:     {found.url}")
+    how = getattr(found, "how", None)  # timm's files: the hub cache's layout, a folder or a path
+    if how and not found.present:
+        print(f"get it:  {how}")
     return EXIT_OK
 
 
@@ -215,7 +220,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise CheckpointError(f"--strip-prefix {strip!r}: key {bad!r} does not start with it; the keys start "
                                   f"with {common_prefix(list(sd)) or bad.split('.')[0] + '.'!r}")
         sd = {k[len(strip):]: v for k, v in sd.items()}
-    name = args.model or loaded.model_name or (loaded.layout.arch if loaded.layout else None)
+    name = args.model or loaded.model_name or (name_of_file_arch(loaded.layout.arch, loaded.layout.name)
+                                                if loaded.layout and loaded.layout.arch else None)
     checked = ""
     if name:
         check_model_name(name)

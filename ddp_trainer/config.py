@@ -24,7 +24,8 @@ MAX_LR = 3.0e38  # float32's range: past it the rate itself becomes inf in the o
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 AUGMENTATIONS = ("flip", "random_resized_crop", "trivialaugment", "randaugment", "autoaugment", "random_erasing")
-POLICIES = ("trivialaugment", "randaugment", "autoaugment")  # at most one of these per run
+POLICIES = ("trivialaugment", "randaugment", "autoaugment")  # at most one of these (or a timm string) per run
+TIMM_AUGMENT_PREFIXES = ("rand-", "augmix-")  # timm's augmentation strings (data/timm_augment.py), e.g. rand-m7-mstd0.5-inc1
 # what checkpoint.monitor may name: columns of each epoch's metrics row (the *_ema ones need train.ema_decay)
 MONITORABLE_METRICS = ("val_loss", "val_acc", "val_acc5", "train_loss", "val_loss_ema", "val_acc_ema")
 
@@ -66,6 +67,9 @@ class DataConfig:
     max_image_pixels: int = 89_478_485  # a larger image is refused before it is decoded (PIL's default limit)
     mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha) (torchvision's recipe: 0.2); 0: off
     cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha) (torchvision's recipe: 1.0); 0: off
+    # a timm model's own image_size, interpolation, mean, std and val_crop_pct for every one of these
+    # keys not set; auto: when model.weights is set (pretrained weights expect their statistics)
+    from_model: Literal["auto", True, False] = "auto"
 
     def __post_init__(self) -> None:
         _check(8 <= self.image_size <= 8192, "data.image_size", self.image_size, "use 8 to 8192")
@@ -85,11 +89,13 @@ class DataConfig:
         _check(len(self.std) == 3 and all(s > 0 for s in self.std), "data.std", self.std,
                "give three positive numbers (R, G, B)")
         for name in self.augment:
-            if name not in AUGMENTATIONS:
+            if name not in AUGMENTATIONS and not name.startswith(TIMM_AUGMENT_PREFIXES):
                 raise ConfigError(f"data.augment: unknown augmentation {name!r}; "
-                                  f"choose from {', '.join(AUGMENTATIONS)} or none{_hint(name, AUGMENTATIONS)}")
-        policies = [a for a in self.augment if a in POLICIES]
-        _check(len(policies) <= 1, "data.augment", self.augment, f"use at most one of {', '.join(POLICIES)}")
+                                  f"choose from {', '.join(AUGMENTATIONS)}, a timm string (rand-m9-mstd0.5-inc1, "
+                                  f"augmix-m5-w4-d2) or none{_hint(name, AUGMENTATIONS)}")
+        policies = [a for a in self.augment if a in POLICIES or a.startswith(TIMM_AUGMENT_PREFIXES)]
+        _check(len(policies) <= 1, "data.augment", self.augment,
+               f"use at most one of {', '.join(POLICIES)} and timm's strings")
         # Beta(a, a) below 1e-3 puts all its mass at 0 and 1 (nothing mixes), and torch's sampler
         # fails on tiny values (1e-300): refused here rather than at the first mixed batch
         for key, alpha in (("data.mixup_alpha", self.mixup_alpha), ("data.cutmix_alpha", self.cutmix_alpha)):
@@ -135,19 +141,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "resnet18"  # torchvision builder, tiny_cnn / tiny_cnn_bn, or package.module:callable
+    name: str = "resnet18"  # torchvision builder, timm/NAME, tiny_cnn / tiny_cnn_bn, or package.module:callable
     init_from: Optional[str] = None  # weights-only start (fine-tuning)
     weights: Optional[str] = None  # torchvision pretrained weights (DEFAULT, IMAGENET1K_V1, ...) from torch's hub cache
     sync_batchnorm: bool = False
+    drop_rate: float = 0.0  # dropout before the classifier (timm's --drop; torchvision's dropout); 0: the model's default
+    drop_path_rate: float = 0.0  # stochastic depth (timm's --drop-path; torchvision's stochastic_depth_prob); 0: the model's default
 
     def __post_init__(self) -> None:
+        for key, rate in (("model.drop_rate", self.drop_rate), ("model.drop_path_rate", self.drop_path_rate)):
+            _check(0.0 <= rate < 1.0, key, rate, "use a probability in [0, 1), e.g. 0.1")
         _check(not (self.init_from and self.weights), "model.weights", self.weights,
                "give model.weights or model.init_from, not both")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "adamw"
+    name: Literal["sgd", "adamw", "lamb"] = "adamw"  # lamb: timm's LAMB with its defaults (needs timm)
     lr: float = 0.002  # not rescaled with the global batch: set it for yours
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.05
@@ -201,6 +211,8 @@ class TrainConfig:
     log_every_steps: int = 50
     stop_on_nonfinite: bool = True  # a nan/inf training loss stops the run, keeping the last good checkpoint
     label_smoothing: float = 0.0  # training loss only; validation loss stays plain cross-entropy
+    loss: Literal["ce", "bce"] = "ce"  # bce: timm's BinaryCrossEntropy (its --bce-loss), smoothing = label_smoothing
+    bce_target_threshold: Optional[float] = None  # bce: targets above it become 1, the rest 0 (timm's --bce-target-thresh)
     ema_decay: Optional[float] = None  # an EMA of the weights (e.g. 0.9998), validated each epoch; null: off
     ema_every_steps: int = 1  # update the EMA every N optimizer steps (torchvision's --model-ema-steps)
     # torchvision: ema_decay is its --model-ema-decay, rescaled to 1 - (1 - decay) x global batch x
@@ -222,6 +234,11 @@ class TrainConfig:
                "use at least 1 (torchvision's recipe: 32)")
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
                "use a number in [0, 1), e.g. 0.1")
+        if self.bce_target_threshold is not None:
+            _check(self.loss == "bce", "train.bce_target_threshold", self.bce_target_threshold,
+                   "set train.loss=bce with it, or remove it")
+            _check(0.0 <= self.bce_target_threshold < 1.0, "train.bce_target_threshold", self.bce_target_threshold,
+                   "use a number in [0, 1), e.g. 0.2 (timm's recipes), or null")
 
 
 @dataclass(frozen=True)
@@ -330,12 +347,20 @@ class Config:
         _check(self.sched.min_lr <= self.optim.lr or self.sched.name != "cosine", "sched.min_lr", self.sched.min_lr,
                f"use a floor of at most optim.lr={self.optim.lr:g} (the cosine decays from optim.lr to sched.min_lr)")
 
+    # the data.* values data.from_model took from the model, ((key, value), ...): not a key itself
+    # (a stored config holds the values, so a resume or an evaluation takes nothing again)
+    taken_from_model: typing.ClassVar[tuple[tuple[str, Any], ...]] = ()
+
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self)
 
     def replace(self, **overrides: Any) -> "Config":
-        """A copy with dotted-key overrides applied (``{"train.epochs": 3}``), validated again."""
-        return from_dict(_merge(self.to_dict(), _nest(overrides, source="replace")))
+        """A copy with dotted-key overrides applied (``{"train.epochs": 3}``), validated again; the
+        values taken from the model stay recorded where the overrides do not replace them."""
+        new = from_dict(_merge(self.to_dict(), _nest(overrides, source="replace")))
+        object.__setattr__(new, "taken_from_model", tuple((k, v) for k, v in self.taken_from_model
+                                                          if f"data.{k}" not in overrides))
+        return new
 
 
 def _key(f: dataclasses.Field) -> str:
@@ -461,8 +486,32 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
 
 
 def from_dict(values: Mapping[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from a nested mapping (missing keys take defaults)."""
-    return _build(Config, values, "")
+    """Build and validate a :class:`Config` from a nested mapping (missing keys take defaults, or
+    the model's own data settings: :func:`_with_model_data`)."""
+    return _with_model_data(_build(Config, values, ""), values)
+
+
+def _with_model_data(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """``cfg`` with a timm model's data settings in every ``data.*`` key that ``values`` (what the
+    user gave) does not set, when ``data.from_model`` is on (``auto``: with ``model.weights``),
+    recorded in ``taken_from_model``. ``true`` for a model other than ``timm/NAME`` is refused."""
+    wanted = cfg.data.from_model
+    if wanted is False or (wanted == "auto" and not cfg.model.weights):
+        return cfg
+    if not cfg.model.name.startswith("timm/"):
+        _check(wanted == "auto", "data.from_model", wanted,
+               "only timm/NAME models carry their data settings; set data.image_size, data.mean, ... yourself "
+               "and data.from_model=auto")
+        return cfg
+    # the model's settings need torch and timm, which a config of any other model never loads
+    from .models.data_settings import data_settings
+    given = values.get("data") or {}
+    taken = {k: v for k, v in data_settings(cfg.model.name).items() if k not in given}
+    if not taken:
+        return cfg
+    new = _build(Config, _merge(dict(values), {"data": taken}), "")
+    object.__setattr__(new, "taken_from_model", tuple(taken.items()))
+    return new
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""torchvision's pretrained weights (``model.weights``), from torch's local hub cache only.
+"""Pretrained weights (``model.weights``), found on this machine only: torchvision's from torch's
+local hub cache (here), timm's from the Hugging Face hub cache, a folder or a file
+(:mod:`.models.timm_weights`).
 
 Training never downloads: a cluster node often has no internet, and a download racing on N ranks
 is a classic failure. The file must already be in ``$TORCH_HOME/hub/checkpoints`` (torch's own
@@ -15,6 +17,7 @@ import torch
 import torchvision
 
 from .errors import ConfigError
+from .models import timm_nets, timm_weights
 
 
 @dataclass(frozen=True)
@@ -28,9 +31,12 @@ class PretrainedFile:
         return self.path.is_file()
 
 
-def resolve(model: str, weights: str) -> PretrainedFile:
+def resolve(model: str, weights: str) -> PretrainedFile | timm_weights.TimmWeightsFile:
     """The file of ``weights`` (``DEFAULT``, ``IMAGENET1K_V1``, or ``ResNet18_Weights.IMAGENET1K_V1``)
-    for the torchvision classifier ``model``. ConfigError naming the choices when either is unknown."""
+    for the torchvision classifier ``model``, or of a timm model's (:mod:`.models.timm_weights`).
+    ConfigError naming the choices when either is unknown."""
+    if timm_nets.is_timm(model):
+        return timm_weights.resolve(model, weights)
     try:
         enum = torchvision.models.get_model_weights(model)
     except (ValueError, KeyError):
@@ -48,9 +54,14 @@ def resolve(model: str, weights: str) -> PretrainedFile:
                           folder / os.path.basename(member.url))
 
 
-def require(model: str, weights: str) -> PretrainedFile:
+def require(model: str, weights: str) -> PretrainedFile | timm_weights.TimmWeightsFile:
     """:func:`resolve`, and the file must be there (exit 2 saying how to put it there otherwise)."""
     found = resolve(model, weights)
+    if isinstance(found, timm_weights.TimmWeightsFile):
+        if not found.present:
+            raise ConfigError(f"model.weights={weights}: '{found.path}' ({found.weights}) is not there and training "
+                              f"never downloads; {found.how}", shared=True)
+        return found
     if not found.present:
         raise ConfigError(f"model.weights={weights}: '{found.path.name}' ({found.weights}) is not in "
                           f"'{found.path.parent}' and training never downloads; on a machine with internet run "

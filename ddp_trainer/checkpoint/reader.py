@@ -1,7 +1,8 @@
 """Reading checkpoints of every accepted kind onto the CPU (finding them: :mod:`.discovery`).
 
 Accepted: this project's format (:mod:`.format`); the layouts of other trainers (:mod:`.layouts`),
-the classic ``{"net", "optimizer", "epoch"}`` dict among them; a plain state dict; and, only with
+the classic ``{"net", "optimizer", "epoch"}`` dict among them; a plain state dict (also as a
+``.safetensors`` file: the hub's pretrained weights); and, only with
 ``--trust-checkpoint``, a pickled whole model. Everything is loaded with ``weights_only=True`` first:
 a file that holds code is refused, naming what it holds.
 """
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..extras import optional
 from ..launch.mode import unwrap
 from . import layouts
 from .discovery import require_file
@@ -125,6 +127,16 @@ def _load_content(source: CheckpointFile, trust: bool) -> Any:
                               f"{_torch_error(exc)}); use another file") from None
 
 
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors (plain data by construction: nothing to trust)."""
+    st = optional("safetensors.torch", f"checkpoint '{path.name}'", "timm", package="safetensors")
+    try:
+        return st.load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - a header or size that does not add up: the file is unusable
+        raise CheckpointError(f"checkpoint '{path}' is not a readable .safetensors file ({_first_line(exc)}); "
+                              f"use another file") from None
+
+
 def read_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     """Read any accepted checkpoint onto the CPU and normalise it (module docstring); a foreign
     file's keys that a wrapper prefixed with ``module.`` / ``_orig_mod.`` are repaired (our own files
@@ -133,7 +145,7 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     path), never for damaged content, which is the only kind ``resume=auto`` may skip."""
     path = Path(path)
     require_file(path)
-    obj = _torch_load(path, trust)
+    obj = _safetensors_load(path) if path.name.endswith(".safetensors") else _torch_load(path, trust)
     if isinstance(obj, nn.Module):  # unwrapped: its keys are the model's own
         return Checkpoint(str(path), "pickled_model", {"model": unwrap(obj).state_dict()})
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:

@@ -41,6 +41,11 @@ def _loader_kwargs(cfg: DataConfig, device: torch.device, workers: int,
         "pin_memory": cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda",
         "collate_fn": _collate,
         "multiprocessing_context": start_method(workers),  # explicit: see .workers
+        # each pass draws its workers' base seed from this generator; without one it is drawn from
+        # torch's global stream, which the model's dropout and drop path draw from too, so a resumed
+        # run (a fresh iterator where the uninterrupted one kept its persistent workers) would shift
+        # the model's random numbers. Augmentation never uses that seed: it comes from (seed, epoch, sample)
+        "generator": torch.Generator().manual_seed(0),
     }
     if workers > 0:
         kwargs["persistent_workers"] = cfg.persistent_workers

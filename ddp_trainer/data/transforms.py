@@ -16,6 +16,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from .timm_augment import is_timm_augment, seeded_timm, timm_augment
+
 
 def _seeded(transform: Any, img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Run a torchvision transform (which draws from torch's global generator) on numbers drawn from
@@ -77,6 +79,8 @@ class ImageTransform:
                 img = F.horizontal_flip(img)
         if gen is not None and self._policy is not None:
             img = _seeded(self._policy, img, gen)
+        if gen is not None and self._timm_policy is not None:
+            img = seeded_timm(self._timm_policy, img, gen)
         if gen is not None and "random_erasing" in self.augment:
             img = _seeded(self._erasing, img, gen)
         return img
@@ -93,6 +97,12 @@ class ImageTransform:
             if name in self.augment:
                 return build()
         return None
+
+    @functools.cached_property
+    def _timm_policy(self) -> Any:
+        """timm's transform for a timm augmentation string in ``augment`` (rand-..., augmix-...), or None."""
+        name = next((a for a in self.augment if is_timm_augment(a)), None)
+        return None if name is None else timm_augment(name, self.size, self.erase_value, self.interpolation)
 
     @functools.cached_property
     def _erasing(self) -> Any:

@@ -45,6 +45,7 @@ from .engine import Engine, RunningLoss
 from .optim import LRSchedule, build_optimizer, scaled_lr
 from .report import EpochReport
 from .resume import apply_initial_weights, find_resume, read_initial_weights
+from .losses import training_loss
 from .run_folder import RunFolder
 from .state import TrainState
 from .trainer import Trainer
@@ -97,6 +98,8 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         num_classes = len(splits.classes)
         log.info("data: %d train / %d val images, %d classes; val from %s", len(splits.train), len(splits.val),
                  num_classes, splits.source)
+        for key, value in cfg.taken_from_model:
+            log.info("data.from_model: data.%s=%s from %s's pretrained config", key, value, cfg.model.name)
         sampler = sampler_spec(cfg.data, splits.train)
         with dist.waiting("rank 0 to read the checkpoint"):
             resume = dist.main_then_broadcast(
@@ -107,7 +110,8 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
 
         apply_numerics(cfg, dist.device)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
-        model = build_model(cfg.model.name, num_classes)
+        model = build_model(cfg.model.name, num_classes, drop_rate=cfg.model.drop_rate,
+                            drop_path_rate=cfg.model.drop_path_rate)
         check_trainable(len(splits.train), dist.world_size, cfg.data.batch_size, model, num_classes,
                         cfg.checkpoint.monitor)
         if init is not None:
@@ -182,7 +186,7 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         engine = Engine(model, optimizer, Normalize(cfg.data.mean, cfg.data.std).to(dist.device), dist.device,
                         cfg.train.precision, cfg.train.clip_grad_norm, cfg.train.channels_last, scaler,
                         label_smoothing=cfg.train.label_smoothing, mixer=mixer, dist=dist, running=running,
-                        replicas_prepare=on_replicas)
+                        replicas_prepare=on_replicas, loss=training_loss(cfg.train))
         report = EpochReport(cfg, dist, folder, sinks)
         report.keep_rows_before(loop.state.epoch, resumed=resume is not None)
         log.info("model %s (%.2fM parameters); global batch %d = %d per process x %d process(es) x %d "

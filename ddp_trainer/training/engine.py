@@ -19,6 +19,7 @@ from ..data.mixing import BatchMixer
 from ..data.samplers import EpochPlan
 from ..errors import CollectiveFailed, NonFiniteLoss
 from ..launch.dist import Dist
+from .losses import Loss, cross_entropy
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images, labels, loss weights
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,13 +58,16 @@ class Engine:
                  device: torch.device, precision: str = "fp32", clip_grad_norm: float | None = None,
                  channels_last: bool = False, scaler: torch.amp.GradScaler | None = None,
                  label_smoothing: float = 0.0, mixer: BatchMixer | None = None, dist: Dist | None = None,
-                 running: RunningLoss | None = None, replicas_prepare: bool = False) -> None:
+                 running: RunningLoss | None = None, replicas_prepare: bool = False,
+                 loss: Loss | None = None) -> None:
+        """``loss``: the training loss per sample (default: cross-entropy with ``label_smoothing``)."""
         self.model = model
         self.optimizer = optimizer
         self.normalize = normalize
         self.device = device
         self.clip = clip_grad_norm
-        self.label_smoothing = label_smoothing  # the training loss only (evaluate() uses plain cross-entropy)
+        # the training loss only (evaluate() uses plain cross-entropy)
+        self.loss = loss if loss is not None else cross_entropy(label_smoothing)
         self.mixer = mixer  # mixed images and soft targets (None: plain labels)
         self.dist = dist  # its gradient watch names a failed gradient all-reduce (None: no process group)
         # the model's DataParallel replicas normalise their own uint8 chunks (launch.mode.InputsOnReplicas)
@@ -130,8 +134,7 @@ class Engine:
                     with sync:
                         with self.autocast():
                             logits = self.model(images)
-                        losses = F.cross_entropy(logits.float(), targets, reduction="none",
-                                                 label_smoothing=self.label_smoothing)
+                        losses = self.loss(logits.float(), targets)
                         self.scaler.scale((losses * weights).sum()).backward()
                 except RuntimeError as exc:
                     self._collective_failure(exc, time.monotonic() - started)

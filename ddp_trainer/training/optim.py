@@ -15,6 +15,7 @@ from torch import nn
 
 from ..checkpoint.registry import SaveContext
 from ..config import OptimConfig, SchedConfig
+from ..extras import optional
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm,
                nn.GroupNorm, nn.LocalResponseNorm)
@@ -49,12 +50,15 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """SGD (with momentum, optionally Nesterov) or AdamW over :func:`parameter_groups`, at ``lr``
-    (default ``optim.lr``)."""
+    """SGD (with momentum, optionally Nesterov), AdamW, or timm's LAMB (its defaults: betas (0.9,
+    0.999), eps 1e-6, the global gradient norm clipped at 1, as timm's ``--opt lamb`` builds it) over
+    :func:`parameter_groups`, at ``lr`` (default ``optim.lr``)."""
     groups = parameter_groups(model, cfg)
     lr = cfg.lr if lr is None else lr
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.name == "lamb":
+        return optional("timm.optim", "optim.name=lamb", "timm").Lamb(groups, lr=lr)
     return torch.optim.AdamW(groups, lr=lr)
 
 
@@ -93,11 +97,14 @@ class LRSchedule:
 
 
 def optimizer_family(sd: Mapping[str, Any]) -> str | None:
-    """``sgd`` or ``adamw`` from an optimizer state dict's hyperparameters (Adam and AdamW keep the
-    same per-parameter state), or None when it is neither."""
+    """``sgd``, ``adamw`` or ``lamb`` from an optimizer state dict's hyperparameters (Adam and AdamW
+    keep the same per-parameter state; LAMB the same moments, told apart by its trust-ratio
+    settings), or None when it is none of them."""
     groups = sd.get("param_groups") or []
     if not groups or not isinstance(groups[0], Mapping):
         return None
+    if "trust_clip" in groups[0] and "betas" in groups[0]:
+        return "lamb"
     if "betas" in groups[0]:
         return "adamw"
     if "momentum" in groups[0]:

@@ -102,8 +102,15 @@ def load_by_name(optimizer: torch.optim.Optimizer, names: Mapping[int, str], sd:
     if shapes:
         raise StateMismatch(f"its state has other shapes than the parameters ({'; '.join(shapes[:3])})")
     current = optimizer.state_dict()
+    groups = current["param_groups"]
+    saved_of = {tuple(sorted(n)): g for n, g in zip(saved_names, sd.get("param_groups") or [])}
+    for ours_names, group in zip(ours, groups):
+        # a group's entries that are no setting of the optimizer are its state: timm's LAMB counts
+        # its steps per group ("step"), and its bias correction restarts at 1 without it
+        saved = saved_of.get(tuple(sorted(ours_names)), {})
+        group.update({k: v for k, v in saved.items() if k not in NOT_SETTINGS and k not in optimizer.defaults})
     optimizer.load_state_dict({"state": {i: by_name[n] for i, n in enumerate(flat_ours) if n in by_name},
-                               "param_groups": current["param_groups"]})
+                               "param_groups": groups})
     return [sorted(g) for g in saved_names] != [sorted(g) for g in ours]
 
 

@@ -94,7 +94,8 @@ def check_compatible(found: Checkpoint, cfg: Config, class_to_idx: dict[str, int
 
 
 def read_initial_weights(cfg: Config, trust: bool) -> Checkpoint:
-    """The weights to start from: ``model.init_from``, or ``model.weights`` from torch's hub cache."""
+    """The weights to start from: ``model.init_from``, or ``model.weights`` (torchvision's from torch's
+    hub cache; timm's from the Hugging Face hub cache, a folder or a file), naming the file in the log."""
     if cfg.model.weights:
         found = pretrained.require(cfg.model.name, cfg.model.weights)
         log.info("model.weights=%s: %s from %s", cfg.model.weights, found.weights, found.path)

@@ -43,7 +43,7 @@ def check_config(cfg: Config, env: LaunchEnv, debug: bool) -> Config:
             if env.world_size > 1:
                 raise ConfigError("--debug runs one process; start it with 'python launch.py --debug', not torchrun")
             cfg = debug_config(cfg)
-        check_model_name(cfg.model.name)
+        check_model_name(cfg.model.name, drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     except ConfigError as exc:
         exc.shared = True
         raise
