@@ -36,6 +36,10 @@ class CheckpointError(UserError):
     """A missing, corrupt, refused or mismatching checkpoint."""
 
 
+class ExportError(UserError):
+    """A model that cannot be exported, or an export its check refused; the message has the figures."""
+
+
 class PeerTimeout(UserError):
     """A rank waited past the preparation timeout for another rank's step; the message names it."""
 
