@@ -9,12 +9,15 @@ Every file has one input named ``input`` (N, 3, H, W) and one output named ``log
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
+import re
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -141,7 +144,8 @@ def _program(model: nn.Module, example: torch.Tensor, batch: int | None) -> torc
 
 def _program_bytes(program: torch.export.ExportedProgram, metadata: Mapping[str, str]) -> bytes:
     buf = io.BytesIO()
-    torch.export.save(program, buf, extra_files={PT2_METADATA: json.dumps(dict(metadata))})
+    document = {key: json.loads(value) for key, value in metadata.items()}  # one JSON document, not nested strings
+    torch.export.save(program, buf, extra_files={PT2_METADATA: json.dumps(document)})
     return buf.getvalue()
 
 
@@ -154,10 +158,34 @@ def _program_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Without torch's notes while an exporter fails (torch.export prints the graph to stderr, its
+    shape solver logs guard warnings): the one-line reason (:func:`_reason`) says what failed, and
+    the next exporter is tried."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: first line`` of the deepest cause of ``exc`` (torch.onnx wraps torch.export's error in
+    a generic 'step 1/3' one), without terminal colour codes."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    first = re.sub(r"\x1b\[[0-9;]*m", "", (str(exc).strip().splitlines() or [""])[0])
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
 def _build(exporter: str, model: nn.Module, example: torch.Tensor, batch: int | None, opset: int | None,
            metadata: Mapping[str, str]) -> tuple[bytes, Callable[[np.ndarray], np.ndarray]]:
     """The file's bytes (metadata included: what is checked is what is published) and a runner of them."""
-    metadata = {**metadata, "exporter": exporter}
+    metadata = {**metadata, "exporter": json.dumps(exporter)}  # every value JSON, as the others
     if exporter == "torch.export":
         data = _program_bytes(_program(model, example, batch), metadata)
         return data, _program_runner(data)
@@ -166,12 +194,13 @@ def _build(exporter: str, model: nn.Module, example: torch.Tensor, batch: int | 
     return data, _onnx_runner(data)
 
 
-def chunks(count: int, batch: int | None) -> list[np.ndarray]:
-    """The rows of each run of the check: a dynamic batch at 1 and then all the others (two batch
-    sizes); a fixed one in runs of ``batch``, the last filled up from the first rows."""
+def chunks(count: int, batch: int | None) -> list[tuple[np.ndarray, int]]:
+    """The rows of each run of the check and how many of them are new: a dynamic batch at 1 and then
+    all the others (two batch sizes); a fixed one in runs of ``batch``, the last filled up with the
+    first rows again (only its new rows are compared)."""
     if not batch:
-        return [np.arange(1)] + ([np.arange(1, count)] if count > 1 else [])
-    return [np.arange(start, start + batch) % count for start in range(0, count, batch)]
+        return [(np.arange(1), 1)] + ([(np.arange(1, count), count - 1)] if count > 1 else [])
+    return [(np.arange(start, start + batch) % count, min(batch, count - start)) for start in range(0, count, batch)]
 
 
 @dataclass(frozen=True)
@@ -191,18 +220,18 @@ def export_checked(model: nn.Module, inputs: np.ndarray, *, fmt: str, batch: int
         require(module)
     runs = chunks(len(inputs), batch)
     with torch.no_grad():  # the PyTorch model on the same batches as the export (a model may look at the batch)
-        reference = np.concatenate([model(torch.from_numpy(inputs[rows])).numpy() for rows in runs])
+        reference = np.concatenate([model(torch.from_numpy(inputs[rows])).numpy()[:new] for rows, new in runs])
     example = torch.from_numpy(inputs[np.arange(batch or 2) % len(inputs)])  # batch 1 is a constant to torch.export
     failures: list[str] = []
     order = FORMATS[fmt]
     for i, exporter in enumerate(order):
         then = f"; trying {EXPORTERS[order[i + 1]]}" if i + 1 < len(order) else ""
         try:
-            data, run = _build(exporter, model, example, batch, opset, metadata)
-            got = np.concatenate([run(inputs[rows]) for rows in runs])
+            with _quiet_torch():
+                data, run = _build(exporter, model, example, batch, opset, metadata)
+            got = np.concatenate([run(inputs[rows])[:new] for rows, new in runs])
         except Exception as exc:  # noqa: BLE001 - an exporter or runtime failure: named, then the next exporter
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            failures.append(f"{EXPORTERS[exporter]} raised {type(exc).__name__}: {first}")
+            failures.append(f"{EXPORTERS[exporter]} raised {_reason(exc)}")
             say(f"export: {failures[-1]}{then}")
             continue
         verdict = compare(reference, got)
