@@ -303,7 +303,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.is_dir() or out.resolve() == Path(args.checkpoint).resolve():
         raise ConfigError(f"export OUT '{args.out}' is a folder or the checkpoint itself; name the file to write")
     loaded = read_checkpoint(args.checkpoint, args.trust_checkpoint)
-    cfg, name = api.evaluation_model(loaded, None, config_mod.parse_overrides(args.overrides))
+    overrides = config_mod.parse_overrides(args.overrides)
+    cfg, name = api.evaluation_model(loaded, None, overrides)
+    if loaded.layout is not None and loaded.layout.arch and "model.name" not in overrides:
+        name = loaded.layout.arch  # a foreign file that names its model (timm, torchvision's references), as convert
     export_checkpoint(loaded, cfg, name, out, request)
     return EXIT_OK
 
@@ -315,6 +318,9 @@ def _print_top(path: str, probs: torch.Tensor, classes: list[str], top: int) -> 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.model:
+        if args.image_size or args.ema:
+            raise ConfigError(f"{'--image-size' if args.image_size else '--ema'} does not apply to --model (the file's "
+                              f"input side and weights were fixed when it was exported); leave it out")
         classifier = OnnxClassifier(args.model)
         for path in args.images:
             _print_top(path, torch.from_numpy(classifier.probabilities(path)), classifier.classes, args.top)
