@@ -195,3 +195,19 @@ def test_bad_flags_and_a_missing_package_are_one_line(trained, tmp_path, monkeyp
     with pytest.raises(ConfigError, match=r"needs onnxruntime, which is not installed: .*pip install -e '\.\[export\]'"):
         artifact.require("onnxruntime")
     assert not any(tmp_path.iterdir())
+
+
+def test_the_checks_rule_is_relative_to_the_largest_logit_and_forgives_only_near_ties():
+    ref = np.array([[10.0, 2.0, 0.0], [1.0, 1.00005, 0.0], [0.0, 0.5, 0.2]])
+    assert artifact.compare(ref, ref + 9e-4).ok  # 1e-4 x 10: allowed
+    assert not artifact.compare(ref, ref + 1.1e-3).ok
+    swapped = ref.copy()
+    swapped[1] = [1.00005, 1.0, 0.0]  # a near-tie swapped (5e-5 apart, tolerance 1e-3): fp32 cannot order it
+    verdict = artifact.compare(ref, swapped)
+    assert verdict.ok and (verdict.agree, verdict.ties) == (2, 1)
+    swapped[2] = [0.0, 0.2, 0.5]  # a clear top-1 changed
+    assert not artifact.compare(ref, swapped).ok
+    assert not artifact.compare(ref, np.full_like(ref, np.nan)).ok
+    small = np.array([[1e-3, 0.0], [0.0, 2e-3]])  # logits below 1: 1e-4 absolute
+    assert artifact.compare(small, small + 9e-5).ok and not artifact.compare(small, small + 2e-4).ok
+    assert artifact.compare(np.zeros((2, 3)), np.zeros((2, 3))).flat

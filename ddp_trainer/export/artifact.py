@@ -67,6 +67,7 @@ class Verdict:
     scale: float  # the largest |logit| of the PyTorch model
     agree: int  # images with the same top-1
     ties: int  # images with another top-1 whose PyTorch logits were within the tolerance
+    flat: bool = False  # every image's PyTorch logits lie within the tolerance of each other
 
     @property
     def tolerance(self) -> float:
@@ -78,8 +79,10 @@ class Verdict:
 
     def text(self) -> str:
         ties = f" (+{self.ties} near-ties)" if self.ties else ""
+        flat = (" (the model's logits are all equal within the tolerance, so top-1 tells nothing: an untrained "
+                "model?)") if self.flat else ""
         return (f"largest logit difference {self.max_diff:.3g} (allowed {self.tolerance:.3g}: 1e-4 x max(1, largest "
-                f"|logit| {self.scale:.3g})), top-1 agrees on {self.agree}/{self.count}{ties}")
+                f"|logit| {self.scale:.3g})), top-1 agrees on {self.agree}/{self.count}{ties}{flat}")
 
 
 def compare(reference: np.ndarray, got: np.ndarray) -> Verdict:
@@ -95,7 +98,8 @@ def compare(reference: np.ndarray, got: np.ndarray) -> Verdict:
     margin = reference[rows, mine] - reference[rows, theirs]
     agree = int((mine == theirs).sum())
     ties = int(((mine != theirs) & (margin <= tol)).sum())
-    return Verdict(len(reference), float("nan") if np.isnan(got).any() else max_diff, scale, agree, ties)
+    flat = bool(reference.size) and float((reference.max(1) - reference.min(1)).max()) <= tol
+    return Verdict(len(reference), float("nan") if np.isnan(got).any() else max_diff, scale, agree, ties, flat)
 
 
 def _dynamic(batch: int | None) -> dict:
