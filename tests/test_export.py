@@ -77,6 +77,8 @@ def test_onnx_export_is_checked_and_matches_the_model_at_batch_1_and_7_with_its_
     assert (meta["image_size"], meta["mean"], meta["std"]) == (16, list(cfg.data.mean), list(cfg.data.std))
     assert (meta["epoch"], meta["metrics"]["best"], meta["exporter"]) == (loaded.epoch, loaded.get("best"), "dynamo")
     assert meta["val_crop_pct"] == cfg.data.val_crop_pct and meta["batch"] == "dynamic"
+    row = [json.loads(l) for l in (trained.parents[1] / "metrics.jsonl").read_text().splitlines()][loaded.epoch]
+    assert (meta["metrics"]["val_acc"], meta["metrics"]["val_loss_ema"]) == (row["val_acc"], row["val_loss_ema"])
     x = Normalize(cfg.data.mean, cfg.data.std)(images)
     for n in (1, 7):
         got = session.run(["logits"], {"input": x[:n].numpy()})[0]

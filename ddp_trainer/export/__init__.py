@@ -6,8 +6,8 @@ export is made from (``source``: the checkpoint's model, class names, validation
 images it is checked on), writing one (``publish``: checked, then written atomically) and running an
 exported ONNX file as a classifier from its metadata alone (``runtime``).
 
-May import: the top-level shared modules, launch/ (through the wings below), data/ (the validation
-transform, the images to check on) and checkpoint/ (reading files, loading weights). Never
+May import: the top-level shared modules, launch/, data/ (the validation transform and
+normalisation, the images to check on) and checkpoint/ (reading files, loading weights). Never
 training/: an export needs a model and its weights, not a run. onnx, onnxruntime and onnxscript are
 optional (the ``export`` extra) and imported only when a command asks for them.
 """

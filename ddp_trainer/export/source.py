@@ -20,6 +20,9 @@ from ..data import demo
 from ..data.datasets import FolderDataset, eval_transform, scan_splits
 from ..data.transforms import Normalize
 from ..models import build_model
+from ..runlog import MetricsFile
+
+EPOCH_FIGURES = ("train_loss", "val_loss", "val_acc", "val_acc5", "val_loss_ema", "val_acc_ema", "val_count")
 
 
 def class_names(loaded: Checkpoint, num_outputs: int) -> list[str]:
@@ -27,6 +30,17 @@ def class_names(loaded: Checkpoint, num_outputs: int) -> list[str]:
     if loaded.class_to_idx:
         return [name for name, _ in sorted(loaded.class_to_idx.items(), key=lambda kv: kv[1])]
     return [str(i) for i in range(num_outputs)]
+
+
+def epoch_metrics(loaded: Checkpoint) -> dict[str, object]:
+    """The figures of the checkpoint's epoch from its run's ``metrics.jsonl`` (a file of ours in the
+    run's ``checkpoints/`` folder, taken at the end of an epoch; else none: a checkpoint holds only
+    its best monitored value)."""
+    path = Path(loaded.path)
+    if not loaded.ours or not loaded.get("epoch_complete", True) or path.parent.name != "checkpoints":
+        return {}
+    rows = [r for r in MetricsFile(path.parent.parent / "metrics.jsonl").rows() if r.get("epoch") == loaded.epoch]
+    return {k: v for k, v in rows[-1].items() if k in EPOCH_FIGURES} if rows else {}
 
 
 @dataclass
@@ -56,7 +70,8 @@ def load_source(loaded: Checkpoint, cfg: Config, name: str, *, ema: bool, prepro
                   "float32 (N, 3, H, W), RGB, (pixel / 255 - mean) / std"),
         "model_name": name, "epoch": loaded.epoch, "ema": ema, "checkpoint": Path(loaded.path).name,
         "checkpoint_format": loaded.kind,
-        "metrics": {"monitor": loaded.get("monitor"), "best": loaded.get("best"), "best_k": loaded.get("best_k")},
+        "metrics": {"monitor": loaded.get("monitor"), "best": loaded.get("best"), "best_k": loaded.get("best_k"),
+                    **epoch_metrics(loaded)},
         "producer": f"ddp_trainer {__version__}, torch {torch.__version__}",
     }
     return Source(model, classes, cfg.data, preprocess, {k: json.dumps(v) for k, v in meta.items()})
