@@ -197,10 +197,16 @@ def test_bad_flags_and_a_missing_package_are_one_line(trained, tmp_path, monkeyp
         res = cli("export", trained, tmp_path / "m.onnx", flag, value)
         assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
         assert res.stderr.startswith(f"error: {flag}: bad value"), res.stderr
+    assert not any(tmp_path.iterdir())
+    _ort()
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    res = cli("predict", "--model", junk, trained)
+    assert res.returncode == 2 and res.stderr.startswith("error: --model '") and res.stderr.count("\n") == 1, res.stderr
+    assert "is not an ONNX file ONNX Runtime loads" in res.stderr, res.stderr
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"needs onnxruntime, which is not installed: .*pip install -e '\.\[export\]'"):
         artifact.require("onnxruntime")
-    assert not any(tmp_path.iterdir())
 
 
 def test_the_checks_rule_is_relative_to_the_largest_logit_and_forgives_only_near_ties():
