@@ -76,8 +76,7 @@ def evaluate(checkpoint: str | Path, config: str | Path | Mapping[str, Any] | No
     env = resolve(os.environ)
     with console_logging(env.rank), launched(env, mode_request="auto", backend="auto", timeout_s=300.0) as (dist, _):
         loaded = dist.main_then_broadcast(lambda: _for_evaluation(read_checkpoint(checkpoint, trust_checkpoint), ema))
-        cfg, named = _evaluation_config(loaded, config, overrides)
-        name = cfg.model.name if named else loaded.model_name or cfg.model.name
+        cfg, name = evaluation_model(loaded, config, overrides)
         if loaded.model_name and name != loaded.model_name:
             log.info("evaluate: model.name=%s (the checkpoint was trained as %s)", name, loaded.model_name)
         splits = build_splits(cfg, dist)
@@ -136,6 +135,14 @@ def _evaluation_config(loaded: Checkpoint, config: str | Path | Mapping[str, Any
         given = read_yaml(config)
     named = any(_names_model(v) for v in (stored, given, overrides))
     return build(stored, {**given, **overrides}), named
+
+
+def evaluation_model(loaded: Checkpoint, config: str | Path | Mapping[str, Any] | Config | None,
+                     overrides: Mapping[str, Any]) -> tuple[Config, str]:
+    """The config an evaluation of ``loaded`` runs with (see :func:`_evaluation_config`) and the model
+    name it builds: one named there, else the file's own ``model_name``, else the default."""
+    cfg, named = _evaluation_config(loaded, config, overrides)
+    return cfg, cfg.model.name if named else loaded.model_name or cfg.model.name
 
 
 def dumps(metrics: Mapping[str, Any]) -> str:

@@ -1,5 +1,5 @@
 """The ``ddp-trainer`` subcommands other than ``train`` and ``check``: the checkpoint tools
-(``inspect``, ``convert``, ``evaluate``, ``predict``, ``weights``), pictures (``grid``, ``plot``) and
+(``inspect``, ``convert``, ``evaluate``, ``export``, ``predict``, ``weights``), pictures (``grid``, ``plot``) and
 ``demo-data``."""
 from __future__ import annotations
 
@@ -17,14 +17,17 @@ from . import api
 from . import config as config_mod
 from .checkpoint.format import Checkpoint
 from .checkpoint.reader import read_checkpoint
-from .checkpoint.weights import common_prefix, fit_prefix, load_weights
+from .checkpoint.weights import common_prefix, fit_prefix, load_weights, output_count
 from .checkpoint.writer import atomic_save
 from .data.datasets import FolderDataset, build_splits, eval_transform, train_transform
 from .data.demo import CLASSES, write_demo_data
 from .data.images import load_rgb
 from .data.samplers import EpochPlan
 from .data.transforms import ImageTransform, Normalize
-from .errors import EXIT_OK, CheckpointError, DataError, ImageError
+from .errors import EXIT_OK, CheckpointError, ConfigError, DataError, ImageError
+from .export.artifact import FORMATS
+from .export.publish import ExportRequest, export_checkpoint
+from .export.runtime import OnnxClassifier
 from .launch.dist import Dist
 from .launch.environment import process_rank
 from .models import build_model, check_model_name, name_of_file_arch
@@ -76,8 +79,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.set_defaults(fn=cmd_evaluate)
 
+    p = sub.add_parser("export", help="an ONNX file or torch.export program of a checkpoint, checked against the "
+                                      "PyTorch model before it is written")
+    p.add_argument("checkpoint", help="any checkpoint evaluate accepts")
+    p.add_argument("out", help="the file to write (.onnx, or .pt2 for --format exported)")
+    p.add_argument("--format", choices=tuple(FORMATS), default=None,
+                   help="onnx (ONNX Runtime) or exported (torch.export .pt2); default: exported for OUT.pt2, else onnx")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights (runs with train.ema_decay)")
+    p.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size N")
+    p.add_argument("--preprocess", action="store_true",
+                   help="the file takes uint8 images (N, 3, H, W) at the validation size and normalises them itself")
+    p.add_argument("--opset", default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--check", default="64", help="images the export is checked on (default 64)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.name=resnet18 data.image_size=64")
+    _add_common(p)
+    p.set_defaults(fn=cmd_export)
+
     p = sub.add_parser("predict", help="top classes of images, by name")
-    p.add_argument("--checkpoint", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint")
+    src.add_argument("--model", help="an ONNX file written by ddp-trainer export (runs in ONNX Runtime)")
     p.add_argument("--top", type=int, default=3)
     p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's data.image_size")
     p.add_argument("images", nargs="+")
@@ -225,7 +246,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     checked = ""
     if name:
         check_model_name(name)
-        model = build_model(name, _output_count(sd))
+        model = build_model(name, output_count(sd))
         sd, prefix = fit_prefix(sd, model.state_dict())
         try:
             model.load_state_dict(sd, strict=True)
@@ -259,17 +280,69 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _whole(flag: str, value: str, low: int, dynamic: bool = False) -> int | None:
+    """A flag's integer value of at least ``low`` (or None for 'dynamic' where allowed); ConfigError otherwise."""
+    if dynamic and value == "dynamic":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if number < low:
+        also = "'dynamic' or " if dynamic else ""
+        raise ConfigError(f"{flag}: bad value {value!r}; use {also}a whole number of at least {low}")
+    return number
+
+
+def export_request(args: argparse.Namespace) -> ExportRequest:
+    """The export the flags ask for, or ConfigError naming the flag."""
+    fmt = args.format or ("exported" if str(args.out).endswith(".pt2") else "onnx")
+    opset = None if args.opset is None else _whole("--opset", args.opset, 7)
+    if opset is not None and fmt != "onnx":
+        raise ConfigError("--opset applies to --format onnx only; leave it out for --format exported")
+    return ExportRequest(fmt=fmt, ema=args.ema, batch=_whole("--batch", args.batch, 1, dynamic=True),
+                         preprocess=args.preprocess, opset=opset, check=_whole("--check", args.check, 1))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    request = export_request(args)
+    out = Path(args.out)
+    if out.is_dir() or out.resolve() == Path(args.checkpoint).resolve():
+        raise ConfigError(f"export OUT '{args.out}' is a folder or the checkpoint itself; name the file to write")
+    loaded = read_checkpoint(args.checkpoint, args.trust_checkpoint)
+    overrides = config_mod.parse_overrides(args.overrides)
+    cfg, name = api.evaluation_model(loaded, None, overrides)
+    if loaded.layout is not None and loaded.layout.arch and "model.name" not in overrides:
+        name = loaded.layout.arch  # a foreign file that names its model (timm, torchvision's references), as convert
+    export_checkpoint(loaded, cfg, name, out, request)
+    return EXIT_OK
+
+
+def _print_top(path: str, probs: torch.Tensor, classes: list[str], top: int) -> None:
+    best = probs.topk(min(top, len(classes)))
+    print(f"{path}: " + ", ".join(f"{classes[i]} {p:.3f}" for p, i in zip(best.values.tolist(), best.indices.tolist())),
+          flush=True)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """One line per image with its top classes, in the order given. An image that cannot be read or
     decoded is named on stderr (with no training key: predict has no data.bad_images) and the next
     ones still predicted; then exit 2 naming how many failed."""
+    if args.model:
+        if args.image_size or args.ema:
+            raise ConfigError(f"{'--image-size' if args.image_size else '--ema'} does not apply to --model (the file's "
+                              f"input side and weights were fixed when it was exported); leave it out")
+        classifier = OnnxClassifier(args.model)
+        for path in args.images:
+            _print_top(path, torch.from_numpy(classifier.probabilities(path)), classifier.classes, args.top)
+        return EXIT_OK
     loaded = read_checkpoint(args.checkpoint, args.trust_checkpoint)
     cfg = loaded.config or {}
     data = cfg.get("data", {})
     if loaded.class_to_idx:
         classes = list(loaded.class_to_idx)
     else:
-        classes = [str(i) for i in range(_output_count(loaded.weights(args.ema)))]
+        classes = [str(i) for i in range(output_count(loaded.weights(args.ema)))]
     name = loaded.model_name or cfg.get("model", {}).get("name")
     if not name:
         raise CheckpointError(f"checkpoint '{args.checkpoint}' does not name its model; predict needs a "
@@ -290,18 +363,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 unread.append(path)
                 continue
             x = norm(tf(img, None)[None])
-            probs = torch.softmax(model(x).float(), dim=1)[0]
-            top = probs.topk(min(args.top, len(classes)))
-            best = ", ".join(f"{classes[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
-            print(f"{path}: {best}", flush=True)
+            _print_top(path, torch.softmax(model(x).float(), dim=1)[0], classes, args.top)
     if unread:
         raise DataError(f"predict: {len(unread)} of {len(args.images)} image(s) could not be read "
                         f"({', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''}); the others were predicted")
     return EXIT_OK
-
-
-def _output_count(sd: dict[str, Any]) -> int:
-    last = [v for k, v in sd.items() if k.endswith("weight") and v.ndim == 2]
-    if not last:
-        raise CheckpointError("cannot tell the number of classes of this checkpoint")
-    return int(last[-1].shape[0])

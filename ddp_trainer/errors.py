@@ -53,6 +53,10 @@ class CheckpointUnreadable(CheckpointError):
     where the file should be). Not damaged content: ``resume=auto`` never skips it for an older file."""
 
 
+class ExportError(UserError):
+    """A model that cannot be exported, or an export its check refused; the message has the figures."""
+
+
 class PeerTimeout(UserError):
     """A rank waited past the preparation timeout for another rank's step; the message names it."""
 

@@ -5,7 +5,7 @@ import ast
 from conftest import ROOT
 
 PACKAGE = ROOT / "ddp_trainer"
-WINGS = ("launch", "data", "checkpoint", "training")
+WINGS = ("launch", "data", "checkpoint", "training", "export")
 TOP = ("cli", "commands", "check", "api", "__main__", "__init__")  # the entry points: may import anything
 # what each part may import from the package (besides itself); "shared": the top-level helper modules
 ALLOWED = {
@@ -14,6 +14,7 @@ ALLOWED = {
     "data": {"shared", "launch"},
     "checkpoint": {"shared", "launch"},
     "training": {"shared", "launch", "data", "checkpoint"},
+    "export": {"shared", "launch", "data", "checkpoint"},  # a checkpoint -> a file; never a run (training/)
 }
 MAX_LOCAL_IMPORTS = 5
 

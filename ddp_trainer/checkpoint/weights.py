@@ -74,6 +74,14 @@ def common_prefix(keys: list[str]) -> str:
     return first if first and all(k.startswith(first) for k in keys) else ""
 
 
+def output_count(sd: Mapping[str, torch.Tensor]) -> int:
+    """The number of classes of a state dict: the rows of its last 2-D weight (the classifier's)."""
+    last = [v for k, v in sd.items() if k.endswith("weight") and v.ndim == 2]
+    if not last:
+        raise CheckpointError("cannot tell the number of classes of this checkpoint")
+    return int(last[-1].shape[0])
+
+
 def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], *, skip_prefixes: Iterable[str] = (),
                  source: str = "checkpoint") -> dict[str, list[str]]:
     """Load a canonical state dict into ``model`` (any wrapper), strictly except ``skip_prefixes``.
