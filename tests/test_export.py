@@ -174,6 +174,25 @@ def test_torchvision_models_export_through_the_dynamo_exporter(name, tmp_path):
     assert "by the dynamo exporter" in res.stdout and "tells nothing" not in res.stdout, res.stdout
 
 
+def test_a_timm_model_exports_through_the_dynamo_exporter(tmp_path):
+    """model.name=timm/NAME: the model timm builds, its state dict as convert writes it."""
+    _ort()
+    timm = pytest.importorskip("timm", reason="the timm extra is not installed (pip install -e '.[timm]')")
+    model = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=5)
+    for m in model.modules():  # statistics of real inputs (fresh ones make the logits tiny)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    with torch.no_grad():
+        model.train()(torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    checkpoint = tmp_path / "timm.pt"
+    torch.save(model.state_dict(), checkpoint)
+    res = cli("export", checkpoint, tmp_path / "timm.onnx", "model.name=timm/test_resnet.r160_in1k",
+              "data.image_size=32", f"data.root={tmp_path / 'none'}")
+    assert res.returncode == 0, res.stderr
+    assert "by the dynamo exporter" in res.stdout and "tells nothing" not in res.stdout, res.stdout
+
+
 def test_a_foreign_trainers_checkpoint_exports_as_the_model_it_names(trained, demo_small, tmp_path):
     """torchvision's references layout: weights under 'model', the model in args.model, the last
     finished epoch; no config, so the input side comes from overrides."""
