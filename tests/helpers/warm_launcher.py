@@ -93,11 +93,10 @@ def _status(raw: int) -> int:
     return -os.WTERMSIG(raw) if os.WIFSIGNALED(raw) else os.WEXITSTATUS(raw)
 
 
-def _fork_rank(request: dict, env: dict[str, str], out_fd: int, err_fd: int, base_path, new_session: bool):
+def _fork_single(request: dict, env: dict[str, str], out_fd: int, err_fd: int, base_path):
+    """``python PROGRAM``: one child in the job's session; returns its pid, or (in the child) the program."""
     pid = os.fork()
     if pid == 0:
-        if new_session:
-            os.setsid()
         return _become(request, env, out_fd, err_fd, base_path)
     return pid
 
@@ -110,7 +109,7 @@ def _job(conn: socket.socket, request: dict, out_fd: int, err_fd: int, base_path
     nproc = request["nproc"]
     env = dict(request["env"])
     if nproc == 0:
-        got = _fork_rank(request, env, out_fd, err_fd, base_path, new_session=False)
+        got = _fork_single(request, env, out_fd, err_fd, base_path)
         if isinstance(got, dict):
             conn.close()
             return got
