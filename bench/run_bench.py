@@ -283,7 +283,7 @@ def bench_loader_stages(data: Path, n: int = 400) -> None:
     from PIL import Image
     from torch.utils.data import DataLoader
 
-    from ddp_trainer.data import images
+    from ddp_trainer.data import decode, images
     from ddp_trainer.data.datasets import FolderDataset
     from ddp_trainer.data.folder_index import scan
     from ddp_trainer.data.loaders import _collate
@@ -294,8 +294,8 @@ def bench_loader_stages(data: Path, n: int = 400) -> None:
     idx = scan(data / "train")
     paths = [idx.path(i) for i in range(min(n, len(idx)))]
     blobs = [images.read_regular_file(p) for p in paths]
-    heads = [images._header(p, b, images.MAX_IMAGE_PIXELS) for p, b in zip(paths, blobs)]
-    decoded = [images._decode(p, b, h) for p, b, h in zip(paths, blobs, heads)]
+    heads = [decode._header(p, b, decode.MAX_IMAGE_PIXELS) for p, b in zip(paths, blobs)]
+    decoded = [decode._decode(p, b, h) for p, b, h in zip(paths, blobs, heads)]
 
     def per_image(fn) -> float:  # type: ignore[no-untyped-def]
         best = float("inf")
@@ -317,13 +317,13 @@ def bench_loader_stages(data: Path, n: int = 400) -> None:
         divisors = [images.jpeg_reduction(w, h, size) for _, _, h, w in boxes]
         stages = {
             "read the file": lambda k: images.read_regular_file(paths[k]),
-            "header (PIL, nothing decoded)": lambda k: images._header(paths[k], blobs[k], images.MAX_IMAGE_PIXELS),
-            "decode, full (torchvision)": lambda k: images._decode(paths[k], blobs[k], heads[k]),
+            "header (PIL, nothing decoded)": lambda k: decode._header(paths[k], blobs[k], decode.MAX_IMAGE_PIXELS),
+            "decode, full (torchvision)": lambda k: decode._decode(paths[k], blobs[k], heads[k]),
             "decode, full (PIL, as ImageFolder)": pil_pipeline,
-            "decode reduced (PIL draft) + crop + resize": lambda k: divisors[k] > 1 and images._decode_reduced(
-                paths[k], blobs[k], heads[k], divisors[k], images._Crop(
+            "decode reduced (PIL draft) + crop + resize": lambda k: divisors[k] > 1 and decode._decode_reduced(
+                paths[k], blobs[k], heads[k], divisors[k], decode._Crop(
                     (boxes[k][1], boxes[k][0], boxes[k][1] + boxes[k][3], boxes[k][0] + boxes[k][2]), size, tf.mode)),
-            "crop + resize (full path)": lambda k: images.F.resized_crop(
+            "crop + resize (full path)": lambda k: decode.F.resized_crop(
                 decoded[k], *boxes[k], [size, size], interpolation=tf.mode, antialias=True),
             "sample generator + crop box + flip draw": lambda k: (
                 tf.crop_box(heads[k].height, heads[k].width, g := torch.Generator().manual_seed(sample_seed(0, 0, k))),

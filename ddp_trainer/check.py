@@ -21,7 +21,7 @@ from .config import Config
 from .data import decoded_cache
 from .data.datasets import Splits, resolve_root, scan_splits
 from .data.folder_index import FolderIndex
-from .data.images import load_rgb
+from .data.decode import decode_rgb
 from .data.loaders import sampler_spec
 from .data.samplers import EpochPlan
 from .data.workers import start_method
@@ -105,7 +105,7 @@ class _Probe(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, str]:
         try:
-            load_rgb(self.index.path(i), self.max_pixels)
+            decode_rgb(self.index.read(i), self.index.name(i), self.max_pixels)
             return i, ""
         except DataError as exc:
             return i, exc.message

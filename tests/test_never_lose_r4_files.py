@@ -246,7 +246,7 @@ def _images(demo_small: Path, tmp_path: Path) -> list[str]:
 def test_decoding_leaves_pils_decompression_bomb_guard_on(demo_small, tmp_path, monkeypatch):
     from PIL import Image
 
-    from ddp_trainer.data import images
+    from ddp_trainer.data import decode, images
 
     before = Image.MAX_IMAGE_PIXELS
     seen = []
@@ -260,7 +260,7 @@ def test_decoding_leaves_pils_decompression_bomb_guard_on(demo_small, tmp_path, 
     for path in _images(demo_small, tmp_path):
         images.load_rgb(path)
         images.load_rgb_cropped(path, images.MAX_IMAGE_PIXELS, lambda h, w: (0, 0, h // 2, w // 2), 4,
-                                images.F.InterpolationMode.BILINEAR)
+                                decode.F.InterpolationMode.BILINEAR)
     assert seen and set(seen) == {before}, set(seen)
     assert Image.MAX_IMAGE_PIXELS == before
 
@@ -291,7 +291,7 @@ def test_two_decoding_threads_leave_pils_guard_as_it_was(demo_small, tmp_path):
 def test_a_limit_above_pils_is_raised_once_and_never_lowered(tmp_path):
     from PIL import Image
 
-    from ddp_trainer.data import images
+    from ddp_trainer.data import decode, images
 
     before = Image.MAX_IMAGE_PIXELS
     wide = tmp_path / "wide.png"
@@ -301,10 +301,10 @@ def test_a_limit_above_pils_is_raised_once_and_never_lowered(tmp_path):
             images.load_rgb(str(wide), max_pixels=images.MAX_IMAGE_PIXELS)
         assert f"image '{wide}' is 183,000,000 pixels, more than data.max_image_pixels=89,478,485" in err.value.message
         assert Image.MAX_IMAGE_PIXELS == before
-        head = images._header(str(wide), wide.read_bytes(), 200_000_000)  # allowed: PIL must open it
+        head = decode._header(str(wide), wide.read_bytes(), 200_000_000)  # allowed: PIL must open it
         assert (head.width, head.height) == (30000, 6100)
         assert Image.MAX_IMAGE_PIXELS == 100_000_000  # raised to half the limit, PIL refusing at twice
-        images._header(str(wide), wide.read_bytes(), 190_000_000)
+        decode._header(str(wide), wide.read_bytes(), 190_000_000)
         assert Image.MAX_IMAGE_PIXELS == 100_000_000  # never lowered
     finally:
         Image.MAX_IMAGE_PIXELS = before

@@ -22,7 +22,7 @@ from ..progress import Ticker
 from . import decoded_cache, demo
 from .decoded_cache import CachedImages
 from .folder_index import FolderIndex, check_same_classes, scan, split_holdout
-from .images import MAX_IMAGE_PIXELS, load_rgb, load_rgb_cropped
+from .decode import MAX_IMAGE_PIXELS, decode_rgb, decode_rgb_cropped
 from .samplers import SampleKey
 from .transforms import ImageTransform, sample_seed
 
@@ -59,10 +59,11 @@ class FolderDataset(Dataset):
             gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i, draw))
         t = self.transform
         if self.cached is None and self.reduced_decode and gen is not None and t.crops_randomly:
-            img = load_rgb_cropped(self.index.path(i), self.max_pixels, lambda h, w: t.crop_box(h, w, gen),
-                                   t.size, t.mode)
+            img = decode_rgb_cropped(self.index.read(i), self.index.name(i), self.max_pixels,
+                                     lambda h, w: t.crop_box(h, w, gen), t.size, t.mode)
             return t(img, gen, cropped=True), self.index.label(i), weight
-        img = self.cached[i] if self.cached is not None else load_rgb(self.index.path(i), self.max_pixels)
+        img = self.cached[i] if self.cached is not None else decode_rgb(self.index.read(i), self.index.name(i),
+                                                                        self.max_pixels)
         return t(img, gen), self.index.label(i), weight
 
 
@@ -124,7 +125,7 @@ def _unreadable(index: FolderIndex, dist: Dist, max_pixels: int) -> set[str]:
     ticker = Ticker(f"data.bad_images=skip: checking {index.root}", total=len(index), scale=dist.world_size)
     for i in range(dist.rank, len(index), dist.world_size):
         try:
-            load_rgb(index.path(i), max_pixels)
+            decode_rgb(index.read(i), index.name(i), max_pixels)
         except DataError:
             bad.append(index.rel(i))
         ticker.tick()

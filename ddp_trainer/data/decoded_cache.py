@@ -39,7 +39,7 @@ from ..launch.dist import Dist
 from ..progress import Ticker
 from .demo import cache_root
 from .folder_index import FolderIndex
-from .images import MAX_IMAGE_PIXELS, load_rgb
+from .decode import MAX_IMAGE_PIXELS, decode_rgb
 from .transforms import ImageTransform
 from .workers import start_method
 
@@ -52,7 +52,8 @@ STAT_CHUNK = 4096  # files per digest of the cache key
 
 
 def file_digests(index: FolderIndex, share: int = 0, shares: int = 1) -> dict[int, bytes]:
-    """Digests of chunks ``share, share + shares, ...`` of the files' (path, label, size, mtime).
+    """Digests of chunks ``share, share + shares, ...`` of the samples' change marks (a file's path,
+    label, size and mtime).
 
     The chunks are fixed (``STAT_CHUNK`` files), so the key does not depend on how many processes
     share the ``stat`` calls: each local rank of a node takes some chunks (one ``stat`` per file is
@@ -61,15 +62,8 @@ def file_digests(index: FolderIndex, share: int = 0, shares: int = 1) -> dict[in
     n = len(index)
     for c in range(share, -(-n // STAT_CHUNK), shares):
         h = hashlib.sha256()
-        lines = []
-        for rel, label in index.samples[c * STAT_CHUNK: (c + 1) * STAT_CHUNK]:
-            try:
-                st = os.stat(os.path.join(index.root, rel))
-            except OSError as exc:
-                raise DataError(f"image {os.path.join(index.root, rel)!r} cannot be read ({exc.strerror}); it was "
-                                f"there when the folders were scanned: restore it, or start again") from None
-            lines.append(f"{rel}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n")
-        h.update("".join(lines).encode("utf-8", "surrogateescape"))
+        h.update("".join(index.change_marks(c * STAT_CHUNK, min(n, (c + 1) * STAT_CHUNK))).encode(
+            "utf-8", "surrogateescape"))
         out[c] = h.digest()
     return out
 
@@ -255,7 +249,8 @@ class _DecodeInto(torch.utils.data.Dataset):
         stop = min(start + CHUNK, self.hi)
         out = np.empty((stop - start, 3, self.size, self.size), dtype=np.uint8)
         for i in range(start, stop):
-            out[i - start] = self.fit.fit(load_rgb(self.index.path(i), self.max_pixels, self.min_side)).numpy()
+            img = decode_rgb(self.index.read(i), self.index.name(i), self.max_pixels, self.min_side)
+            out[i - start] = self.fit.fit(img).numpy()
         os.pwrite(self._fd, out.data, start * nbytes(1, self.size))
         return start, stop, _digest(out.tobytes())
 

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence, overload
 
 from ..errors import DataError
 from ..progress import Ticker
+from .images import read_regular_file
 from .tree_memory import TreeMemory
 
 log = logging.getLogger("ddp_trainer")
@@ -128,6 +129,31 @@ class FolderIndex:
 
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.rel(i))
+
+    # the sample-source contract (.sources.SampleSource): what a dataset, the decoded cache and
+    # check use, so that none of them learns where the bytes come from
+
+    def name(self, i: int) -> str:
+        """What a message calls sample ``i``: its file's path."""
+        return self.path(i)
+
+    def read(self, i: int) -> bytes:
+        """Sample ``i``'s encoded bytes; ImageError naming the file when it cannot be read."""
+        return read_regular_file(self.path(i))
+
+    def change_marks(self, lo: int, hi: int) -> list[str]:
+        """A line per sample ``lo .. hi - 1`` (relative path, label, size, mtime) that changes when
+        its file may have: one ``stat`` each. DataError naming a file that is gone."""
+        lines = []
+        for rel, label in self.samples[lo:hi]:
+            path = os.path.join(self.root, rel)
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise DataError(f"image {path!r} cannot be read ({exc.strerror}); it was there when the "
+                                f"folders were scanned: restore it, or start again") from None
+            lines.append(f"{rel}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n")
+        return lines
 
     @property
     def samples(self) -> "Samples":

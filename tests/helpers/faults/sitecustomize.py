@@ -66,13 +66,13 @@ def _slow_cache(cache):
     who, _, seconds = os.environ["FAULT_SLOW_CACHE"].partition(":")
     if int(who) != _rank():
         return
-    real = cache.load_rgb
+    real = cache.decode_rgb
 
-    def load_rgb(*args, **kwargs):
+    def decode_rgb(*args, **kwargs):
         time.sleep(float(seconds))
         return real(*args, **kwargs)
 
-    cache.load_rgb = load_rgb
+    cache.decode_rgb = decode_rgb
 
 
 def _record_samples(datasets):
