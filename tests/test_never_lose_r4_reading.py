@@ -96,19 +96,19 @@ def _config(demo_small, tmp_path, *more):
 
 
 def _sigterm_own_worker(real):
-    """load_rgb that, inside a loader worker, first sends SIGTERM to its own process: what a signal
+    """A decoder that, inside a loader worker, first sends SIGTERM to its own process: what a signal
     sent to every process of a job (or a worker alone) does."""
     import os
     import signal
 
     import torch
 
-    def load_rgb(*args, **kwargs):
+    def decode(*args, **kwargs):
         if torch.utils.data.get_worker_info() is not None:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    return load_rgb
+    return decode
 
 
 def test_the_run_loaders_fork_explicitly_on_linux(demo_small, tmp_path):
@@ -173,7 +173,7 @@ def test_the_cache_builds_workers_ignore_the_stop_signals(demo_small, tmp_path, 
     from ddp_trainer.launch.dist import Dist
     from ddp_trainer.launch.signals import worker_init_ignoring
 
-    monkeypatch.setattr(decoded_cache, "load_rgb", _sigterm_own_worker(decoded_cache.load_rgb))
+    monkeypatch.setattr(decoded_cache, "decode_rgb", _sigterm_own_worker(decoded_cache.decode_rgb))
     cfg = _config(demo_small, tmp_path, "data.cache=decoded")
     splits = scan_splits(cfg.data, demo_small)
     data = build_run_data(cfg, Dist.single(), splits, sampler_spec(cfg.data, splits.train),
@@ -185,7 +185,7 @@ def test_the_cache_builds_workers_ignore_the_stop_signals(demo_small, tmp_path, 
 def test_check_verify_workers_ignore_the_stop_signals(demo_small, monkeypatch, capsys):
     from ddp_trainer import check, cli
 
-    monkeypatch.setattr(check, "load_rgb", _sigterm_own_worker(check.load_rgb))
+    monkeypatch.setattr(check, "decode_rgb", _sigterm_own_worker(check.decode_rgb))
     code = cli.main(["check", f"data.root={demo_small}", "data.num_workers=1", "data.index_cache=false", "--verify"])
     assert code == 0, capsys.readouterr()
     assert "0 unreadable" in capsys.readouterr().out
