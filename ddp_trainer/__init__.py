@@ -5,7 +5,7 @@
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["train", "evaluate", "TrainResult"]
+__all__ = ["train", "evaluate", "request_stop", "TrainResult"]
 
 
 def __getattr__(name: str) -> Any:

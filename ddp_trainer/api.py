@@ -35,6 +35,18 @@ from .training.run import RunResult, check_config, execute
 TrainResult = RunResult
 log = logging.getLogger("ddp_trainer")
 _TRAINING = threading.Lock()  # held by the train() call running in this process
+_RUNNING: list[StopRequest] = []  # the stop request of the train() call running now, if any
+
+
+def request_stop() -> bool:
+    """Ask the ``train()`` call running in this process, in any thread, to stop at its next step with a
+    checkpoint, as Ctrl-C (SIGINT) would: it then raises Preempted, and the same call resumes it. For
+    a run in a thread of its own (a notebook, a server), where no signal handler can be installed.
+    Returns False when no run is in progress."""
+    running = list(_RUNNING)
+    for stop in running:
+        stop.request("SIGINT")
+    return bool(running)
 
 
 def train(config: str | Path | Mapping[str, Any] | Config | None = None, *, trust_checkpoint: bool = False,
@@ -44,7 +56,11 @@ def train(config: str | Path | Mapping[str, Any] | Config | None = None, *, trus
     Config (None: the defaults); ``overrides``: dotted keys (``**{"train.epochs": 5}``), sections
     (``train={"epochs": 5}``) or top-level keys (``output_dir="runs/x"``). Returns the run's result
     (final and best metrics, output folder, checkpoint paths, the resolved config). One call at a
-    time per process: a call while another thread's runs raises UserError."""
+    time per process: a call while another thread's runs raises UserError.
+
+    Called in a thread other than the main one, no signal handler can be installed: the run stops at
+    its next step with a checkpoint when :func:`request_stop` is called, or when the main thread dies
+    of an uncaught exception (Ctrl-C during ``thread.join()``)."""
     if not _TRAINING.acquire(blocking=False):
         raise UserError("ddp_trainer.train() is already running in this process (another thread called it); a run "
                         "owns the process's logging, signal handlers and random generators, so two at once would "
@@ -56,9 +72,11 @@ def train(config: str | Path | Mapping[str, Any] | Config | None = None, *, trus
             if env.source == "torchrun":
                 stop_with_parent()
             stop = StopRequest(parse_signals(cfg.preempt.signals), hard_exit=False).install()
+            _RUNNING.append(stop)
             try:
                 return execute(cfg, env, stop, trust_checkpoint=trust_checkpoint)
             finally:
+                _RUNNING.remove(stop)
                 stop.uninstall()
     finally:
         _TRAINING.release()

@@ -133,6 +133,9 @@ class StopRequest:
         self._lock = threading.Lock()
         self.orphan_deadline_s = 120.0  # preempt.orphan_deadline_s
         self._deadline_armed = False
+        self._thread: threading.Thread | None = None  # the run's thread, when installed off the main thread
+        self._thread_name: str | None = None
+        self._excepthook_before: Any = None
 
     @classmethod
     def early(cls) -> "StopRequest":
@@ -142,7 +145,21 @@ class StopRequest:
         return cls(parse_signals(DEFAULT_SIGNALS)).install()
 
     def install(self) -> "StopRequest":
-        if not self.signals or threading.current_thread() is not threading.main_thread():
+        """Handle the stop signals from now on. In the main thread: the signals' handlers are
+        replaced. In another thread (``train()`` called from a thread, a Ray Train worker), where
+        Python lets no handler be installed, the run stops at its next step with a checkpoint when
+        :meth:`request` is called (``ddp_trainer.request_stop()``), or when the main thread dies of an
+        uncaught exception (Ctrl-C's KeyboardInterrupt in ``thread.join()``: the interpreter would
+        otherwise wait for the training thread's whole run)."""
+        if not self.signals:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            if self._thread_name is not None:  # configure() installs again: the hook is in place
+                return self
+            self._thread = threading.current_thread()
+            self._thread_name = self._thread.name
+            self._excepthook_before = sys.excepthook
+            sys.excepthook = self._main_thread_died
             return self
         reader, writer = socket.socketpair()
         writer.setblocking(False)
@@ -205,8 +222,37 @@ class StopRequest:
                 if name in names:  # other Python-handled signals (SIGCHLD from torch) also arrive here
                     self._on(name)
 
-    def _on(self, name: str) -> None:
+    def request(self, name: str = "SIGINT") -> None:
+        """Ask the run to stop as the signal ``name`` would (from any thread)."""
+        self._on(name)
+
+    def _main_thread_died(self, kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        """sys.excepthook while the run is off the main thread: the main thread's uncaught exception
+        (printed as usual) also stops the run at its next step, and the interpreter waits for that
+        stop (after an uncaught KeyboardInterrupt it would otherwise end at once, killing the run
+        between checkpoints). A second Ctrl-C while it waits ends the process without saving."""
+        (self._excepthook_before or sys.__excepthook__)(kind, value, tb)
+        thread = self._thread
+        if threading.current_thread() is threading.main_thread() and thread is not None:
+            self._on("SIGINT" if issubclass(kind, KeyboardInterrupt) else "SIGTERM",
+                     f"the main thread ended with {kind.__name__}")
+            _say("waiting for the run to save its checkpoint (Ctrl-C again: stop at once, without saving)")
+            # not thread.join(): a join that KeyboardInterrupt broke (Python 3.11, 3.12) has marked the
+            # thread stopped although it runs on, so joins return at once; a live thread has a frame
+            while thread.ident in sys._current_frames():
+                time.sleep(0.05)
+
+    def _on(self, name: str, why: str | None = None) -> None:
         now = time.monotonic()
+        if self._thread_name is not None:
+            # off the main thread nothing may end the caller's process or interrupt its main thread:
+            # every request stops the run at its next step, with a checkpoint
+            with self._lock:
+                if self.received is None or (self.received in WARNING_SIGNALS and name not in WARNING_SIGNALS):
+                    self.received = name
+                    _say(f"warning: {why or name} while ddp_trainer.train() runs in thread "
+                         f"{self._thread_name!r}: stopping at the next step with a checkpoint")
+            return
         if name == "SIGTERM" and _orphaned() and not self._deadline_armed:
             self._deadline_armed = True
             _say(f"error: the torchrun agent (pid {_AGENT[0]}) is gone: stopping at the next step with a "
@@ -240,8 +286,12 @@ class StopRequest:
         os._exit(128 + int(signal.Signals[name]))
 
     def uninstall(self) -> None:
-        """Put back what :meth:`install` replaced (the handlers, the wakeup fd) and end the watcher
-        thread: nothing of the run's signal handling is left (the Python API)."""
+        """Put back what :meth:`install` replaced (the handlers, the wakeup fd, sys.excepthook) and end
+        the watcher thread: nothing of the run's signal handling is left (the Python API)."""
+        if self._thread_name is not None:
+            if sys.excepthook == self._main_thread_died:  # not if the caller replaced it meanwhile
+                sys.excepthook = self._excepthook_before
+            self._thread = self._thread_name = self._excepthook_before = None
         if self._pair is None:
             return
         for s, before in self._previous.items():
