@@ -12,6 +12,7 @@ a training crash at a random sample); :func:`_posterize` gives the black image o
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any, Callable
 
@@ -48,17 +49,15 @@ def timm_augment(name: str, size: int, mean_uint8: tuple[int, int, int], interpo
                           f"timm's --aa does, e.g. rand-m9-mstd0.5-inc1 or augmix-m5-w4-d2") from None
     for op in getattr(built, "ops", ()):
         if op.aug_fn is aa.posterize:
-            op.aug_fn = _posterize
+            op.aug_fn = functools.partial(_posterize, aa.posterize)
     return built
 
 
-def _posterize(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
-    """timm's posterize, with 0 bits kept giving a black image (what Pillow did before it refused 0)."""
+def _posterize(timm_posterize: Callable[..., Any], img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
+    """``timm_posterize``, with 0 bits kept giving a black image (what Pillow did before it refused 0)."""
     if bits_to_keep <= 0:
         return img.point([0] * 256 * len(img.getbands()))
-    from timm.data.auto_augment import posterize
-
-    return posterize(img, bits_to_keep, **kwargs)
+    return timm_posterize(img, bits_to_keep, **kwargs)
 
 
 def seeded_timm(transform: Callable[[Any], Any], img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
