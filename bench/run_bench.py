@@ -1,6 +1,6 @@
 """Benchmarks on the reference workload. Prints every figure and the ratios; asserts nothing.
 
-    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy,parity,samplers,databound,stages]
+    python bench/run_bench.py [--repeats 3] [--what train,loader,checkpoint,accuracy,parity,samplers,databound,stages,timm]
                               [--data DIR]
                               [--seeds 5] [--setting reference|long] [--sides project,plain]
                               [--plain-options '--order project --decode tensor'] [--project-options '...']
@@ -43,6 +43,11 @@ stages:     where one image's time goes on one core, over the databound files at
             header, decode (torchvision, PIL, reduced), crop + resize, the sample's generator and
             draws, a whole sample, collation, and a pass through one loader worker (ms per image).
 loader:     decode paths, one process and one thread: images/s per core.
+timm:       (needs timm) model.name=timm/resnet18 vs torchvision's resnet18 on the reference workload
+            (1 epoch per run, alternately, --repeats runs each): median train images/s and the ratio;
+            then the per-image cost of timm's RandAugment string rand-m9-mstd0.5-inc1 vs torchvision's
+            RandAugment (data.augment randaugment) on one core over the reference files at 64 and 224
+            px: ms per image of each pipeline, flip alone subtracted (the augmentation's own cost).
 checkpoint: time the training loop is blocked per save, synchronous torch.save vs async, resnet18/50.
 """
 from __future__ import annotations
@@ -538,6 +543,45 @@ def bench_parity(data: Path, work: Path) -> None:
         show(name, p, q)
 
 
+def bench_timm(data: Path, repeats: int, work: Path) -> None:
+    """timm's resnet18 against torchvision's in the same run settings, then the two RandAugments."""
+    sides = {"torchvision resnet18": "model.name=resnet18", "timm/resnet18": "model.name=timm/resnet18"}
+    rates: dict[str, list[float]] = {k: [] for k in sides}
+    for i in range(repeats):
+        for name, key in sides.items():
+            r = run_project(data, work / f"timm-{i}-{len(rates[name])}-{name.split()[-1].replace('/', '_')}",
+                            (key, "train.epochs=1"))
+            rates[name].append(r["images_per_s"])
+            print(f"timm run {i + 1}/{repeats} {name:>20}: {r['images_per_s']:.1f} img/s (train phase), "
+                  f"wall {r['wall_s']:.1f} s", flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"timm median train images/s: timm/resnet18 {med['timm/resnet18']:.1f}, torchvision resnet18 "
+          f"{med['torchvision resnet18']:.1f}, ratio timm/torchvision "
+          f"{med['timm/resnet18'] / med['torchvision resnet18']:.3f}", flush=True)
+
+    import torch
+
+    from ddp_trainer.data.datasets import FolderDataset
+    from ddp_trainer.data.folder_index import scan
+    from ddp_trainer.data.samplers import SampleKey
+    from ddp_trainer.data.transforms import ImageTransform
+
+    torch.set_num_threads(1)
+    idx = scan(data / "train")
+    n = min(len(idx), 300)
+    for size in (64, 224):
+        ms = {}
+        for label, augment in (("flip", ("flip",)), ("randaugment", ("flip", "randaugment")),
+                               ("rand-m9-mstd0.5-inc1", ("flip", "rand-m9-mstd0.5-inc1"))):
+            ds = FolderDataset(idx, ImageTransform(size, augment))
+            ms[label] = 1000 / _best_rate(lambda i: ds[SampleKey(i, 0, 1.0)], n)
+        tv, tm = ms["randaugment"] - ms["flip"], ms["rand-m9-mstd0.5-inc1"] - ms["flip"]
+        print(f"RandAugment at {size} px, ms per image on one core (decode + resize + flip + it): flip alone "
+              f"{ms['flip']:.3f}; torchvision randaugment {ms['randaugment']:.3f} (its own {tv:.3f}); timm "
+              f"rand-m9-mstd0.5-inc1 {ms['rand-m9-mstd0.5-inc1']:.3f} (its own {tm:.3f}); ratio timm/torchvision "
+              f"of their own cost {tm / tv:.2f}", flush=True)
+
+
 def bench_train(data: Path, repeats: int, work: Path) -> None:
     results: dict[str, list[dict]] = {"project": [], "plain": []}
     for i in range(repeats):
@@ -657,6 +701,8 @@ def main() -> None:
             bench_samplers(data, args.seeds, work)
         if "parity" in what:
             bench_parity(data, work)
+        if "timm" in what:
+            bench_timm(data, args.repeats, work)
 
 
 if __name__ == "__main__":

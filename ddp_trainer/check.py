@@ -29,7 +29,7 @@ from .errors import EXIT_OK, EXIT_USER_ERROR, DataError, show_path
 from .fsutil import human_bytes
 from .launch.dist import Dist
 from .launch.signals import parse_signals, worker_init_ignoring
-from .models import build_model, check_model_name
+from .models import build_model, check_input_size, check_model_name
 from .training.build import check_trainable
 
 
@@ -126,6 +126,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     cfg = config_mod.load(args.config, args.overrides)
     check_model_name(cfg.model.name, drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+    check_input_size(cfg.model.name, cfg.data.input_sides())
     root = resolve_root(cfg.data, Dist.single())
     splits = scan_splits(cfg.data, root)
     scanned = time.monotonic() - t0

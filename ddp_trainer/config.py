@@ -125,6 +125,11 @@ class DataConfig:
         ``image_size``."""
         return self.train_image_size if self.train_image_size is not None else self.image_size
 
+    def input_sides(self) -> dict[str, int]:
+        """The square sides the model sees, by the key that sets each (training's first)."""
+        key = "data.train_image_size" if self.train_image_size is not None else "data.image_size"
+        return {key: self.train_size, "data.image_size": self.image_size}
+
     @property
     def val_resize(self) -> Optional[int]:
         """The shorter side validation images are resized to before the centre crop (None: image_size)."""

@@ -68,3 +68,25 @@ def test_two_processes_train_with_a_timm_randaugment_string(small_args):
     _timm()
     res = launch(2, *small_args, "data.augment=[flip,rand-m7-mstd0.5-inc1]", "train.epochs=1")
     assert res.returncode == 0, res.stderr
+
+
+def test_posterize_at_the_top_magnitude_keeps_no_bits_where_pillow_refuses_zero():
+    """timm's PosterizeIncreasing at magnitude 10 keeps 0 bits, which Pillow 11+ refuses (a crash at
+    a random sample of rand-m9-mstd0.5-inc1): here it is the black image older Pillow made, and every
+    other bit count is timm's own pixels."""
+    timm = _timm()
+    t = train_transform(config_mod.load(None, ["data.augment=[rand-m9-mstd0.5-inc1]", "data.image_size=32"]).data)
+    op = next(o for o in t._timm_policy.ops if o.name == "PosterizeIncreasing")
+    pil = F.to_pil_image(_image(0))
+    op.prob, op.magnitude_std = 1.0, 0.0
+    op.magnitude = 10.0  # 4 - int(10 / 10 * 4) = 0 bits
+    assert torch.equal(F.pil_to_tensor(op(pil)), torch.zeros(3, 32, 32, dtype=torch.uint8))
+    for m in (0.0, 3.0, 6.0, 9.0):  # 4, 3, 2, 1 bits
+        op.magnitude = m
+        bits = 4 - int(m / 10 * 4)
+        want = F.pil_to_tensor(timm.data.auto_augment.posterize(pil, bits))
+        assert torch.equal(F.pil_to_tensor(op(pil)), want), m
+    # the string whose draws reach magnitude 10 (m9, std 0.5), freshly built: many samples, none raises
+    fresh = train_transform(config_mod.load(None, ["data.augment=[rand-m9-mstd0.5-inc1]", "data.image_size=32"]).data)
+    for s in range(300):
+        fresh(_image(s), torch.Generator().manual_seed(s))

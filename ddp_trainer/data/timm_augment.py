@@ -5,9 +5,14 @@ them, on each sample's own random numbers.
 timm's operations draw from Python's ``random`` and NumPy's global generator and work on PIL images;
 :func:`seeded_timm` seeds both from the sample's generator (so a result depends on (seed, epoch,
 sample) only, as every augmentation here) and puts both generators back afterwards.
+
+timm's posterize at the top magnitude keeps 0 bits, which Pillow 11 and later refuse (ValueError:
+a training crash at a random sample); :func:`_posterize` gives the black image older Pillow made
+(and timm means: "keep 4 down to 0 MSB") and replaces timm's function in the built transform only.
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any, Callable
 
@@ -36,11 +41,23 @@ def timm_augment(name: str, size: int, mean_uint8: tuple[int, int, int], interpo
     try:
         if name.startswith("augmix-"):
             hparams["translate_pct"] = 0.3
-            return aa.augment_and_mix_transform(name, hparams)
-        return aa.rand_augment_transform(name, hparams)
+            built = aa.augment_and_mix_transform(name, hparams)
+        else:
+            built = aa.rand_augment_transform(name, hparams)
     except (AssertionError, ValueError, KeyError, IndexError) as exc:
         raise ConfigError(f"data.augment: timm cannot read {name!r} ({type(exc).__name__}: {exc}); write it as "
                           f"timm's --aa does, e.g. rand-m9-mstd0.5-inc1 or augmix-m5-w4-d2") from None
+    for op in getattr(built, "ops", ()):
+        if op.aug_fn is aa.posterize:
+            op.aug_fn = functools.partial(_posterize, aa.posterize)
+    return built
+
+
+def _posterize(timm_posterize: Callable[..., Any], img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
+    """``timm_posterize``, with 0 bits kept giving a black image (what Pillow did before it refused 0)."""
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return timm_posterize(img, bits_to_keep, **kwargs)
 
 
 def seeded_timm(transform: Callable[[Any], Any], img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -22,7 +22,8 @@ from . import imported, timm_nets, torchvision_nets
 from .head import classifier_head
 from .local import LOCAL_MODELS, TinyCNN
 
-__all__ = ["LOCAL_MODELS", "TinyCNN", "build_model", "check_model_name", "classifier_head", "name_of_file_arch"]
+__all__ = ["LOCAL_MODELS", "TinyCNN", "build_model", "check_input_size", "check_model_name", "classifier_head",
+           "name_of_file_arch"]
 
 
 def build_model(name: str, num_classes: int, *, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
@@ -57,6 +58,13 @@ def check_model_name(name: str, *, drop_rate: float = 0.0, drop_path_rate: float
     if drop_rate or drop_path_rate:
         with torch.device("meta"):  # the builder refuses the keyword; no memory, no init time
             build_model(name, 2, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+
+
+def check_input_size(name: str, sizes: dict[str, int]) -> None:
+    """Reject an input side (``sizes``: ``data.*`` key -> square side) the model cannot take: a timm
+    ViT or Swin takes its own size only (:func:`.timm_nets.check_input_size`); the others take any."""
+    if timm_nets.is_timm(name):
+        timm_nets.check_input_size(name, sizes)
 
 
 def name_of_file_arch(arch: str, layout: str) -> str:

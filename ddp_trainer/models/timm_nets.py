@@ -74,3 +74,28 @@ def build(name: str, num_classes: int, drop_rate: float = 0.0, drop_path_rate: f
         key = "model." + keyword
         raise ConfigError(f"{key}={kwargs[keyword]:g}: timm's {timm_name(name)} has no {keyword} setting; "
                           f"remove {key}") from None
+
+
+def fixed_input_size(name: str) -> tuple[int, int] | None:
+    """The one input size ``timm/NAME`` accepts when built as :func:`build` builds it (a ViT, DeiT or
+    Swin: its patch embedding refuses others, and its position embedding is of that grid), else None.
+    Built on the meta device: no memory, no init time."""
+    embed = getattr(meta_model(name), "patch_embed", None)
+    if embed is None or not getattr(embed, "strict_img_size", False) or getattr(embed, "img_size", None) is None:
+        return None
+    return tuple(embed.img_size)  # type: ignore[return-value]
+
+
+def check_input_size(name: str, sizes: dict[str, int]) -> None:
+    """ConfigError naming the ``data.*`` key whose size ``timm/NAME`` cannot take (``sizes``: key ->
+    square side). timm's ``train.py`` builds such a model at another size only when told to
+    (``--model-kwargs img_size=...``), which then needs its pretrained position embedding resampled;
+    this trainer builds timm models at their own size, so it says which size that is."""
+    fixed = fixed_input_size(name)
+    if fixed is None:
+        return
+    for key, side in sizes.items():
+        if (side, side) != fixed:
+            raise ConfigError(f"{key}={side}: {name} takes {fixed[0]}x{fixed[1]} inputs only (its patch and "
+                              f"position embeddings are of that size); set {key}={fixed[0]}, or choose a "
+                              f"timm model made for {side} px")

@@ -12,7 +12,8 @@ racing on a download is a classic failure).
   ``pytorch_model.bin``, ...), as timm's ``hf_hub_id='local-dir:...'`` reads it.
 - a path to a ``.safetensors`` / ``.pth`` / ``.bin`` file.
 
-Reading the file is the checkpoint reader's; this module only says which file, or how to get it.
+Reading the file is the checkpoint reader's; this module only says which file, or how to get it,
+and refuses a file whose position embedding is of another image size (:func:`check_grid`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from .timm_nets import meta_model, timm_name
 
 LOCAL_DIR = "local-dir:"
@@ -112,3 +113,24 @@ def resolve(name: str, weights: str, env: Mapping[str, str] | None = None) -> Ti
         return TimmWeightsFile(str(path), "", path, f"check the path '{path}'")
     raise ConfigError(f"model.weights={weights}: for a timm model use DEFAULT (the Hugging Face hub cache), "
                       f"{LOCAL_DIR}FOLDER, or a .safetensors / .pth file", shared=True)
+
+
+def check_grid(name: str, theirs: Mapping[str, object], ours: Mapping[str, object], source: str) -> None:
+    """CheckpointError when a position embedding of the file ``theirs`` (a ViT's ``pos_embed``, say)
+    has another shape than the model's ``ours``: the file was trained at another image size. timm's
+    ``create_model(pretrained=True)`` resamples it through the model's ``checkpoint_filter_fn``; here
+    weights load as they are (what the file holds is what trains), so the message gives that timm
+    command, which writes the resampled file once."""
+    for key, value in theirs.items():
+        mine = ours.get(key)
+        if not key.endswith("pos_embed") or mine is None:
+            continue
+        a, b = tuple(getattr(value, "shape", ())), tuple(getattr(mine, "shape", ()))
+        if a != b:
+            bare = timm_name(name)
+            raise CheckpointError(
+                f"{source}: {key} is {a} in the file and {b} in {name}: the file was trained at another image "
+                f"size; resample it to this model's once with timm (python -c \"import timm, torch; m = "
+                f"timm.create_model('{bare}', pretrained=True, pretrained_cfg_overlay=dict(file='FILE')); "
+                f"torch.save(m.state_dict(), 'resampled.pth')\") and set model.weights=resampled.pth, or choose "
+                f"the timm model of the file's size")

@@ -115,7 +115,7 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         check_trainable(len(splits.train), dist.world_size, cfg.data.batch_size, model, num_classes,
                         cfg.checkpoint.monitor)
         if init is not None:
-            apply_initial_weights(model, init)
+            apply_initial_weights(model, init, cfg.model.name)
         model = prepare(model.to(dist.device), decision, sync_batchnorm=cfg.model.sync_batchnorm,
                         channels_last=cfg.train.channels_last)
         global_batch = cfg.data.batch_size * dist.world_size * cfg.train.grad_accum_steps

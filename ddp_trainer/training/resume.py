@@ -14,7 +14,7 @@ from ..checkpoint.reader import read_checkpoint
 from ..checkpoint.weights import load_weights
 from ..config import Config, config_differences
 from ..errors import CheckpointError, CheckpointUnreadable
-from ..models import classifier_head
+from ..models import classifier_head, timm_nets, timm_weights
 
 log = logging.getLogger("ddp_trainer")
 
@@ -104,12 +104,16 @@ def read_initial_weights(cfg: Config, trust: bool) -> Checkpoint:
     return read_checkpoint(cfg.model.init_from, trust)
 
 
-def apply_initial_weights(model: nn.Module, init: Checkpoint) -> None:
-    """Load ``init``'s weights; the classifier head stays new when the class count differs."""
+def apply_initial_weights(model: nn.Module, init: Checkpoint, name: str = "") -> None:
+    """Load ``init``'s weights into ``model`` (``model.name=name``); the classifier head stays new
+    when the class count differs. A timm model's file of another image size is refused, saying how
+    to resample it (:func:`~ddp_trainer.models.timm_weights.check_grid`)."""
     head = classifier_head(model)
     sd = init.model
     skip: list[str] = []
     want = model.state_dict()
+    if timm_nets.is_timm(name):
+        timm_weights.check_grid(name, sd, want, f"weights '{init.path}'")
     if any(k in sd and tuple(sd[k].shape) != tuple(want[k].shape) for k in want if k.startswith(tuple(head))):
         skip = head
         log.info("model.init_from: class count differs; classifier head %s left new", ", ".join(head))

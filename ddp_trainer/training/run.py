@@ -17,7 +17,7 @@ from ..launch.environment import LaunchEnv
 from ..launch.mode import ModeDecision
 from ..launch.session import launched
 from ..launch.signals import Preempted, StopRequest, parse_signals
-from ..models import check_model_name
+from ..models import check_input_size, check_model_name
 from ..runlog import close_file_logs
 from .build import build_trainer
 from .run_folder import NCCL_TRACE
@@ -44,6 +44,7 @@ def check_config(cfg: Config, env: LaunchEnv, debug: bool) -> Config:
                 raise ConfigError("--debug runs one process; start it with 'python launch.py --debug', not torchrun")
             cfg = debug_config(cfg)
         check_model_name(cfg.model.name, drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+        check_input_size(cfg.model.name, cfg.data.input_sides())
     except ConfigError as exc:
         exc.shared = True
         raise
