@@ -146,6 +146,37 @@ def test_resume_stops_at_an_unreadable_newest_checkpoint_and_changes_nothing(fin
     assert _snapshot(out) == before  # epoch_0000.pt kept, nothing trained, written or pruned
 
 
+def _without_root_file_access(cmd: list[str]) -> list[str]:
+    """``cmd`` run as root without the capabilities that let root read a mode-000 file
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): file modes then apply to it as to any user, so
+    opening such a file fails with a real PermissionError (EACCES), as a user's resume meets it."""
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
+
+
+def test_resume_stops_at_a_mode_000_newest_checkpoint_as_a_user_meets_it(finished, demo_small, tmp_path):
+    """Issue 28 A.1 as reported: epoch_0001.pt (and its hard links last.pt, best.pt) mode 000."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop root's file-access capabilities (as a non-root user "
+                    "the mode alone does it: see test_an_os_error_reading_the_newest_file_stops_resume_naming_it)")
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    ck = out / "checkpoints"
+    newest = [n for n in ("last.pt", "epoch_0001.pt", "best.pt")
+              if os.path.samefile(finished / "checkpoints" / n, finished / "checkpoints" / "epoch_0001.pt")]
+    for name in newest:
+        os.chmod(ck / name, 0)
+    before = _snapshot(out)
+    res = run(_without_root_file_access([PY, str(ROOT / "launch.py"), *_args(demo_small, out, "train.epochs=3")]),
+              timeout=120, cold=True)
+    assert res.returncode == 2, res.stderr
+    (err,) = [l for l in res.stderr.splitlines() if "error:" in l]
+    assert "cannot be read" in err and "EACCES" in err and "not a damaged file" in err, err
+    assert any(name in err for name in ("last.pt", "epoch_0001.pt", "best.pt")), err
+    assert "skipping" not in res.stderr and "resume: from" not in res.stderr
+    assert _snapshot(out) == before  # epoch_0000.pt kept, nothing trained, written or pruned
+    assert all(os.stat(ck / name).st_mode & 0o777 == 0 for name in newest)
+
+
 def _ro_mount(folder: Path, cmd: list[str]) -> list[str]:
     """``cmd`` run with ``folder`` mounted read-only in a private mount namespace (root ignores modes)."""
     return ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(folder), *cmd]
