@@ -1,0 +1,130 @@
+"""data.decode_device=cuda's CPU-testable half (ddp_trainer/data/device_decode.py): workers read bytes
+and draw each JPEG's box and flip as the CPU path does; the training process decodes the batch and
+assembles it with the worker-decoded files. The batch decoder on the CPU stands in for nvJPEG, so the
+only lines not run here are the device's own decode calls (scripts/gpu_checks.py runs those)."""
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddp_trainer.data.datasets import FolderDataset
+from ddp_trainer.data.device_decode import (DeferredJPEG, DeviceDecodeDataset, assemble, check_decode_device,
+                                            collate, draw, jpeg_batch_decoder)
+from ddp_trainer.data.folder_index import scan
+from ddp_trainer.data.samplers import SampleKey
+from ddp_trainer.data.transforms import ImageTransform, sample_seed
+from ddp_trainer.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    """JPEG photos of both orientations, a grayscale JPEG, a PNG, a CMYK JPEG and an EXIF-turned one."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(5)
+
+    def picture(w: int, h: int) -> Image.Image:
+        small = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        return Image.fromarray(small).resize((w, h), Image.BICUBIC)
+
+    for c in ("a", "b"):
+        (root / c).mkdir()
+        for i in range(4):
+            picture(*((120, 90) if i % 2 else (90, 120))).save(root / c / f"{i}.jpg", quality=90)
+    picture(100, 80).convert("L").save(root / "a" / "grey.jpg", quality=90)
+    picture(100, 80).save(root / "b" / "drawn.png")
+    picture(100, 80).convert("CMYK").save(root / "b" / "cmyk.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    picture(120, 90).save(root / "b" / "turned.jpg", quality=90, exif=exif)
+    return root
+
+
+TRAIN = ImageTransform(32, ("random_resized_crop", "flip"))
+
+
+def _keys(n: int, epoch: int = 2) -> list[SampleKey]:
+    return [SampleKey(i, epoch, 1.0, 0) for i in range(n)]
+
+
+def test_workers_return_bytes_for_still_jpegs_and_pixels_for_the_rest(mixed):
+    idx = scan(mixed)
+    ds = DeviceDecodeDataset(FolderDataset(idx, TRAIN, seed=3))
+    kinds = {}
+    for key in _keys(len(idx)):
+        image, label, weight = ds[key]
+        assert label == idx.label(key.index) and weight == 1.0
+        kinds[idx.rel(key.index)] = type(image)
+        if isinstance(image, DeferredJPEG):
+            assert bytes(image.encoded.numpy()) == idx.read(key.index)  # the file's bytes, untouched
+        else:
+            assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    deferred = {rel for rel, kind in kinds.items() if kind is DeferredJPEG}
+    assert deferred == {f"{c}/{i}.jpg" for c in "ab" for i in range(4)} | {"a/grey.jpg"}
+    assert set(kinds) - deferred == {"b/drawn.png", "b/cmyk.jpg", "b/turned.jpg"}
+
+
+def test_box_and_flip_are_the_cpu_paths_draws(mixed):
+    """The drawn box and flip are those the CPU path draws from the same generator, for every sample
+    over several epochs (both flips and both orientations occur)."""
+    idx = scan(mixed)
+    ds = DeviceDecodeDataset(FolderDataset(idx, TRAIN, seed=3))
+    flips = set()
+    for epoch in range(4):
+        for key in _keys(len(idx), epoch):
+            image = ds[key][0]
+            if not isinstance(image, DeferredJPEG):
+                continue
+            with Image.open(io.BytesIO(idx.read(key.index))) as probe:
+                width, height = probe.size
+            gen = torch.Generator().manual_seed(sample_seed(3, epoch, key.index))
+            box = TRAIN.crop_box(height, width, gen)  # the CPU path's order: the box, then the flip
+            flip = torch.rand(1, generator=gen).item() < 0.5
+            assert (image.box, image.flip) == (box, flip)
+            flips.add(flip)
+    assert flips == {True, False}
+
+
+def test_the_assembled_batch_is_the_cpu_paths_batch(mixed):
+    """A batch of JPEGs and PNG/CMYK/turned files, collated and assembled with the CPU batch decoder
+    standing in for the GPU's, equals bitwise the CPU path's batch (full decode: data.reduced_decode
+    is a CPU-only shortcut), in the same order; for training and for validation's fit geometry."""
+    idx = scan(mixed)
+    for transform in (TRAIN, ImageTransform(32, ("flip",)), ImageTransform(32, (), resize=40)):
+        cpu = FolderDataset(idx, transform, seed=7)
+        device = DeviceDecodeDataset(cpu)
+        keys = _keys(len(idx), epoch=1)
+        images, labels, weights = collate([device[k] for k in keys])
+        assert any(isinstance(x, DeferredJPEG) for x in images) and any(torch.is_tensor(x) for x in images)
+        batch = assemble(images, transform, jpeg_batch_decoder("cpu"), "cpu")
+        expected = torch.stack([cpu[k][0] for k in keys])
+        assert batch.dtype == torch.uint8 and batch.shape == (len(idx), 3, 32, 32)
+        assert torch.equal(batch, expected)
+        assert labels.tolist() == [idx.label(k.index) for k in keys] and weights.tolist() == [1.0] * len(keys)
+
+
+def test_transforms_that_need_the_picture_decode_in_the_worker(mixed):
+    idx = scan(mixed)
+    transform = ImageTransform(32, ("random_resized_crop", "flip", "random_erasing"))
+    cpu = FolderDataset(idx, transform, seed=1)
+    ds = DeviceDecodeDataset(cpu)
+    key = SampleKey(0, 0, 1.0, 0)
+    assert torch.equal(ds[key][0], cpu[key][0])
+
+
+def test_draw_without_a_generator_is_the_fit_unflipped():
+    assert draw(ImageTransform(32, ()), 50, 60, None) == (None, False)
+
+
+def test_decode_device_errors_are_one_line():
+    check_decode_device("cpu")
+    with pytest.raises(ConfigError, match=r"data.decode_device='gpu' is not a device; use cpu or cuda"):
+        check_decode_device("gpu")
+    if torch.cuda.is_available():
+        check_decode_device("cuda")
+    else:
+        with pytest.raises(ConfigError) as caught:
+            check_decode_device("cuda")
+        assert "\n" not in str(caught.value) and "set data.decode_device=cpu" in str(caught.value)
