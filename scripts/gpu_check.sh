@@ -71,6 +71,7 @@ check exact_resume 150
 check fp16_scale 90
 check commands 120
 check throughput 90
+check decode_device 60
 check compile_ddp 150
 say "gpu_check: $FAILED check(s) failed in $(( $(date +%s) - START ))s; logs in $OUT"
 exit $((FAILED > 0))

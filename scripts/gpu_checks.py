@@ -271,6 +271,61 @@ def check_throughput(out: Path, args: argparse.Namespace) -> None:
     result("; ".join(figures))
 
 
+def check_decode_device(out: Path, args: argparse.Namespace) -> None:
+    """data.decode_device=cuda's device half (ddp_trainer/data/device_decode.py) on real JPEGs: the
+    batch decoded by nvJPEG, cropped, resized and flipped on the GPU against the CPU path's pixels
+    (tolerance: a mean difference of at most DECODE_TOLERANCE per channel value in every image: nvJPEG's
+    IDCT and chroma upsampling are not libjpeg-turbo's), whether two decodes of one batch are bitwise
+    equal (the condition of an exact resume), and the images/s of the device decode against one CPU
+    core's decode of the same samples."""
+    from ddp_trainer.data.datasets import FolderDataset
+    from ddp_trainer.data.device_decode import DeviceDecodeDataset, assemble, collate, jpeg_batch_decoder
+    from ddp_trainer.data.folder_index import scan
+    from ddp_trainer.data.samplers import SampleKey
+    from ddp_trainer.data.transforms import ImageTransform
+    import numpy as np
+    from PIL import Image
+    device = torch.device(args.device)
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (out / "data" / c).mkdir(parents=True, exist_ok=True)
+        for i in range(32):  # photo-like: smooth light, texture and grain
+            small = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+            pic = np.asarray(Image.fromarray(small).resize((500, 375), Image.BICUBIC), dtype=np.float64)
+            pic += rng.normal(0, 8, pic.shape)
+            Image.fromarray(pic.clip(0, 255).astype(np.uint8)).save(out / "data" / c / f"{i}.jpg", quality=90)
+    Image.fromarray(small).resize((300, 200)).save(out / "data" / "b" / "drawn.png")  # decoded in the worker
+    idx = scan(out / "data")
+    transform = ImageTransform(224, ("random_resized_crop", "flip"))
+    cpu = FolderDataset(idx, transform, seed=1)
+    keys = [SampleKey(i, 0, 1.0, 0) for i in range(len(idx))]
+    images, _, _ = collate([DeviceDecodeDataset(cpu)[k] for k in keys])
+    decoder = jpeg_batch_decoder(device)
+    t0 = time.perf_counter()
+    expected = torch.stack([cpu[k][0] for k in keys])
+    cpu_rate = len(keys) / (time.perf_counter() - t0)
+    batch = assemble(images, transform, decoder, device)
+    diff = (batch.cpu().int() - expected.int()).abs().float().flatten(1).mean(1)
+    print(f"mean |GPU - CPU| per image: max {diff.max():.2f}, mean {diff.mean():.2f} (tolerance {DECODE_TOLERANCE})")
+    need(float(diff.max()) <= DECODE_TOLERANCE, f"GPU-decoded pixels differ from the CPU's by {diff.max():.2f} "
+         f"on average in one image (tolerance {DECODE_TOLERANCE})")
+    exact = torch.equal(assemble(images, transform, decoder, device), batch)
+    for _ in range(2):
+        assemble(images, transform, decoder, device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps // 3 or 1):
+        assemble(images, transform, decoder, device)
+    _sync(device)
+    rate = len(keys) * (args.steps // 3 or 1) / (time.perf_counter() - t0)
+    result(f"pixels within {diff.max():.2f} of the CPU's (mean {diff.mean():.2f}; tolerance {DECODE_TOLERANCE}); "
+           f"repeat decodes {'bitwise equal' if exact else 'NOT bitwise equal: decode_device=cuda runs are not exact'}; "
+           f"{rate:.0f} img/s on {device.type} vs {cpu_rate:.0f} img/s on one CPU core (500x375 -> 224 px)")
+
+
+DECODE_TOLERANCE = 3.0  # mean |difference| per channel value (0-255) of one image, GPU decode vs CPU decode
+
+
 # -- helpers -----------------------------------------------------------------------------------------
 
 def _first_error(text: str) -> str:

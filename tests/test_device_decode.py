@@ -128,3 +128,16 @@ def test_decode_device_errors_are_one_line():
         with pytest.raises(ConfigError) as caught:
             check_decode_device("cuda")
         assert "\n" not in str(caught.value) and "set data.decode_device=cpu" in str(caught.value)
+
+
+def test_the_gpu_checks_decode_device_check_runs_on_the_cpu(tmp_path):
+    """scripts/gpu_checks.py decode_device with --device cpu (a smoke test of the GPU check's code):
+    the CPU batch decoder's pixels equal the CPU path's, and repeat decodes are bitwise equal."""
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_checks.py"
+    res = subprocess.run([sys.executable, str(script), "decode_device", str(tmp_path), "--device", "cpu",
+                          "--steps", "3"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    assert "pixels within 0.00 of the CPU's" in line and "repeat decodes bitwise equal" in line
