@@ -141,3 +141,21 @@ def test_the_gpu_checks_decode_device_check_runs_on_the_cpu(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")][-1]
     assert "pixels within 0.00 of the CPU's" in line and "repeat decodes bitwise equal" in line
+
+
+def test_loader_workers_send_bytes_and_the_batches_equal_the_cpu_loaders(mixed):
+    """Through a real DataLoader with two worker processes: the device path's batches (bytes from the
+    workers, decoded and assembled in this process) equal the CPU path's batches bitwise."""
+    from torch.utils.data import DataLoader
+
+    from ddp_trainer.data.device_decode import device_batches
+    idx = scan(mixed)
+    cpu = FolderDataset(idx, TRAIN, seed=11)
+    keys = _keys(len(idx), epoch=3)
+    loader = DataLoader(DeviceDecodeDataset(cpu), batch_size=5, sampler=keys, num_workers=2, collate_fn=collate)
+    got = list(device_batches(loader, TRAIN, jpeg_batch_decoder("cpu"), "cpu"))
+    plain = list(DataLoader(cpu, batch_size=5, sampler=keys, num_workers=0))
+    assert len(got) == len(plain) == -(-len(idx) // 5)
+    for (images, labels, weights), (want, want_labels, want_weights) in zip(got, plain):
+        assert torch.equal(images, want) and torch.equal(labels, want_labels)
+        assert torch.allclose(weights, want_weights.float())

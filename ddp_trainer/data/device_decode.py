@@ -133,3 +133,12 @@ def assemble(images: Sequence, transform: ImageTransform, decoder: BatchDecoder,
         if out[k] is None:
             out[k] = x.to(device, non_blocking=True)
     return torch.stack(out)
+
+
+def device_batches(batches, transform: ImageTransform, decoder: BatchDecoder, device: torch.device | str):
+    """The batches of a loader over :class:`DeviceDecodeDataset` (collated by :func:`collate`) as the
+    training loop takes them: ``(uint8 [B, 3, S, S] on device, labels, weights)``, each batch decoded
+    by ``decoder`` on ``device`` as it is taken (the next one stays in the workers meanwhile)."""
+    for images, labels, weights in batches:
+        yield (assemble(images, transform, decoder, device), labels.to(device, non_blocking=True),
+               weights.to(device, non_blocking=True))
