@@ -146,13 +146,25 @@ def test_the_gpu_checks_decode_device_check_runs_on_the_cpu(tmp_path):
 def test_loader_workers_send_bytes_and_the_batches_equal_the_cpu_loaders(mixed):
     """Through a real DataLoader with two worker processes: the device path's batches (bytes from the
     workers, decoded and assembled in this process) equal the CPU path's batches bitwise."""
+    import signal
+
     from torch.utils.data import DataLoader
 
     from ddp_trainer.data.device_decode import device_batches
+    from ddp_trainer.data.workers import start_method
+    sigchld = signal.getsignal(signal.SIGCHLD)  # torch's first loader with workers sets a handler for good
+    try:
+        _compare_loaders(mixed, DataLoader, device_batches, start_method(2))
+    finally:
+        signal.signal(signal.SIGCHLD, sigchld)
+
+
+def _compare_loaders(mixed, DataLoader, device_batches, context):
     idx = scan(mixed)
     cpu = FolderDataset(idx, TRAIN, seed=11)
     keys = _keys(len(idx), epoch=3)
-    loader = DataLoader(DeviceDecodeDataset(cpu), batch_size=5, sampler=keys, num_workers=2, collate_fn=collate)
+    loader = DataLoader(DeviceDecodeDataset(cpu), batch_size=5, sampler=keys, num_workers=2, collate_fn=collate,
+                        multiprocessing_context=context)
     got = list(device_batches(loader, TRAIN, jpeg_batch_decoder("cpu"), "cpu"))
     plain = list(DataLoader(cpu, batch_size=5, sampler=keys, num_workers=0))
     assert len(got) == len(plain) == -(-len(idx) // 5)
