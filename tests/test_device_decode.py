@@ -171,3 +171,21 @@ def _compare_loaders(mixed, DataLoader, device_batches, context):
     for (images, labels, weights), (want, want_labels, want_weights) in zip(got, plain):
         assert torch.equal(images, want) and torch.equal(labels, want_labels)
         assert torch.allclose(weights, want_weights.float())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: scripts/gpu_check.sh's decode_device runs")
+def test_a_run_with_decode_device_cuda_without_cuda_is_one_line_and_exit_2(mixed, tmp_path):
+    from conftest import PY, ROOT, run
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    for c in ("a", "b"):
+        (data / "train" / c).symlink_to(mixed / c)
+    res = run([PY, str(ROOT / "launch.py"), f"data.root={data}", f"output_dir={tmp_path / 'run'}",
+               "data.decode_device=cuda", "data.val_fraction=0.5", "data.num_workers=0", "train.epochs=1",
+               "model.name=tiny_cnn_bn", "data.image_size=16", "data.batch_size=4"])
+    assert res.returncode == 2, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: data.decode_device=cuda: this machine has no CUDA device "
+                      "(torch.cuda.is_available() is False); set data.decode_device=cpu"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())  # refused before a step ran

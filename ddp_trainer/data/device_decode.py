@@ -39,14 +39,18 @@ class DeferredJPEG(NamedTuple):
     flip: bool
 
 
-def check_decode_device(value: str) -> None:
+def check_decode_device(value: str, run_device: torch.device | None = None) -> None:
     """Raise ConfigError (one line: the key, the value, the fix) for a ``data.decode_device`` this
-    machine cannot honour: an unknown value, or ``cuda`` without a CUDA device."""
+    machine cannot honour: an unknown value, ``cuda`` without a CUDA device, or ``cuda`` for a run
+    whose ``run_device`` is not a GPU."""
     if value not in DECODE_DEVICES:
         raise ConfigError(f"data.decode_device={value!r} is not a device; use cpu or cuda")
     if value == "cuda" and not torch.cuda.is_available():
         raise ConfigError("data.decode_device=cuda: this machine has no CUDA device (torch.cuda.is_available() "
                           "is False); set data.decode_device=cpu")
+    if value == "cuda" and run_device is not None and run_device.type != "cuda":
+        raise ConfigError(f"data.decode_device=cuda: this run trains on {run_device}, not a GPU; "
+                          f"set data.decode_device=cpu")
 
 
 def deferrable(transform: ImageTransform) -> bool:
