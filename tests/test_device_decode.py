@@ -189,3 +189,45 @@ def test_a_run_with_decode_device_cuda_without_cuda_is_one_line_and_exit_2(mixed
                       "(torch.cuda.is_available() is False); set data.decode_device=cpu"]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())  # refused before a step ran
+
+
+def test_a_runs_training_batches_are_the_cpu_paths_with_the_cpu_decoder_standing_in(mixed, tmp_path, monkeypatch):
+    """build_run_data with data.decode_device=cuda, the CUDA check let through and the run on the CPU
+    (so the CPU batch decoder stands in for nvJPEG): the epoch's batches through real loader workers
+    equal data.decode_device=cpu's bitwise. The only lines this leaves to scripts/gpu_check.sh are the
+    check's CUDA test and the device's own decode calls."""
+    import signal
+
+    from ddp_trainer.config import load
+    from ddp_trainer.data import device_decode
+    from ddp_trainer.data.datasets import scan_splits
+    from ddp_trainer.data.loaders import build_run_data, sampler_spec
+    from ddp_trainer.data.samplers import EpochPlan
+    from ddp_trainer.launch.dist import Dist
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    for c in ("a", "b"):
+        (data / "train" / c).symlink_to(mixed / c)
+    monkeypatch.setattr(device_decode, "check_decode_device", lambda value, run_device=None: None)
+    sigchld = signal.getsignal(signal.SIGCHLD)  # torch's first loader with workers sets a handler for good
+    epochs = {}
+    try:
+        for where in ("cpu", "cuda"):
+            cfg = load(None, [f"data.root={data}", "data.val_fraction=0.3", "data.image_size=32", "data.num_workers=1",
+                              "data.batch_size=3", "data.augment=[random_resized_crop,flip]", "data.reduced_decode=false",
+                              "data.index_cache=false", f"data.decode_device={where}"])
+            splits = scan_splits(cfg.data, data)
+            run_data = build_run_data(cfg, Dist.single(), splits, sampler_spec(cfg.data, splits.train),
+                                      worker_init_fn=None, before_fork=lambda: None)
+            try:
+                assert (run_data.decode_on is not None) == (where == "cuda")
+                plan = EpochPlan(len(splits.train), world=1, rank=0, batch_size=3, accum=1, seed=cfg.seed, epoch=1)
+                epochs[where] = list(run_data.train_batches(plan))
+            finally:
+                run_data.close()
+    finally:
+        signal.signal(signal.SIGCHLD, sigchld)
+    assert len(epochs["cpu"]) == len(epochs["cuda"]) > 1
+    for (images, labels, weights), (want, want_labels, want_weights) in zip(epochs["cuda"], epochs["cpu"]):
+        assert torch.equal(images, want) and torch.equal(labels, want_labels) and torch.equal(weights, want_weights)
