@@ -2,6 +2,7 @@
 and draw each JPEG's box and flip as the CPU path does; the training process decodes the batch and
 assembles it with the worker-decoded files. The batch decoder on the CPU stands in for nvJPEG, so the
 only lines not run here are the device's own decode calls (scripts/gpu_checks.py runs those)."""
+import importlib.util
 import io
 from pathlib import Path
 
@@ -87,10 +88,16 @@ def test_box_and_flip_are_the_cpu_paths_draws(mixed):
     assert flips == {True, False}
 
 
-def test_the_assembled_batch_is_the_cpu_paths_batch(mixed):
+BATCH_LIBRARIES = ["torchvision", pytest.param("torchcodec", marks=pytest.mark.skipif(
+    not importlib.util.find_spec("torchcodec"), reason="torchcodec is not installed (the torchcodec extra)"))]
+
+
+@pytest.mark.parametrize("library", BATCH_LIBRARIES)
+def test_the_assembled_batch_is_the_cpu_paths_batch(mixed, library):
     """A batch of JPEGs and PNG/CMYK/turned files, collated and assembled with the CPU batch decoder
-    standing in for the GPU's, equals bitwise the CPU path's batch (full decode: data.reduced_decode
-    is a CPU-only shortcut), in the same order; for training and for validation's fit geometry."""
+    (each library's) standing in for the GPU's, equals bitwise the CPU path's batch (full decode:
+    data.reduced_decode is a CPU-only shortcut), in the same order; for training and for
+    validation's fit geometry."""
     idx = scan(mixed)
     for transform in (TRAIN, ImageTransform(32, ("flip",)), ImageTransform(32, (), resize=40)):
         cpu = FolderDataset(idx, transform, seed=7)
@@ -98,7 +105,7 @@ def test_the_assembled_batch_is_the_cpu_paths_batch(mixed):
         keys = _keys(len(idx), epoch=1)
         images, labels, weights = collate([device[k] for k in keys])
         assert any(isinstance(x, DeferredJPEG) for x in images) and any(torch.is_tensor(x) for x in images)
-        batch = assemble(images, transform, jpeg_batch_decoder("cpu"), "cpu")
+        batch = assemble(images, transform, jpeg_batch_decoder("cpu", library), "cpu")
         expected = torch.stack([cpu[k][0] for k in keys])
         assert batch.dtype == torch.uint8 and batch.shape == (len(idx), 3, 32, 32)
         assert torch.equal(batch, expected)

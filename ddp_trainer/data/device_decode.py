@@ -103,16 +103,19 @@ def collate(batch: Sequence[tuple]) -> tuple[list, torch.Tensor, torch.Tensor]:
     return list(images), torch.tensor(labels, dtype=torch.long), torch.tensor(weights, dtype=torch.float32)
 
 
-def jpeg_batch_decoder(device: torch.device | str) -> BatchDecoder:
+def jpeg_batch_decoder(device: torch.device | str, library: str | None = None) -> BatchDecoder:
     """A function decoding a list of JPEG byte tensors to uint8 CHW RGB tensors on ``device`` in one
-    call: TorchCodec's ``decode_jpeg`` where it imports, torchvision.io's otherwise (both nvJPEG on
-    ``cuda``, libjpeg-turbo on the CPU)."""
-    try:
-        from torchcodec.decoders import decode_jpeg as batch
-        return lambda encoded: batch(encoded, mode="RGB", device=device)
-    except ImportError:
-        from torchvision.io import ImageReadMode, decode_jpeg
-        return lambda encoded: decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    call: ``library`` ``torchcodec`` (TorchCodec's ``decode_jpeg``; the default where it imports) or
+    ``torchvision`` (torchvision.io's); both nvJPEG on ``cuda``, libjpeg-turbo on the CPU."""
+    if library in (None, "torchcodec"):
+        try:
+            from torchcodec.decoders import decode_jpeg as batch
+            return lambda encoded: batch(encoded, mode="RGB", device=device)
+        except ImportError:
+            if library is not None:
+                raise
+    from torchvision.io import ImageReadMode, decode_jpeg
+    return lambda encoded: decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
 def assemble(images: Sequence, transform: ImageTransform, decoder: BatchDecoder,
