@@ -5,6 +5,7 @@ from an :class:`~.samplers.EpochPlan` set each epoch, the evaluation loader each
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -26,6 +27,8 @@ from .device_decode import DeviceDecodeDataset
 from .folder_index import FolderIndex
 from .samplers import EpochPlan, ExactEvalSampler, PlanBatchSampler, SamplerSpec, class_balanced_probabilities
 from .workers import start_method
+
+log = logging.getLogger("ddp_trainer")
 
 
 def _collate(items: list[tuple[torch.Tensor, int, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,6 +194,10 @@ def build_run_data(cfg: Config, dist: Dist, splits: Splits, sampler: SamplerSpec
     if d.decode_device == "cuda":  # the cache holds pixels already: nothing is left to decode there
         device_decode.check_decode_device(d.decode_device, dist.device)
         decode_on = dist.device if train_cache is None else None
+        if decode_on is not None and dist.is_main:
+            log.info("data.decode_device=cuda: the training set's still JPEGs decode on %s a batch at a time; an exact "
+                     "resume rests on the GPU decode and resize being deterministic (scripts/gpu_check.sh's "
+                     "decode_device says whether they are on this machine)", decode_on)
     loaded = train_set if decode_on is None else device_decode.DeviceDecodeDataset(train_set)
     train_loader, batches = make_train_loader(loaded, d, dist.device, worker_init_fn=worker_init_fn)
     val_loader = make_eval_loader(val_set, d, dist, dist.device, worker_init_fn=worker_init_fn)
