@@ -40,8 +40,8 @@ databound:  photo-sized files, where decoding decides the rate (issue 23's workl
             core at 64 px and 224 px, PIL's pipeline vs the project's, over the same files; then the
             stages (as --what stages).
 stages:     where one image's time goes on one core, over the databound files at 64 and 224 px: read,
-            header, decode (torchvision, PIL, reduced), crop + resize, the sample's generator and
-            draws, a whole sample, collation, and a pass through one loader worker (ms per image).
+            header, decode (each data.decoder, PIL as ImageFolder, reduced), crop + resize, the
+            sample's generator and draws, a whole sample, collation, and a pass through one loader worker (ms per image).
 loader:     decode paths, one process and one thread: images/s per core.
 timm:       (needs timm) model.name=timm/resnet18 vs torchvision's resnet18 on the reference workload
             (1 epoch per run, alternately, --repeats runs each): median train images/s and the ratio;
@@ -323,7 +323,6 @@ def bench_loader_stages(data: Path, n: int = 400) -> None:
         stages = {
             "read the file": lambda k: images.read_regular_file(paths[k]),
             "header (PIL, nothing decoded)": lambda k: decode._header(paths[k], blobs[k], decode.MAX_IMAGE_PIXELS),
-            "decode, full (torchvision)": lambda k: decode._decode(paths[k], blobs[k], heads[k]),
             "decode, full (PIL, as ImageFolder)": pil_pipeline,
             "decode reduced (PIL draft) + crop + resize": lambda k: divisors[k] > 1 and decode._decode_reduced(
                 paths[k], blobs[k], heads[k], divisors[k], decode._Crop(
@@ -335,6 +334,11 @@ def bench_loader_stages(data: Path, n: int = 400) -> None:
                 torch.rand(1, generator=g).item()),
         }
         figures = {name: per_image(fn) for name, fn in stages.items()}
+        before = decode.decoder()
+        for name in decode.available():  # data.decoder's choices, each decoding every pixel
+            decode.use(name)
+            figures[f"decode, full ({name})"] = per_image(lambda k: decode._decode(paths[k], blobs[k], heads[k]))
+        decode.use(before)
         reduced = sum(d > 1 for d in divisors) / len(divisors)
         if any(d > 1 for d in divisors):  # per reduced image
             figures["decode reduced (PIL draft) + crop + resize"] /= sum(d > 1 for d in divisors) / len(divisors)

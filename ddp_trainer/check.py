@@ -18,7 +18,7 @@ import torch
 
 from . import config as config_mod
 from .config import Config
-from .data import decoded_cache
+from .data import decode, decoded_cache
 from .data.datasets import Splits, resolve_root, scan_splits
 from .data.folder_index import FolderIndex
 from .data.decode import decode_rgb
@@ -125,6 +125,7 @@ def _verify(index: FolderIndex, workers: int, max_pixels: int,
 def cmd_check(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     cfg = config_mod.load(args.config, args.overrides)
+    decode.use(cfg.data.decoder)  # the cache key and --verify's decodes are the run's
     check_model_name(cfg.model.name, drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
     check_input_size(cfg.model.name, cfg.data.input_sides())
     root = resolve_root(cfg.data, Dist.single())
@@ -138,7 +139,7 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(splits.classes)} classes)")
     for key, value in cfg.taken_from_model:
         print(f"  data.{key}={value} (data.from_model: {cfg.model.name}'s pretrained config)")
-    print(f"data: root '{root}', scanned in {scanned:.1f} s; val from {splits.source}")
+    print(f"data: root '{root}', scanned in {scanned:.1f} s; val from {splits.source}; decoder {decode.decoder_name()}")
     for split, index in (("train", splits.train), ("val", splits.val)):
         print(f"  {split}: {len(index)} images in {len(index.classes)} classes; file types: {_types(index)}")
         for line in _per_class(index):

@@ -2,7 +2,7 @@
 # Every GPU path of ddp_trainer proved in one short run on a machine with a CUDA GPU (one is enough;
 # what one GPU cannot prove is listed in bench/GPU_RESULTS.md). One line per check:
 #   PASS|FAIL|SKIP <check> (<seconds>s): <what it measured>
-# each check under its own timeout, the whole run under a budget (default 450 s, GPU_CHECK_BUDGET_S);
+# each check under its own timeout, the whole run under a budget (default 470 s: with the kill grace, within 8 minutes; GPU_CHECK_BUDGET_S);
 # logs and runs under OUT/<check>/, the summary in OUT/summary.txt. Without a GPU (nvidia-smi and
 # torch both see none) it prints one SKIP line and exits 0; a GPU that nvidia-smi lists but torch
 # does not see (a CPU build of torch, CUDA_VISIBLE_DEVICES) is a FAIL, not a SKIP.
@@ -13,7 +13,7 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${1:-${OUT:-$(mktemp -d -t gpu_check.XXXX)}}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -71,6 +71,9 @@ check exact_resume 150
 check fp16_scale 90
 check commands 120
 check throughput 90
+check decode_device 60
+check decode_device_resume 120
+check decode_device_throughput 150
 check compile_ddp 150
 say "gpu_check: $FAILED check(s) failed in $(( $(date +%s) - START ))s; logs in $OUT"
 exit $((FAILED > 0))

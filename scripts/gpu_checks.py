@@ -128,8 +128,20 @@ def check_compile_ddp(out: Path, args: argparse.Namespace) -> None:
 def check_exact_resume(out: Path, args: argparse.Namespace) -> None:
     """Deterministic, a model with dropout (its GPU random stream matters), SIGUSR1 mid-epoch, then
     the same command: the weights equal an uninterrupted run's bit for bit."""
+    _exact_resume(out, [])
+
+
+def check_decode_device_resume(out: Path, args: argparse.Namespace) -> None:
+    """exact_resume with data.decode_device=cuda on JPEG files (random resized crops and flips decoded
+    on the GPU): the weights after a mid-epoch stop and resume equal an uninterrupted run's bit for bit."""
+    data = _jpeg_tree(out / "data", per_class=96, size=(160, 120))
+    _exact_resume(out, [f"data.root={data}", "data.val_fraction=0.2", "data.batch_size=8",
+                        "data.augment=[random_resized_crop,flip]", "data.decode_device=cuda"])
+
+
+def _exact_resume(out: Path, extra: list[str]) -> None:
     same = [*COMMON, "model.name=mobilenet_v3_small", "train.epochs=2", "train.deterministic=true",
-            "checkpoint.every_steps=4", "train.log_every_steps=1", "dist.mode=single", "data.num_workers=2"]
+            "checkpoint.every_steps=4", "train.log_every_steps=1", "dist.mode=single", "data.num_workers=2", *extra]
     ref = out / "uninterrupted"
     res = run([PY, "launch.py", *same, f"output_dir={ref}"], out / "uninterrupted.log")
     need(res.returncode == 0, f"uninterrupted run: exit {res.returncode}: {_first_error(res.stdout + res.stderr)}")
@@ -269,6 +281,97 @@ def check_throughput(out: Path, args: argparse.Namespace) -> None:
                        f"({tflops:.0f} TFLOP/s, {tflops / ceiling[dtype]:.0%} of the matmul ceiling)")
         print(figures[-1], flush=True)
     result("; ".join(figures))
+
+
+def check_decode_device(out: Path, args: argparse.Namespace) -> None:
+    """data.decode_device=cuda's device half (ddp_trainer/data/device_decode.py) on real JPEGs: the
+    batch decoded by nvJPEG, cropped, resized and flipped on the GPU against the CPU path's pixels
+    (tolerance: a mean difference of at most DECODE_TOLERANCE per channel value in every image: nvJPEG's
+    IDCT and chroma upsampling are not libjpeg-turbo's), whether two decodes of one batch are bitwise
+    equal (the condition of an exact resume), and the images/s of the device decode against one CPU
+    core's decode of the same samples."""
+    from ddp_trainer.data.datasets import FolderDataset
+    from ddp_trainer.data.device_decode import DeviceDecodeDataset, assemble, collate, jpeg_batch_decoder
+    from ddp_trainer.data.folder_index import scan
+    from ddp_trainer.data.samplers import SampleKey
+    from ddp_trainer.data.transforms import ImageTransform
+    from PIL import Image
+    device = torch.device(args.device)
+    _jpeg_tree(out / "data", per_class=32)
+    Image.new("RGB", (300, 200), (200, 40, 40)).save(out / "data" / "b" / "drawn.png")  # decoded in the worker
+    idx = scan(out / "data")
+    transform = ImageTransform(224, ("random_resized_crop", "flip"))
+    cpu = FolderDataset(idx, transform, seed=1)
+    keys = [SampleKey(i, 0, 1.0, 0) for i in range(len(idx))]
+    images, _, _ = collate([DeviceDecodeDataset(cpu)[k] for k in keys])
+    decoder = jpeg_batch_decoder(device)
+    t0 = time.perf_counter()
+    expected = torch.stack([cpu[k][0] for k in keys])
+    cpu_rate = len(keys) / (time.perf_counter() - t0)
+    batch = assemble(images, transform, decoder, device)
+    diff = (batch.cpu().int() - expected.int()).abs().float().flatten(1).mean(1)
+    print(f"mean |GPU - CPU| per image: max {diff.max():.2f}, mean {diff.mean():.2f} (tolerance {DECODE_TOLERANCE})")
+    need(float(diff.max()) <= DECODE_TOLERANCE, f"GPU-decoded pixels differ from the CPU's by {diff.max():.2f} "
+         f"on average in one image (tolerance {DECODE_TOLERANCE})")
+    exact = torch.equal(assemble(images, transform, decoder, device), batch)
+    for _ in range(2):
+        assemble(images, transform, decoder, device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps // 3 or 1):
+        assemble(images, transform, decoder, device)
+    _sync(device)
+    rate = len(keys) * (args.steps // 3 or 1) / (time.perf_counter() - t0)
+    result(f"pixels within {diff.max():.2f} of the CPU's (mean {diff.mean():.2f}; tolerance {DECODE_TOLERANCE}); "
+           f"repeat decodes {'bitwise equal' if exact else 'NOT bitwise equal: decode_device=cuda runs are not exact'}; "
+           f"{rate:.0f} img/s on {device.type} vs {cpu_rate:.0f} img/s on one CPU core (500x375 -> 224 px)")
+
+
+def check_decode_device_throughput(out: Path, args: argparse.Namespace) -> None:
+    """resnet50 at 224 px, bf16 + channels_last, on data-bound files (500x375 JPEGs, random resized
+    crops and flips) with 4 loader workers: images/s with data.decode_device=cuda against cpu, and
+    both against the compute ceiling (the same model on batches already on the GPU, as throughput
+    measures it). Target: cuda within 10% of the ceiling."""
+    data = _jpeg_tree(out / "data", per_class=1024)
+    common = [f"data.root={data}", "data.val_fraction=0.05", "model.name=resnet50", "data.image_size=224",
+              "data.batch_size=128", "data.num_workers=4", "data.augment=[random_resized_crop,flip]",
+              "train.precision=bf16", "train.channels_last=true", "train.epochs=2", "dist.mode=single",
+              "log.progress=off", "checkpoint.every_epochs=0"]
+    rates = {}
+    for where in ("cpu", "cuda"):
+        run_dir = out / where
+        res = run([PY, "launch.py", *common, f"data.decode_device={where}", f"output_dir={run_dir}"],
+                  out / f"{where}.log", timeout=200)
+        need(res.returncode == 0, f"decode_device={where}: exit {res.returncode}: {_first_error(res.stdout + res.stderr)}")
+        rates[where] = last_row(run_dir)["images_per_s"]  # the second epoch's: warm workers, tuned kernels
+        print(f"decode_device={where}: {rates[where]:.0f} img/s", flush=True)
+    ceiling = _images_per_s(torch.device(args.device), "bf16", True, batch=128, steps=args.steps)
+    print(f"compute ceiling (batches already on the GPU): {ceiling:.0f} img/s", flush=True)
+    line = (f"decode_device=cuda {rates['cuda']:.0f} img/s ({rates['cuda'] / ceiling:.0%} of the ceiling {ceiling:.0f}), "
+            f"cpu {rates['cpu']:.0f} img/s ({rates['cpu'] / ceiling:.0%}); cuda/cpu {rates['cuda'] / rates['cpu']:.2f}x")
+    need(rates["cuda"] >= 0.9 * ceiling, f"{line}: cuda is not within 10% of the ceiling")
+    result(line)
+
+
+def _jpeg_tree(root: Path, per_class: int, size: tuple[int, int] = (500, 375)) -> Path:
+    """Two class folders of photo-like JPEGs (smooth light, texture and grain; quality 90) under
+    ``root``, written once (a second call finds them)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            if (root / c / f"{i}.jpg").exists():
+                continue
+            small = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+            pic = np.asarray(Image.fromarray(small).resize(size, Image.BICUBIC), dtype=np.float64)
+            pic += rng.normal(0, 8, pic.shape)
+            Image.fromarray(pic.clip(0, 255).astype(np.uint8)).save(root / c / f"{i}.jpg", quality=90)
+    return root
+
+
+DECODE_TOLERANCE = 3.0  # mean |difference| per channel value (0-255) of one image, GPU decode vs CPU decode
 
 
 # -- helpers -----------------------------------------------------------------------------------------

@@ -225,6 +225,8 @@ def _process_state() -> dict[str, object]:
     import torch
     from PIL import Image
 
+    from ddp_trainer.data import decode
+
     loggers = {"root": logging.getLogger(), **{n: l for n, l in logging.root.manager.loggerDict.items()
                                                if n.startswith("ddp_trainer") and isinstance(l, logging.Logger)}}
     state: dict[str, object] = {
@@ -237,6 +239,7 @@ def _process_state() -> dict[str, object]:
         "torch.default_dtype": torch.get_default_dtype(),
         "torch.num_threads": torch.get_num_threads(),
         "PIL.Image.MAX_IMAGE_PIXELS": Image.MAX_IMAGE_PIXELS,
+        "data.decode decoder": decode.decoder(),
         "os.environ": {k: v for k, v in os.environ.items() if k not in _NOT_A_LEAK},
         "cwd": os.getcwd(),
     }
@@ -254,6 +257,8 @@ def _restore(state: dict[str, object]) -> None:
     import torch
     from PIL import Image
 
+    from ddp_trainer.data import decode
+
     mode, warn_only = state["torch.deterministic_algorithms"]
     torch.use_deterministic_algorithms(mode, warn_only=warn_only)
     (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
@@ -263,6 +268,7 @@ def _restore(state: dict[str, object]) -> None:
     torch.set_default_dtype(state["torch.default_dtype"])
     torch.set_num_threads(state["torch.num_threads"])
     Image.MAX_IMAGE_PIXELS = state["PIL.Image.MAX_IMAGE_PIXELS"]
+    decode.use(state["data.decode decoder"])
     kept = {k: v for k, v in os.environ.items() if k in _NOT_A_LEAK}
     os.environ.clear()
     os.environ.update({**state["os.environ"], **kept})
@@ -275,6 +281,20 @@ def _restore(state: dict[str, object]) -> None:
             logger.level = value[1]
         elif key.startswith("signal "):
             signal.signal(signal.Signals[key.split(" ", 1)[1]], value)
+
+
+@pytest.fixture(params=("torchcodec", "torchvision", "pil"))
+def each_decoder(request):
+    """The test runs once under each decoder data.decoder may pick (TorchCodec where it is installed:
+    CI installs it), in this process; subprocess runs take ``data.decoder=`` + the value yielded."""
+    from ddp_trainer.data import decode
+
+    if request.param == "torchcodec":
+        pytest.importorskip("torchcodec.decoders", reason="the torchcodec extra is not installed")
+    before = decode.decoder()
+    decode.use(request.param)
+    yield request.param
+    decode.use(before)
 
 
 @pytest.fixture(autouse=True)

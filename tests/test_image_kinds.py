@@ -15,6 +15,8 @@ from ddp_trainer.data.images import load_rgb
 from ddp_trainer.data.transforms import ImageTransform
 from ddp_trainer.errors import DataError
 
+pytestmark = pytest.mark.usefixtures("each_decoder")  # every guarantee holds under each decoder
+
 
 def _oriented_jpeg(path: Path, orientation: int = 6) -> Path:
     """A phone's picture: stored 40 wide x 20 high, meant to be seen turned (orientation 6: 90 degrees)."""
@@ -58,7 +60,7 @@ def test_16_bit_and_float_tiffs_are_scaled_not_clipped(tmp_path):
     assert torch.equal(a[0], a[2])
 
 
-def test_a_decompression_bomb_is_refused_before_it_is_decoded(tmp_path):
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(tmp_path, each_decoder):
     bomb = tmp_path / "bomb.png"
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
@@ -80,7 +82,7 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded(tmp_path):
             Image.new("RGB", (8, 8), (9, 9, 9)).save(root / split / label / "ok.png")
     shutil.copy(bomb, root / "train" / "a" / "bomb.png")
     res = run([PY, "-m", "ddp_trainer", "check", f"data.root={root}", "--verify", "data.max_image_pixels=1000000",
-               "data.num_workers=0", "model.name=tiny_cnn"], timeout=120)
+               "data.num_workers=0", "model.name=tiny_cnn", f"data.decoder={each_decoder}"], timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "'a/bomb.png': image" in res.stdout and "more than data.max_image_pixels=1,000,000" in res.stdout
 

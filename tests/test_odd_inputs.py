@@ -58,6 +58,7 @@ def test_a_symlink_loop_is_walked_once(demo_small: Path, tmp_path: Path, caplog)
     assert sum(1 for rel, _ in index.samples if rel.startswith("ring_cool/")) == 12
 
 
+@pytest.mark.usefixtures("each_decoder")
 def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path: Path):
     values = np.array([[0, 257 * 128, 65535, 1000]], dtype=np.uint16)
     Image.fromarray(values).save(tmp_path / "g16.png")  # a 16-bit grayscale PNG

@@ -64,6 +64,7 @@ def datasets(photos: Path, size: int = 32):
     return idx, FolderDataset(idx, tf, seed=1), FolderDataset(idx, tf, seed=1, reduced_decode=True)
 
 
+@pytest.mark.usefixtures("each_decoder")
 def test_reduced_crops_match_full_decodes_within_the_tolerance(photos: Path):
     idx, full, reduced = datasets(photos)
     diffs, used = [], 0
@@ -87,6 +88,7 @@ def test_reduced_crops_match_full_decodes_within_the_tolerance(photos: Path):
     assert sum(others) / len(others) > 3 * MEAN_TOLERANCE, others
 
 
+@pytest.mark.usefixtures("each_decoder")
 def test_reduced_samples_are_reproducible_and_keep_the_flip(photos: Path):
     idx, full, reduced = datasets(photos)
     for i in range(len(idx)):
@@ -98,6 +100,7 @@ def test_reduced_samples_are_reproducible_and_keep_the_flip(photos: Path):
         assert (a - once.float()).abs().mean() < (a.flip(-1) - once.float()).abs().mean()
 
 
+@pytest.mark.usefixtures("each_decoder")
 def test_pngs_and_turned_jpegs_are_decoded_exactly_as_before(photos: Path):
     idx, full, reduced = datasets(photos)
     for i in range(len(idx)):
@@ -107,6 +110,7 @@ def test_pngs_and_turned_jpegs_are_decoded_exactly_as_before(photos: Path):
                 assert torch.equal(full[key][0], reduced[key][0]), idx.rel(i)
 
 
+@pytest.mark.usefixtures("each_decoder")
 def test_off_is_todays_pixels(photos: Path):
     idx = scan(photos)
     tf = ImageTransform(32, ("random_resized_crop", "flip"))
@@ -117,6 +121,7 @@ def test_off_is_todays_pixels(photos: Path):
         assert torch.equal(plain[key][0], tf(load_rgb(idx.path(i)), gen))
 
 
+@pytest.mark.usefixtures("each_decoder")
 def test_the_decoded_cache_built_reduced_is_close_and_has_its_own_key(photos: Path, tmp_path: Path):
     idx = scan(photos)
     full = decoded_cache.build(idx, 40, tmp_path / "c")

@@ -1,8 +1,9 @@
 """Encoded image bytes to uint8 CHW RGB tensors: the one module that decides which library decodes.
 
-JPEG, PNG, GIF and still WebP through torchvision.io (libjpeg-turbo, libpng: faster than PIL and
-strict about truncated files), every other format, EXIF-turned pictures and animated WebP through
-PIL. Where the bytes come from (a file, a shard's member) is the caller's business: every function
+JPEG, PNG, GIF and still WebP through TorchCodec where it imports, torchvision.io where it does not
+(both libjpeg-turbo and libpng: faster than PIL, strict about truncated files, the same pixels), PIL
+for the rest: every other format, EXIF-turned pictures and animated WebP. ``data.decoder`` forces
+one of them (:func:`use`); :func:`decoder_name` is what the start-up log names. Where the bytes come from (a file, a shard's member) is the caller's business: every function
 takes the bytes and the name an error shows. A picture that cannot be decoded is an ImageError
 naming it.
 """
@@ -16,24 +17,79 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
-from ..errors import ImageError, show_path
+from ..errors import ConfigError, ImageError, show_path
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
-# torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they are still the fast path here
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
 
-DECODER = "torchvision.io (JPEG, PNG, GIF, WebP) + PIL"  # what the start-up log names
+try:
+    from torchcodec.decoders import decode_image as _torchcodec_decode
+except Exception:  # not installed, or a wheel built for another torch: torchvision.io decodes instead
+    _torchcodec_decode = None
+
+DECODERS = ("torchcodec", "torchvision", "pil")  # data.decoder's choices besides auto
 
 
-_TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
+def _by_torchcodec(encoded: torch.Tensor) -> torch.Tensor:
+    return _torchcodec_decode(encoded, mode="RGB", output_dtype="auto")
 
 
-def _decode_with_torchvision(data: bytes) -> bool:
-    return data.startswith(_TORCHVISION_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+def _by_torchvision(encoded: torch.Tensor) -> torch.Tensor:
+    # imported on first use: torchvision 0.29 deprecates its decoders, only a forced or fallback choice calls them
+    from torchvision.io import ImageReadMode, decode_image
+    return decode_image(encoded, mode=ImageReadMode.RGB)
+
+
+_LIBRARY = {"torchcodec": _by_torchcodec, "torchvision": _by_torchvision, "pil": None}
+_chosen = "torchcodec" if _torchcodec_decode is not None else "torchvision"
+
+
+def available() -> tuple[str, ...]:
+    """The decoders that work in this environment (PIL always; TorchCodec where it imports)."""
+    return tuple(d for d in DECODERS if d != "torchcodec" or _torchcodec_decode is not None)
+
+
+def use(decoder: str) -> str:
+    """Make ``decoder`` (``data.decoder``: auto, torchcodec, torchvision, pil) decode from now on in
+    this process and the loader workers it forks; returns the one chosen. auto: TorchCodec where it
+    imports, else torchvision.io. Raises ConfigError for one that is not installed."""
+    global _chosen
+    if decoder == "auto":
+        decoder = "torchcodec" if _torchcodec_decode is not None else "torchvision"
+    if decoder not in DECODERS:
+        raise ConfigError(f"data.decoder={decoder!r} is not a decoder; use auto, {', '.join(DECODERS)}")
+    if decoder not in available():
+        raise ConfigError("data.decoder=torchcodec: torchcodec does not import here; pip install "
+                          "'ddp_trainer[torchcodec]' (or torchcodec), or set data.decoder=auto")
+    _chosen = decoder
+    return decoder
+
+
+def decoder() -> str:
+    """The decoder in use (one of DECODERS)."""
+    return _chosen
+
+
+def decoder_name() -> str:
+    """What the start-up log names: the library for JPEG, PNG, GIF and WebP, and PIL for the rest."""
+    return {"torchcodec": "TorchCodec (JPEG, PNG, GIF, WebP) + PIL", "pil": "PIL",
+            "torchvision": "torchvision.io (JPEG, PNG, GIF, WebP) + PIL"}[_chosen]
+
+
+def pixel_family() -> str:
+    """Which decoders give identical pixels share a family: TorchCodec and torchvision.io (the same
+    libjpeg-turbo and libpng calls; tests/test_image_kinds.py compares them) are "", PIL is "pil"
+    (its own chroma upsampling). The decoded cache's key holds it, so a cache built by one family is
+    rebuilt under the other."""
+    return "pil" if _chosen == "pil" else ""
+
+
+_LIBRARY_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
+
+
+def _decode_with_library(data: bytes) -> bool:
+    return _chosen != "pil" and (data.startswith(_LIBRARY_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"))
 
 
 def bad_image(path: str, why: str) -> ImageError:
@@ -160,9 +216,9 @@ def _crop_full(path: str, data: bytes, head: Header,
 
 
 def _decode(path: str, data: bytes, head: Header) -> torch.Tensor:
-    if _decode_with_torchvision(data) and not head.turned and not (head.frames > 1 and data[:4] == b"RIFF"):
+    if _decode_with_library(data) and not head.turned and not (head.frames > 1 and data[:4] == b"RIFF"):
         try:
-            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            img = _LIBRARY[_chosen](torch.frombuffer(bytearray(data), dtype=torch.uint8))
         except (RuntimeError, ValueError) as exc:
             why = re.sub(r"^.*?\.cpp:\d+,\s*", "", str(exc).strip().splitlines()[-1])  # drop the C++ location
             raise bad_image(path, why[:160]) from None
@@ -206,8 +262,8 @@ def decode_rgb(data: bytes, path: str, max_pixels: int = MAX_IMAGE_PIXELS,
 
     The header is read first: an image of more than ``max_pixels`` pixels (``data.max_image_pixels``;
     a decompression bomb: a few hundred KB on disk, gigabytes decoded) is refused before it is
-    decoded. JPEG, PNG, GIF and still WebP are decoded by torchvision.io (libjpeg-turbo / libpng:
-    faster than PIL, and strict about truncated files); turned pictures, animated WebP and the other
+    decoded. JPEG, PNG, GIF and still WebP are decoded by TorchCodec or torchvision.io (:func:`use`;
+    libjpeg-turbo / libpng: faster than PIL, and strict about truncated files); turned pictures, animated WebP and the other
     formats by PIL. Raises ImageError naming ``path`` when it cannot be decoded.
 
     ``min_side``: a still JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) as

@@ -39,6 +39,7 @@ from ..launch.dist import Dist
 from ..progress import Ticker
 from .demo import cache_root
 from .folder_index import FolderIndex
+from . import decode
 from .decode import MAX_IMAGE_PIXELS, decode_rgb
 from .transforms import ImageTransform
 from .workers import start_method
@@ -69,10 +70,12 @@ def file_digests(index: FolderIndex, share: int = 0, shares: int = 1) -> dict[in
 
 
 def _geometry(size: int, resize: int | None, interpolation: str, reduced: bool = False) -> str:
-    """What the stored squares are, beyond their side (empty for the default: the keys stay as before)."""
+    """What the stored squares are, beyond their side (empty for the default: the keys stay as before),
+    the decoder's pixel family among it (:func:`.decode.pixel_family`)."""
     parts = ([f"resize={resize}"] if resize not in (None, size) else []) + (
         [f"interpolation={interpolation}"] if interpolation != "bilinear" else []) + (
-        ["reduced_decode"] if reduced else [])
+        ["reduced_decode"] if reduced else []) + (
+        [f"decoder={decode.pixel_family()}"] if decode.pixel_family() else [])  # PIL's pixels differ
     return (" " + " ".join(parts)) if parts else ""
 
 

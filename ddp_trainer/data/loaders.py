@@ -5,6 +5,7 @@ from an :class:`~.samplers.EpochPlan` set each epoch, the evaluation loader each
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -21,9 +22,13 @@ from .datasets import (
     train_transform,
     with_decoded_cache,
 )
+from . import device_decode
+from .device_decode import DeviceDecodeDataset
 from .folder_index import FolderIndex
 from .samplers import EpochPlan, ExactEvalSampler, PlanBatchSampler, SamplerSpec, class_balanced_probabilities
 from .workers import start_method
+
+log = logging.getLogger("ddp_trainer")
 
 
 def _collate(items: list[tuple[torch.Tensor, int, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,12 +99,15 @@ class LoaderOwner:
         self._forked.clear()
 
 
-def make_train_loader(dataset: FolderDataset, cfg: DataConfig, device: torch.device,
+def make_train_loader(dataset: FolderDataset | DeviceDecodeDataset, cfg: DataConfig, device: torch.device,
                       workers: int | None = None, worker_init_fn: Callable[[int], None] | None = None
                       ) -> tuple[DataLoader, PlanBatchSampler]:
     batches = PlanBatchSampler()
     w = cfg.num_workers if workers is None else workers
-    return DataLoader(dataset, batch_sampler=batches, **_loader_kwargs(cfg, device, w, worker_init_fn)), batches
+    kwargs = _loader_kwargs(cfg, device, w, worker_init_fn)
+    if isinstance(dataset, DeviceDecodeDataset):
+        kwargs["collate_fn"] = device_decode.collate  # deferred JPEGs and decoded tensors in one list
+    return DataLoader(dataset, batch_sampler=batches, **kwargs), batches
 
 
 def make_eval_loader(dataset: FolderDataset, cfg: DataConfig, dist: Dist, device: torch.device,
@@ -150,11 +158,17 @@ class RunData:
     batches: PlanBatchSampler
     val_loader: DataLoader
     sampler: SamplerSpec  # data.sampler: which draws make each epoch's order
+    # data.decode_device=cuda: the training batches' JPEGs decoded on this device (None: in the workers)
+    decode_on: torch.device | None = None
 
     def train_batches(self, plan: EpochPlan) -> Iterator[Any]:
         """A pass over ``plan``'s micro-batches."""
         self.batches.set_plan(plan)
-        return self.owner.iterate(self.train_loader)
+        batches = self.owner.iterate(self.train_loader)
+        if self.decode_on is None:
+            return batches
+        return device_decode.device_batches(batches, self.train_set.transform,
+                                            device_decode.jpeg_batch_decoder(self.decode_on), self.decode_on)
 
     def val_batches(self) -> Iterator[Any]:
         return self.owner.iterate(self.val_loader)
@@ -176,7 +190,16 @@ def build_run_data(cfg: Config, dist: Dist, splits: Splits, sampler: SamplerSpec
     val_cache = with_decoded_cache(splits.val, d, dist, d.image_size, d.val_resize, worker_init_fn=worker_init_fn)
     val_set = FolderDataset(splits.val, eval_transform(d, cached=val_cache is not None), cfg.seed, val_cache,
                             d.max_image_pixels)
-    train_loader, batches = make_train_loader(train_set, d, dist.device, worker_init_fn=worker_init_fn)
+    decode_on = None
+    if d.decode_device == "cuda":  # the cache holds pixels already: nothing is left to decode there
+        device_decode.check_decode_device(d.decode_device, dist.device)
+        decode_on = dist.device if train_cache is None else None
+        if decode_on is not None and dist.is_main:
+            log.info("data.decode_device=cuda: the training set's still JPEGs decode on %s a batch at a time; an exact "
+                     "resume rests on the GPU decode and resize being deterministic (scripts/gpu_check.sh's "
+                     "decode_device says whether they are on this machine)", decode_on)
+    loaded = train_set if decode_on is None else device_decode.DeviceDecodeDataset(train_set)
+    train_loader, batches = make_train_loader(loaded, d, dist.device, worker_init_fn=worker_init_fn)
     val_loader = make_eval_loader(val_set, d, dist, dist.device, worker_init_fn=worker_init_fn)
     return RunData(splits, train_set, val_set, LoaderOwner(before_fork), train_loader, batches, val_loader,
-                   sampler)
+                   sampler, decode_on)

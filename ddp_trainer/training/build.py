@@ -19,6 +19,7 @@ from torch import nn
 from ..checkpoint.policy import CheckpointManager
 from ..checkpoint.registry import LoadContext, StateRegistry
 from ..config import Config
+from ..data import decode
 from ..data.datasets import build_splits
 from ..data.loaders import build_run_data, sampler_spec
 from ..data.mixing import BatchMixer
@@ -94,10 +95,11 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
     with contextlib.ExitStack() as undo:
         undo.callback(folder.close)
         folder.claim()
+        decode.use(cfg.data.decoder)  # before any loader worker forks: they inherit the choice
         splits = build_splits(cfg, dist)
         num_classes = len(splits.classes)
-        log.info("data: %d train / %d val images, %d classes; val from %s", len(splits.train), len(splits.val),
-                 num_classes, splits.source)
+        log.info("data: %d train / %d val images, %d classes; val from %s; decoder %s", len(splits.train),
+                 len(splits.val), num_classes, splits.source, decode.decoder_name())
         for key, value in cfg.taken_from_model:
             log.info("data.from_model: data.%s=%s from %s's pretrained config", key, value, cfg.model.name)
         sampler = sampler_spec(cfg.data, splits.train)
