@@ -109,11 +109,13 @@ def jpeg_batch_decoder(device: torch.device | str, library: str | None = None) -
     ``torchvision`` (torchvision.io's); both nvJPEG on ``cuda``, libjpeg-turbo on the CPU."""
     if library in (None, "torchcodec"):
         try:
+            # an optional extra (torchcodec): imported when a batch decoder is made, not at import
             from torchcodec.decoders import decode_jpeg as batch
             return lambda encoded: batch(encoded, mode="RGB", device=device)
         except ImportError:
             if library is not None:
                 raise
+    # the fallback: torchvision 0.29 deprecates its decoders, so they load only when used
     from torchvision.io import ImageReadMode, decode_jpeg
     return lambda encoded: decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
