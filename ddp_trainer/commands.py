@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--size", type=int, default=32)
     d.add_argument("--traceback", action="store_true")
     d.set_defaults(fn=cmd_demo_data)
+    _register_shard(sub)
     p = sub.add_parser("inspect", help="print what a checkpoint holds, without building a model")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
@@ -117,6 +118,45 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     out = write_demo_data(args.out, args.train_per_class, args.val_per_class, args.size)
     print(f"wrote {len(CLASSES)} classes x ({args.train_per_class} train + {args.val_per_class} val) images to {out}")
+    return EXIT_OK
+
+
+def _register_shard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shard", help="a class-folder tree as WebDataset tar shards with an index (a shard set)")
+    p.add_argument("paths", nargs="+", metavar="DATA_ROOT OUT | SHARD",
+                   help="DATA_ROOT OUT; with --index-only: the shards to index")
+    p.add_argument("--shard-size", type=int, default=None, help="bytes per shard (default 512 MB)")
+    p.add_argument("--workers", type=int, default=1, help="shards written in parallel")
+    p.add_argument("--index-only", action="store_true", help="index shards written elsewhere (webdataset, tarp)")
+    p.add_argument("--classes", help="--index-only: a JSON list of class names (label k is the k-th)")
+    p.add_argument("--traceback", action="store_true")
+    p.set_defaults(fn=cmd_shard)
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    """``shard DATA_ROOT OUT`` or ``shard --index-only SHARD...``."""
+    from .data import shard_writer
+    if args.index_only:
+        classes = None
+        if args.classes:
+            try:
+                classes = json.loads(Path(args.classes).read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"--classes '{args.classes}' is not a readable JSON list of class names "
+                                  f"({exc})") from None
+            if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+                raise ConfigError(f"--classes '{args.classes}' must hold a JSON list of class names")
+        folder, split, n = shard_writer.index_only(args.paths, classes)
+        print(f"indexed {n} samples of {len(args.paths)} shard(s) as split {split!r}: "
+              f"{folder / (split + '.index.json')}")
+        return EXIT_OK
+    if len(args.paths) != 2:
+        raise ConfigError("shard: give DATA_ROOT OUT (or --index-only SHARD...)")
+    if args.workers < 1:
+        raise ConfigError(f"shard: --workers {args.workers}: use 1 or more")
+    counts = shard_writer.shard_tree(args.paths[0], args.paths[1],
+                                     args.shard_size or shard_writer.DEFAULT_SHARD_SIZE, args.workers)
+    print("wrote " + ", ".join(f"{s}: {n} samples" for s, n in counts.items()) + f" to {args.paths[1]}")
     return EXIT_OK
 
 

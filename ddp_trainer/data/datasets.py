@@ -24,6 +24,9 @@ from .decoded_cache import CachedImages
 from .folder_index import FolderIndex, check_same_classes, scan, split_holdout
 from .decode import MAX_IMAGE_PIXELS, decode_rgb, decode_rgb_cropped
 from .samplers import SampleKey
+from .shard_format import index_name
+from .shard_set import ShardIndex, has_split
+from .shard_store import is_url, open_store
 from .transforms import ImageTransform, sample_seed
 
 log = logging.getLogger("ddp_trainer")
@@ -83,9 +86,10 @@ class Splits:
 
 
 def resolve_root(cfg: DataConfig, dist: Dist) -> Path:
-    """The data root; for ``demo``, writes the demo data on local rank 0 of each node first."""
+    """The data root; for ``demo``, writes the demo data on local rank 0 of each node first. A URL
+    (a shard set in object storage) stays as written: ``scan_splits`` reads ``cfg.root`` for it."""
     if cfg.root != "demo":
-        return Path(cfg.root).expanduser()
+        return Path(cfg.root) if is_url(cfg.root) else Path(cfg.root).expanduser()
     if dist.env.is_local_main:
         root = demo.ensure_demo_data()
     with dist.waiting("local rank 0 to write the demo data"):
@@ -96,7 +100,11 @@ def resolve_root(cfg: DataConfig, dist: Dist) -> Path:
 
 
 def scan_splits(cfg: DataConfig, root: Path) -> Splits:
-    """Index train (and val, or a held-out part of train). Runs on rank 0 only."""
+    """Index train (and val, or a held-out part of train). Runs on rank 0 only. A root holding a
+    shard set's index (or a URL) opens the shard set instead of scanning folders."""
+    shards = _shard_splits(cfg, root)
+    if shards is not None:
+        return shards
     memory = demo.cache_root() / "index" if cfg.index_cache else None
     train = scan(root / cfg.train_dir, cfg.classes, memory)
     val_folder = root / cfg.val_dir
@@ -117,6 +125,25 @@ def scan_splits(cfg: DataConfig, root: Path) -> Splits:
         raise DataError(f"data.val_fraction={cfg.val_fraction} holds out no image of '{root / cfg.train_dir}' (its "
                         f"largest class has {largest} image(s)); {fix}")
     return Splits(train, val, f"{cfg.val_fraction:.0%} of '{root / cfg.train_dir}' (no '{val_folder}')")
+
+
+def _shard_splits(cfg: DataConfig, root: Path) -> Splits | None:
+    """The splits of the shard set at ``root`` (its val split, or ``val_fraction`` of train); None
+    when ``root`` is a folder without a shard index."""
+    location = cfg.root if is_url(cfg.root) else str(root)
+    if not is_url(location) and not (root / index_name(cfg.train_dir)).is_file():
+        return None
+    store = open_store(location, cfg)
+    train = ShardIndex.open(store, cfg.train_dir)
+    if cfg.val_dir != cfg.train_dir and has_split(store, cfg.val_dir):
+        val = ShardIndex.open(store, cfg.val_dir)
+        check_same_classes(train, val, f"{location}/{index_name(cfg.val_dir)}")  # type: ignore[arg-type]
+        return Splits(train, val, f"shards '{location}/{index_name(cfg.val_dir)}'")  # type: ignore[arg-type]
+    if cfg.val_fraction <= 0:
+        raise DataError(f"shard set '{location}' has no {index_name(cfg.val_dir)} and data.val_fraction is 0; "
+                        f"shard a val/ folder too or set data.val_fraction (for example 0.1)")
+    held_train, val = split_holdout(train, cfg.val_fraction)  # type: ignore[arg-type]
+    return Splits(held_train, val, f"{cfg.val_fraction:.0%} of shards '{location}/{index_name(cfg.train_dir)}'")
 
 
 def _unreadable(index: FolderIndex, dist: Dist, max_pixels: int) -> set[str]:
