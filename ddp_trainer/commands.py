@@ -20,6 +20,7 @@ from .checkpoint.reader import read_checkpoint
 from .checkpoint.weights import common_prefix, fit_prefix, load_weights, output_count
 from .checkpoint.writer import atomic_save
 from .data.datasets import FolderDataset, build_splits, eval_transform, train_transform
+from .data import shard_writer
 from .data.demo import CLASSES, write_demo_data
 from .data.images import load_rgb
 from .data.samplers import EpochPlan
@@ -135,7 +136,6 @@ def _register_shard(sub: argparse._SubParsersAction) -> None:
 
 def cmd_shard(args: argparse.Namespace) -> int:
     """``shard DATA_ROOT OUT`` or ``shard --index-only SHARD...``."""
-    from .data import shard_writer
     if args.index_only:
         classes = None
         if args.classes:

@@ -16,7 +16,7 @@ ALLOWED = {
     "training": {"shared", "launch", "data", "checkpoint"},
     "export": {"shared", "launch", "data", "checkpoint"},  # a checkpoint -> a file; never a run (training/)
 }
-MAX_LOCAL_IMPORTS = 7  # + the optional batch decoders of data.decode_device (torchcodec, its torchvision fallback)
+MAX_LOCAL_IMPORTS = 8  # + the optional batch decoders of data.decode_device (torchcodec, its torchvision fallback), object storage for shard sets
 
 
 def _part(module: str) -> str:

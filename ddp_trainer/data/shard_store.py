@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import DataError
+from .demo import cache_root
 
 URL_SCHEMES = ("s3://", "gs://", "http://", "https://")
 
@@ -66,11 +67,11 @@ def open_store(root: str, cfg: Any) -> ShardStore:
     if not is_url(root):
         return LocalShardStore(root)
     try:
+        # the optional extras s3/gcs/http: loaded only for a URL, so a local set needs none of them
         from .remote_shards import RemoteShardStore  # type: ignore[import-not-found]
     except ImportError as exc:
         raise DataError(f"data.root={root} needs object storage support, which cannot be loaded ({exc}); "
                         f"install it with pip install -e \".[s3]\" (or gcs, http)") from None
-    from .demo import cache_root
     cache_dir = getattr(cfg, "shard_cache_dir", None)
     return RemoteShardStore(root, Path(cache_dir).expanduser() if cache_dir else cache_root() / "shards",
                             getattr(cfg, "shard_cache_bytes", None))
