@@ -42,7 +42,8 @@ class DataConfig:
     train_image_size: Optional[int] = None  # training crop side; null: image_size (torchvision's --train-crop-size)
     batch_size: int = 64  # per process
     drop_last: bool = True  # leave out each epoch's partial last step (false: fold it into the step before)
-    sampler: Literal["plan", "distributed", "repeated_augment", "class_balanced"] = "plan"  # each epoch's order
+    sampler: Literal["plan", "distributed", "repeated_augment", "class_balanced", "shard_window"] = "plan"  # each epoch's order
+    shard_window: int = 4  # sampler shard_window: consecutive shards whose samples are shuffled together
     ra_repeats: int = 3  # sampler repeated_augment: copies of each sample per epoch (timm's --aug-repeats)
     class_weights: Optional[dict[str, float]] = None  # sampler class_balanced: weight per class name (default 1)
     num_workers: int = 2
@@ -61,6 +62,8 @@ class DataConfig:
     cache: Literal["none", "decoded"] = "none"  # decoded: one memory-mapped uint8 file per split and size
     cache_dir: Optional[str] = None  # where decoded caches live; default: <cache root>/decoded
     cache_size: Optional[int] = None  # stored side of training images when cropping randomly; ceil(1.15 x image_size)
+    shard_cache_dir: Optional[str] = None  # a URL data.root's node-local shard cache; default: <cache root>/shards
+    shard_cache_bytes: int = 100 * 2**30  # that cache's budget; least recently used shards are deleted past it
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random_resized_crop: area fraction range
     rrc_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])  # random_resized_crop: aspect ratio range
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # every resize (antialiased)
@@ -109,6 +112,9 @@ class DataConfig:
             _check(len(set(self.classes)) == len(self.classes), "data.classes", self.classes,
                    "remove the repeated class names")
         _check(self.ra_repeats >= 1, "data.ra_repeats", self.ra_repeats, "use 1 or more, e.g. 3")
+        _check(self.shard_window >= 1, "data.shard_window", self.shard_window, "use 1 or more shards, e.g. 4")
+        _check(self.shard_cache_bytes >= 1, "data.shard_cache_bytes", self.shard_cache_bytes,
+               "use a positive number of bytes, e.g. 107374182400 (100 GiB)")
         if self.class_weights is not None:
             _check(self.sampler == "class_balanced", "data.class_weights", self.class_weights,
                    "set data.sampler=class_balanced with it, or remove it")

@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -125,8 +126,8 @@ MULTINOMIAL_LIMIT = 2**24  # torch.multinomial's largest number of categories
 
 
 def sampler_spec(cfg: DataConfig, train: FolderIndex) -> SamplerSpec:
-    """``data.sampler`` over the training index; a bad ``data.class_weights`` raises DataError (on
-    every rank alike: shared)."""
+    """``data.sampler`` over the training index; a bad ``data.class_weights``, or ``shard_window``
+    over a folder tree (which has no shards), raises DataError (on every rank alike: shared)."""
     probabilities = None
     if cfg.sampler == "class_balanced":
         if len(train) > MULTINOMIAL_LIMIT:
@@ -143,7 +144,17 @@ def sampler_spec(cfg: DataConfig, train: FolderIndex) -> SamplerSpec:
         raise DataError(f"data.ra_repeats={cfg.ra_repeats} with data.sampler=repeated_augment and {len(train):,} "
                         f"training image(s) in '{train.root}': each epoch would draw a single image over and over; "
                         f"use a small count of copies per image, e.g. data.ra_repeats=3", shared=True)
-    return SamplerSpec(cfg.sampler, cfg.ra_repeats, probabilities)
+    shards = None
+    if cfg.sampler == "shard_window":
+        ids = getattr(train, "shard_ids", None)
+        if ids is None:
+            # a tree's files are read in place: windows of it would only cut the shuffle's reach
+            raise DataError(f"data.sampler=shard_window reads a shard set a few shards at a time; '{train.root}' is a "
+                            f"folder tree, which has no shards: use data.sampler=plan on it (any sampler reads a tree "
+                            f"or a local shard set at random cheaply), or make a shard set with 'ddp-trainer shard'",
+                            shared=True)
+        shards = torch.from_numpy(np.array(ids, dtype=np.int64))  # a copy: the index's arrays are read-only
+    return SamplerSpec(cfg.sampler, cfg.ra_repeats, probabilities, shards, cfg.shard_window)
 
 
 @dataclass

@@ -12,6 +12,12 @@ by the run's sampler (``data.sampler``, a :class:`SamplerSpec`):
   copies of a sample go to different ranks (torchvision's ``RASampler``, timm's ``--aug-repeats``).
 - ``class_balanced``: draws with replacement, each sample with probability proportional to its
   class weight / its class's count (every class equally likely by default).
+- ``shard_window``: every sample once, read a few shards at a time (a shard set in object storage,
+  where a shard is fetched whole): the shards in a shuffled order are cut into ``world`` runs of
+  consecutive samples, one per rank; within its run, a rank's samples are shuffled within windows
+  of ``window`` consecutive shards, and rank ``r`` takes positions ``r, r + world, ...`` of the
+  order, so it reads its own run window by window. The order depends on the world size (a resume
+  on another one restarts the epoch, as ``distributed``'s does); see :func:`shard_window_order`.
 
 Steps take consecutive slices of the order, so after any optimizer step the consumed draws are
 exactly a prefix of it: a checkpoint records its length (``consumed``), and a resumed run - with any
@@ -50,8 +56,8 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 from torch.utils.data import DistributedSampler
 
-SAMPLERS = ("plan", "distributed", "repeated_augment", "class_balanced")
-STRIDED = ("distributed", "repeated_augment")  # rank r takes every world-th draw of a step
+SAMPLERS = ("plan", "distributed", "repeated_augment", "class_balanced", "shard_window")
+STRIDED = ("distributed", "repeated_augment", "shard_window")  # rank r takes every world-th draw of a step
 
 
 class SampleKey(NamedTuple):
@@ -83,18 +89,23 @@ class SamplerSpec:
     """``data.sampler`` and its parameters, built once per run.
 
     ``probabilities`` (``class_balanced`` only): each sample's chance to be drawn, from
-    :func:`class_balanced_probabilities`.
+    :func:`class_balanced_probabilities`. ``shards`` (``shard_window`` only): each sample's shard
+    number; ``window``: data.shard_window.
     """
 
     kind: str = "plan"
     repeats: int = 3  # repeated_augment: data.ra_repeats
     probabilities: torch.Tensor | None = None
+    shards: torch.Tensor | None = None
+    window: int = 4
 
     def __post_init__(self) -> None:
         if self.kind not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.kind!r}")
         if self.kind == "class_balanced" and self.probabilities is None:
             raise ValueError("class_balanced needs the samples' probabilities")
+        if self.kind == "shard_window" and (self.shards is None or self.window < 1):
+            raise ValueError("shard_window needs each sample's shard and a window of 1 or more")
 
     @property
     def strided(self) -> bool:
@@ -113,6 +124,12 @@ class SamplerSpec:
             out["world_size"] = world
         elif self.kind == "class_balanced":
             out["probabilities_sha256"] = probabilities_digest(self.probabilities)
+        elif self.kind == "shard_window":
+            assert self.shards is not None
+            out["world_size"] = world
+            out["window"] = self.window
+            # the same samples cut into other shards (another --shard-size) give another order
+            out["shards_sha256"] = hashlib.sha256(self.shards.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
         return out
 
 
@@ -144,6 +161,45 @@ def class_balanced_probabilities(labels: Sequence[int], classes: Sequence[str],
     return (per_sample / per_sample.sum()).float()
 
 
+def shard_window_order(shards: torch.Tensor, seed: int, epoch: int, world: int, window: int) -> torch.Tensor:
+    """The epoch's order of ``data.sampler=shard_window`` over samples whose shard numbers are
+    ``shards`` (any integers; a shard's samples need not be contiguous), a pure function of the
+    arguments. Every sample appears once. The order is built from one generator seeded by
+    ``(seed, epoch)``:
+
+    1. the shards are put in a random order, each shard's samples in index order: a sequence Q;
+    2. Q is cut into ``world`` consecutive runs, run ``r`` as long as rank ``r``'s share of the
+       positions (``r, r + world, ...`` below ``n``); at most ``world - 1`` shards are split between
+       two runs;
+    3. within each run, the samples of each ``window`` consecutive shards (counted from the run's
+       start) are shuffled together;
+    4. position ``k * world + r`` of the order is the ``k``-th sample of run ``r``.
+
+    So rank ``r`` reads its run in order: about ``n / world`` samples from about ``shards / world``
+    shards, ``window`` of them at a time."""
+    n = len(shards)
+    gen = _generator(seed, epoch)
+    _, compact = torch.unique(shards.to(torch.int64), return_inverse=True)
+    count = int(compact.max()) + 1 if n else 0
+    place = torch.empty(count, dtype=torch.int64)
+    place[torch.randperm(count, generator=gen)] = torch.arange(count)
+    q = torch.argsort(place[compact] * n + torch.arange(n), stable=True)  # the shuffled shards' samples
+    order = torch.empty(n, dtype=torch.int64)
+    begin = 0
+    for r in range(world):
+        size = len(range(r, n, world))
+        run = q[begin:begin + size]
+        begin += size
+        if not size:
+            continue
+        shard = compact[run]
+        # the run's k-th shard (0, 1, ...), counted where the shard number changes
+        nth = torch.cumsum(torch.cat([torch.ones(1, dtype=torch.int64), (shard[1:] != shard[:-1]).long()]), 0) - 1
+        keys = (nth // window) * size + torch.randperm(size, generator=gen)
+        order[r::world] = run[torch.argsort(keys)]
+    return order
+
+
 class EpochDraws(NamedTuple):
     """The part of one epoch's order a rank reads, from the plan's start: ``ids`` (sample indices)
     and ``draws`` (their draw numbers; None: all 0). With a strided sampler, ``ids`` is this rank's
@@ -168,6 +224,10 @@ def epoch_draws(spec: SamplerSpec, n: int, *, seed: int, epoch: int, world: int,
         order = _order_tensor(n, seed, epoch)[:distinct].repeat_interleave(spec.repeats)[:n]
         positions = torch.arange(start + rank, n, world)
         return EpochDraws(order[positions], positions % spec.repeats)
+    if spec.kind == "shard_window":
+        assert spec.shards is not None
+        order = shard_window_order(spec.shards, seed, epoch, world, spec.window)
+        return EpochDraws(order[torch.arange(start + rank, n, world)], None)
     # distributed: torch's sampler itself, over this rank's shard
     if start % world:
         raise ValueError(f"a distributed-sampler position ({start}) must be a multiple of the world size ({world})")

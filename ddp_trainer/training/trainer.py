@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..checkpoint.policy import CheckpointManager
@@ -201,6 +202,12 @@ def _log_plan(plan: EpochPlan, drop_last: bool) -> None:
     elif spec.kind == "class_balanced":
         log.info("data.sampler=class_balanced: each epoch draws %d images with replacement, classes weighted "
                  "(data.class_weights, else evenly)", plan.n)
+    elif spec.kind == "shard_window":
+        assert spec.shards is not None
+        count = int(torch.unique(spec.shards).numel())
+        log.info("data.sampler=shard_window: each epoch reads the %d shards in a shuffled order, each of %d rank(s) "
+                 "its own run of about %d, samples shuffled within windows of %d shard(s) (data.shard_window)",
+                 count, plan.world, -(-count // plan.world), spec.window)
     if plan.partial_only:
         log.info("data: the %d training images are fewer than one global batch; each epoch is one partial "
                  "optimizer step", plan.n)
