@@ -127,7 +127,13 @@ class ShardIndex:
         else:
             path = self.store.shard_path(self.shard_names[k], self.shard_sizes[k], self.shard_sha256[k])
             try:
-                fd = os.open(path, os.O_RDONLY)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    # a remote store's cache may have evicted it between the store's answer and this
+                    # open (another process of the node, past its grace period): ask once more
+                    path = self.store.shard_path(self.shard_names[k], self.shard_sizes[k], self.shard_sha256[k])
+                    fd = os.open(path, os.O_RDONLY)
             except OSError as exc:
                 raise DataError(f"shard '{path}' cannot be opened ({exc.strerror}); restore it or rebuild the "
                                 f"shard set") from None
