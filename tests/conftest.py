@@ -137,6 +137,16 @@ def demo_small(tmp_path_factory) -> Path:
     return write_demo_data(tmp_path_factory.mktemp("demo_small"), train_per_class=12, val_per_class=4, size=16)
 
 
+@pytest.fixture(scope="session")
+def demo_shards(demo_small: Path, tmp_path_factory) -> Path:
+    """``demo_small`` as a shard set of ~20 kB shards (``ddp-trainer shard --shard-size 20000``):
+    about ten shards of a dozen images per split, enough for shard windows and a cache to matter."""
+    out = tmp_path_factory.mktemp("demo_shards") / "set"
+    res = run([PY, "-m", "ddp_trainer", "shard", str(demo_small), str(out), "--shard-size", "20000"])
+    assert res.returncode == 0, res.stderr
+    return out
+
+
 @pytest.fixture
 def small_args(demo_small: Path, tmp_path: Path) -> list[str]:
     """Overrides for a seconds-long run on ``demo_small`` into a fresh output folder."""

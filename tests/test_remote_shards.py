@@ -25,11 +25,8 @@ HELPERS = ROOT / "tests" / "helpers"
 
 
 @pytest.fixture(scope="module")
-def local_set(demo_small: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("remote") / "set"
-    res = run([PY, "-m", "ddp_trainer", "shard", str(demo_small), str(out), "--shard-size", "20000"])
-    assert res.returncode == 0, res.stderr
-    return out
+def local_set(demo_shards: Path) -> Path:
+    return demo_shards
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +231,7 @@ def test_missing_bucket_and_missing_credentials_are_one_line(remote_set, s3_serv
     res = run([PY, "-m", "ddp_trainer", "check", "data.root=s3://no-such-bucket/set",
                f"data.shard_cache_dir={tmp_path / 'c'}"], env=child_env(**s3_server.env()))
     assert res.returncode == 2, res.stderr
-    (err,) = errors(res.stderr) or [l for l in res.stderr.splitlines() if l.startswith("error:")]
+    (err,) = errors(res.stderr)
     assert "s3://no-such-bucket/set/train.index.json" in err and "does not exist" in err
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(DataError, match=r"train.index.json' cannot be read: no access .*AWS_ACCESS_KEY_ID"):
@@ -266,3 +263,29 @@ def test_the_store_pickles_as_its_url_and_cache(local_set, remote_set, s3_env, t
     copy = pickle.loads(pickle.dumps(store))
     assert (copy.url, copy.folder, copy.cache_bytes) == (store.url, store.folder, 12345)
     assert copy.read_small("train.index.json") == (local_set / "train.index.json").read_bytes()
+
+
+def test_a_set_over_plain_http_reads_as_on_disk(local_set, tmp_path):
+    pytest.importorskip("aiohttp")
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(local_set.parent)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:  # fsspec's HTTP filesystem is the same for http:// and https://; this server speaks the first
+        store = RemoteShardStore(f"http://127.0.0.1:{server.server_address[1]}/{local_set.name}", tmp_path / "c")
+        index, near = ShardIndex.open(store, "train"), index_of(local_set)
+        assert [index.read(i) for i in range(len(index))] == [near.read(i) for i in range(len(near))]
+        from ddp_trainer.data.shard_set import has_split
+        assert has_split(store, "val") and not has_split(store, "test")
+        assert fetches(tmp_path / "c") == Counter({n: 1 for n in near.shard_names})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

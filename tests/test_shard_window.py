@@ -2,11 +2,11 @@
 window at a time, a pure function of (seed, epoch, world), the tail by data.drop_last as the other
 samplers; a real 2-process run trains what the definition says and resumes mid-epoch bitwise."""
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import PY, ROOT, child_env, kept_mid_epoch, launch, run
+from test_sampler_runs import recorded  # FAULT_RECORD_SAMPLES's files, per rank and epoch
 
 from ddp_trainer.data.samplers import EpochPlan, SamplerSpec, shard_window_order
 
@@ -131,14 +131,6 @@ def test_a_folder_tree_is_refused_in_one_line(demo_small):
     assert "data.sampler=plan" in errors[0] and "Traceback" not in res.stderr
 
 
-@pytest.fixture(scope="module")
-def window_shards(demo_small: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("window") / "set"
-    res = run([PY, "-m", "ddp_trainer", "shard", str(demo_small), str(out), "--shard-size", "20000"])
-    assert res.returncode == 0, res.stderr
-    return out
-
-
 def window_args(root) -> list[str]:
     return [f"data.root={root}", "model.name=tiny_cnn_bn", "data.image_size=16", "data.batch_size=8",
             "data.num_workers=1", "data.augment=[flip,random_resized_crop]", "data.sampler=shard_window",
@@ -146,25 +138,20 @@ def window_args(root) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_two_process_run_trains_the_definition_and_resumes_bitwise(window_shards, reference_run, tmp_path_factory,
+def test_a_two_process_run_trains_the_definition_and_resumes_bitwise(demo_shards, reference_run, tmp_path_factory,
                                                                       tmp_path):
     from ddp_trainer.data.shard_set import ShardIndex
     from ddp_trainer.data.shard_store import LocalShardStore
 
     rec = tmp_path_factory.mktemp("window_rec")
     env = child_env(PYTHONPATH=f"{ROOT}{os.pathsep}{HELPERS}", FAULT_RECORD_SAMPLES=str(rec))
-    ref = reference_run(2, window_args(window_shards), env)
+    ref = reference_run(2, window_args(demo_shards), env)
     assert "data.sampler=shard_window" in ref.stderr
-    index = ShardIndex.open(LocalShardStore(window_shards), "train")
+    index = ShardIndex.open(LocalShardStore(demo_shards), "train")
     shards = torch.tensor(index.shard_ids.tolist(), dtype=torch.int64)
     n = len(index)
     assert len(set(shards.tolist())) >= 8  # enough shards for windows to mean something
-    seen: dict[int, dict[int, list[int]]] = {}
-    for f in sorted(rec.iterdir()):
-        rank = int(f.name.split("-")[1][1:])
-        for line in f.read_text().splitlines():
-            e, i = map(int, line.split())
-            seen.setdefault(rank, {}).setdefault(e, []).append(i)
+    seen = recorded(rec)
     consumed = n // 16 * 16  # full steps of 2 x 8; the tail dropped
     for epoch in range(2):
         order = shard_window_order(shards, 3, epoch, 2, 2)
@@ -174,7 +161,7 @@ def test_a_two_process_run_trains_the_definition_and_resumes_bitwise(window_shar
     out = tmp_path / "run"
     state = kept_mid_epoch(ref.kept, out)
     assert state["train_order"]["sampler"] == "shard_window"
-    res = launch(2, *window_args(window_shards), f"output_dir={out}")
+    res = launch(2, *window_args(demo_shards), f"output_dir={out}")
     assert res.returncode == 0, res.stderr
     assert f"{state['position']} samples into the epoch" in res.stderr
     a = torch.load(ref.path / "checkpoints" / "last.pt", weights_only=True)["model"]
