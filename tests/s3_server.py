@@ -51,6 +51,7 @@ class S3Server:
         self.folder, self.bucket = Path(folder), bucket
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
+        self.sockets: list[Path] = []
 
     def start(self, timeout: float = 60.0) -> "S3Server":
         binary = weed_binary()
@@ -63,6 +64,9 @@ class S3Server:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc) = _free_ports(8)
         self.endpoint = f"http://127.0.0.1:{s3}"
+        # the gRPC Unix sockets SeaweedFS always opens in /tmp, whatever TMPDIR says: removed by stop()
+        self.sockets = [Path(f"/tmp/seaweedfs-{kind}-grpc-{port}.sock") for kind, port in
+                        (("master", master_grpc), ("volume", volume_grpc), ("filer", filer_grpc), ("s3", s3_grpc))]
         cmd = [binary, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
                "-master.volumeSizeLimitMB=64", "-volume.max=8",
@@ -71,11 +75,13 @@ class S3Server:
                # the S3 gateway only: its Iceberg and Lance side ports (fixed defaults that clash
                # between two servers) off
                "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-               f"-s3.config={config}"]
+               f"-s3.config={config}", f"-filer.localSocket={self.folder / 'filer.sock'}",
+               f"-s3.localSocket={self.folder / 's3.sock'}"]
         self.log = self.folder / "weed.log"
         with open(self.log, "wb") as out:
+            # TMPDIR: its glog files go with the server's folder, not /tmp
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=self.folder,
-                                         start_new_session=True)
+                                         start_new_session=True, env={**os.environ, "TMPDIR": str(self.folder)})
         t0, last = time.monotonic(), None
         fs = self.fs()
         while time.monotonic() - t0 < timeout:
@@ -124,6 +130,8 @@ class S3Server:
             except ProcessLookupError:
                 pass
             self.proc.wait(30)
+        for sock in self.sockets:
+            sock.unlink(missing_ok=True)
 
 
 def why_missing() -> str | None:
