@@ -94,16 +94,21 @@ def _cache_lines(splits: Splits, cfg: Config, verify: bool) -> tuple[list[str], 
 
 
 class _Probe(torch.utils.data.Dataset):
-    """Decodes image ``i`` of ``index``: ``(i, "")``, or ``(i, why)`` when it does not decode.
-    Module-level, so that a worker started by ``spawn`` or ``forkserver`` can unpickle it."""
+    """Decodes the ``k``-th image of ``index`` in the order its bytes lie (a shard set's storage
+    order: a shuffled set's sample order jumps between shards, and each remote shard should be
+    fetched once): ``(i, "")``, or ``(i, why)`` when image ``i`` does not decode. Module-level, so
+    that a worker started by ``spawn`` or ``forkserver`` can unpickle it."""
 
     def __init__(self, index: FolderIndex, max_pixels: int) -> None:
         self.index, self.max_pixels = index, max_pixels
+        storage_order = getattr(index, "storage_order", None)
+        self.order = storage_order() if storage_order is not None else None  # pickles as one array
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> tuple[int, str]:
+    def __getitem__(self, k: int) -> tuple[int, str]:
+        i = int(self.order[k]) if self.order is not None else k
         try:
             decode_rgb(self.index.read(i), self.index.name(i), self.max_pixels)
             return i, ""
@@ -119,7 +124,7 @@ def _verify(index: FolderIndex, workers: int, max_pixels: int,
     loader = torch.utils.data.DataLoader(_Probe(index, max_pixels), batch_size=None, num_workers=workers,
                                          worker_init_fn=worker_init_ignoring(signals),
                                          multiprocessing_context=start_method(workers))
-    return [(index.rel(i), why) for i, why in loader if why]
+    return [(index.rel(i), why) for i, why in sorted((int(i), why) for i, why in loader if why)]
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -128,6 +128,14 @@ def _register_shard(sub: argparse._SubParsersAction) -> None:
                    help="DATA_ROOT OUT; with --index-only: the shards to index")
     p.add_argument("--shard-size", type=int, default=None, help="bytes per shard (default 512 MB)")
     p.add_argument("--workers", type=int, default=1, help="shards written in parallel")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--shuffle", type=int, default=shard_writer.DEFAULT_SHUFFLE_SEED, metavar="SEED",
+                       help="place the samples in the shards in a permutation drawn from SEED (default "
+                            f"{shard_writer.DEFAULT_SHUFFLE_SEED}), so each shard mixes classes; the set's sample "
+                            "order stays the tree's (sample i is file i), so only readers of a few shards at a "
+                            "time (data.sampler=shard_window, webdataset) see the difference")
+    order.add_argument("--no-shuffle", action="store_true",
+                       help="place the samples in the tree's order (a shard holds one class or two)")
     p.add_argument("--index-only", action="store_true", help="index shards written elsewhere (webdataset, tarp)")
     p.add_argument("--classes", help="--index-only: a JSON list of class names (label k is the k-th)")
     p.add_argument("--traceback", action="store_true")
@@ -155,7 +163,8 @@ def cmd_shard(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"shard: --workers {args.workers}: use 1 or more")
     counts = shard_writer.shard_tree(args.paths[0], args.paths[1],
-                                     args.shard_size or shard_writer.DEFAULT_SHARD_SIZE, args.workers)
+                                     args.shard_size or shard_writer.DEFAULT_SHARD_SIZE, args.workers,
+                                     shuffle_seed=None if args.no_shuffle else args.shuffle)
     print("wrote " + ", ".join(f"{s}: {n} samples" for s, n in counts.items()) + f" to {args.paths[1]}")
     return EXIT_OK
 

@@ -1,6 +1,7 @@
 """Training on a shard set: a 2-process run on the shards made from a tree is bitwise equal to the
-run on the tree (two samplers), a mid-epoch checkpoint resumes bitwise on shards, and damaged
-shards are named (or their samples skipped with data.bad_images=skip)."""
+run on the tree (three samplers; shards placed shuffled and in the tree's order), a mid-epoch
+checkpoint resumes bitwise on shards, and damaged shards are named (or their samples skipped with
+data.bad_images=skip)."""
 import shutil
 from pathlib import Path
 
@@ -12,15 +13,21 @@ from ddp_trainer.data.shard_set import ShardIndex
 from ddp_trainer.data.shard_store import LocalShardStore
 
 
-def make_shards(tree: Path, out: Path, size: int = 6000) -> Path:
-    res = run([PY, "-m", "ddp_trainer", "shard", str(tree), str(out), "--shard-size", str(size)])
+def make_shards(tree: Path, out: Path, size: int = 6000, *flags: str) -> Path:
+    res = run([PY, "-m", "ddp_trainer", "shard", str(tree), str(out), "--shard-size", str(size), *flags])
     assert res.returncode == 0, res.stderr
     return out
 
 
 @pytest.fixture(scope="module")
 def shards(demo_small: Path, tmp_path_factory) -> Path:
+    """The shards of ``demo_small`` as ``shard`` writes them by default: placed shuffled."""
     return make_shards(demo_small, tmp_path_factory.mktemp("shards") / "set")
+
+
+@pytest.fixture(scope="module")
+def tree_order_shards(demo_small: Path, tmp_path_factory) -> Path:
+    return make_shards(demo_small, tmp_path_factory.mktemp("tree_order_shards") / "set", 6000, "--no-shuffle")
 
 
 def args(root: Path, sampler: str, epochs: int = 2) -> list[str]:
@@ -39,8 +46,15 @@ def assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("sampler", ["plan", "distributed", "repeated_augment"])
-def test_two_process_run_on_shards_is_bitwise_the_run_on_the_tree(sampler, demo_small, shards, reference_run):
+@pytest.mark.parametrize("sampler,placement", [("plan", "shuffled"), ("distributed", "shuffled"),
+                                               ("repeated_augment", "shuffled"), ("plan", "tree_order")])
+def test_two_process_run_on_shards_is_bitwise_the_run_on_the_tree(sampler, placement, demo_small, request,
+                                                                   reference_run):
+    # the placement changes where a sample's bytes lie, never which sample is sample i
+    shards = request.getfixturevalue("shards" if placement == "shuffled" else "tree_order_shards")
+    if placement == "shuffled":
+        ids = ShardIndex.open(LocalShardStore(shards), "train").shard_ids.tolist()
+        assert ids != sorted(ids)
     tree = reference_run(2, args(demo_small, sampler))
     on_shards = reference_run(2, args(shards, sampler))
     assert "shards" in on_shards.stderr or str(shards) in on_shards.stderr
@@ -108,7 +122,7 @@ def test_a_flipped_byte_is_named_with_shard_and_member(shards, tmp_path):
 
 def test_a_truncated_shard_is_named_in_one_line(shards, tmp_path):
     root, index = damaged_copy(shards, tmp_path / "set")
-    shard = root / index.shard_names[0]
+    shard = root / index.shard_names[int(index.shard_ids[0])]
     shard.write_bytes(shard.read_bytes()[:-1500])
     from ddp_trainer.errors import DataError
     with pytest.raises(DataError, match=rf"shard '.*{shard.name}' is \d+ bytes, its index says"):
@@ -123,7 +137,7 @@ def test_a_member_that_is_not_the_indexed_one_is_named(shards, tmp_path):
     a.write_bytes((b.read_bytes() + b"\0" * size)[:size])
     from ddp_trainer.errors import ImageError
     bad = 0
-    for i in range(index.table.shard.tolist().index(1)):
+    for i in [i for i, k in enumerate(index.shard_ids.tolist()) if k == 0]:  # shard 0's samples
         try:
             index.read(i)
         except ImageError as exc:
@@ -139,7 +153,7 @@ def test_check_verifies_shards_and_names_a_damaged_member(demo_small, shards, tm
     counts = [l for l in ok.stdout.splitlines() if "images in" in l]
     assert counts and counts == [l for l in tree.stdout.splitlines() if "images in" in l]
     root, index = damaged_copy(shards, tmp_path / "set")
-    shard = root / index.shard_names[0]
+    shard = root / index.shard_names[int(index.shard_ids[0])]
     data = bytearray(shard.read_bytes())
     data[int(index.table.offset[0]) + 30] ^= 0xFF
     shard.write_bytes(bytes(data))

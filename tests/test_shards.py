@@ -26,7 +26,7 @@ def tree_state(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_shards_hold_the_tree_in_order_and_the_tree_is_only_read(demo_small, tmp_path):
+def test_shards_hold_the_tree_in_its_order_wherever_placed_and_the_tree_is_only_read(demo_small, tmp_path):
     before = tree_state(demo_small)
     res = shard(str(demo_small), str(tmp_path / "set"), "--shard-size", "8000")
     assert res.returncode == 0, res.stderr
@@ -40,15 +40,74 @@ def test_shards_hold_the_tree_in_order_and_the_tree_is_only_read(demo_small, tmp
         assert all(index.read(i) == tree.read(i) for i in range(len(tree)))
         assert index.fingerprint() == tree.fingerprint()
         ids = index.shard_ids.tolist()
-        assert ids == sorted(ids) and len(set(ids)) > 1
+        assert ids != sorted(ids) and len(set(ids)) > 1  # placed shuffled by default: the table not in shard order
     doc = json.loads((tmp_path / "set" / "train.index.json").read_text())
     assert doc["__kind__"] == "wids-shard-index-v1" and doc["name"] == "train"
+    assert doc["ddp_trainer"]["shuffle_seed"] == 0
     for entry, sha in zip(doc["shardlist"], doc["ddp_trainer"]["sha256"]):
         data = (tmp_path / "set" / entry["url"]).read_bytes()
         assert len(data) == entry["filesize"] and hashlib.sha256(data).hexdigest() == sha
         assert entry["filesize"] <= 8000 + 3 * 512 + 1024 or entry["nsamples"] == 1
     names = os.listdir(tmp_path / "set")
     assert not [n for n in names if n.startswith(".")], names  # no temporary file or record left
+
+
+@pytest.fixture(scope="module")
+def placed(demo_small, tmp_path_factory) -> dict:
+    """``demo_small`` (10 classes x 12 train images) as ~20 kB shards of about a dozen images, placed
+    by ``--shuffle 7`` and in the tree's order (``--no-shuffle``)."""
+    base = tmp_path_factory.mktemp("placed")
+    sets = {"shuffled": ["--shuffle", "7"], "tree": ["--no-shuffle"]}
+    for name, flags in sets.items():
+        res = shard(str(demo_small), str(base / name), "--shard-size", "20000", *flags)
+        assert res.returncode == 0, res.stderr
+    return {name: base / name for name in sets}
+
+
+def classes_per_shard(index: ShardIndex) -> list[int]:
+    labels, ids = list(index.labels), index.shard_ids.tolist()
+    return [len({lab for lab, k in zip(labels, ids) if k == s}) for s in range(len(index.shard_names))]
+
+
+def test_shuffle_mixes_classes_in_each_shard_and_keeps_the_trees_sample_order(demo_small, placed):
+    from ddp_trainer.data.shard_writer import placement
+
+    tree = scan(demo_small / "train")
+    mixed = ShardIndex.open(LocalShardStore(placed["shuffled"]), "train")
+    plain = ShardIndex.open(LocalShardStore(placed["tree"]), "train")
+    assert len(tree.classes) >= 4 and len(mixed.shard_names) >= 8
+    assert min(classes_per_shard(mixed)) > 2
+    assert max(classes_per_shard(plain)) <= 2 and plain.shard_ids.tolist() == sorted(plain.shard_ids.tolist())
+    for index in (mixed, plain):  # sample i is file i of the tree, bytes, name and label
+        assert [index.rel(i) for i in range(len(index))] == [tree.rel(i) for i in range(len(tree))]
+        assert list(index.labels) == list(tree.labels) and index.fingerprint() == tree.fingerprint()
+        assert all(index.read(i) == tree.read(i) for i in range(len(tree)))
+    # the shards hold the samples in the documented permutation of the seed, a pure function of (seed, n)
+    assert mixed.storage_order().tolist() == placement(7, len(tree)).tolist()
+    assert sorted(placement(7, 1000).tolist()) == list(range(1000)) and placement(7, 9).tolist() != list(range(9))
+    assert placement(7, 50).tolist() == placement(7, 50).tolist() != placement(8, 50).tolist()
+    for name, seed in (("shuffled", 7), ("tree", None)):
+        doc = json.loads((placed[name] / "val.index.json").read_text())
+        assert doc["ddp_trainer"]["shuffle_seed"] == seed
+
+
+def test_shard_window_batches_mix_more_classes_on_shuffled_shards(placed):
+    """The sampler's order over each set, cut into batches of 8: the distinct classes of a batch."""
+    import torch
+
+    from ddp_trainer.data.samplers import shard_window_order
+
+    mixing = {}
+    for name, root in placed.items():
+        index = ShardIndex.open(LocalShardStore(root), "train")
+        labels = list(index.labels)
+        per_batch = []
+        for epoch in range(4):
+            order = shard_window_order(torch.tensor(index.shard_ids.tolist()), 3, epoch, 1, 2).tolist()
+            per_batch += [len({labels[i] for i in order[b:b + 8]}) for b in range(0, len(order) - 7, 8)]
+        mixing[name] = sum(per_batch) / len(per_batch)
+    # in the tree's order a window of 2 shards of 1 or 2 classes each: about 3 classes per batch
+    assert mixing["tree"] <= 3.5 and mixing["shuffled"] >= 1.5 * mixing["tree"], mixing
 
 
 def test_workers_write_the_same_bytes_as_one(demo_small, tmp_path):
@@ -74,15 +133,26 @@ def test_a_killed_run_resumes_from_its_complete_shards(demo_small, tmp_path):
     proc.wait()
     landed = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("train-*.tar")}
     assert len(landed) >= 3 and not (out / "train.index.json").exists()
-    res = shard(str(demo_small), str(out), "--shard-size", "3000")
+    # another placement into the killed run's OUT is refused in one line, before anything is written
+    other = shard(str(demo_small), str(out), "--shard-size", "3000", "--shuffle", "1")
+    lines = [l for l in other.stderr.splitlines() if l.strip()]
+    assert other.returncode == 2 and len(lines) == 1, other.stderr
+    assert "--shuffle 0" in lines[0] and "--shuffle 1" in lines[0] and ".done.json" in lines[0]
+    assert all((out / n).stat().st_mtime_ns == mtime for n, (mtime, _) in landed.items())
+    # resumed with other --workers: the same samples go to the same shards
+    res = shard(str(demo_small), str(out), "--shard-size", "3000", "--workers", "2")
     assert res.returncode == 0, res.stderr
     kept = [n for n, (mtime, _) in landed.items() if (out / n).stat().st_mtime_ns == mtime]
     assert len(kept) >= 2  # complete shards are not written again (the last may have lacked its record)
     fresh = tmp_path / "fresh"
-    assert shard(str(demo_small), str(fresh), "--shard-size", "3000").returncode == 0
+    assert shard(str(demo_small), str(fresh), "--shard-size", "3000", "--shuffle", "0").returncode == 0
     assert sorted(os.listdir(out)) == sorted(os.listdir(fresh))
     for n in os.listdir(fresh):
         assert (out / n).read_bytes() == (fresh / n).read_bytes(), n
+    # and a complete set is not overwritten with another placement either
+    again = shard(str(demo_small), str(out), "--shard-size", "3000", "--no-shuffle")
+    assert again.returncode == 2 and "train.index.json" in again.stderr and "tree's order" in again.stderr
+    assert len([l for l in again.stderr.splitlines() if l.strip()]) == 1, again.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
@@ -103,22 +173,26 @@ def test_webdataset_reads_every_sample_with_its_cls(demo_small, tmp_path):
     wds = pytest.importorskip("webdataset")
     assert shard(str(demo_small), str(tmp_path / "set"), "--shard-size", "8000").returncode == 0
     tree = scan(demo_small / "train")
+    index = ShardIndex.open(LocalShardStore(tmp_path / "set"), "train")
     urls = sorted(glob.glob(str(tmp_path / "set" / "train-*.tar")))
     got = [(s["__key__"], int(s["cls"]), s["png"]) for s in wds.WebDataset(urls, shardshuffle=False)]
-    assert [(label, tree.read(i)) for i, (_, label, _b) in enumerate(got)] == \
-        [(tree.label(i), tree.read(i)) for i in range(len(tree))]
-    assert [b for _, _, b in got] == [tree.read(i) for i in range(len(tree))]
+    # in the shards' order (shuffled placement): every tree sample once, with its class
+    placed = index.storage_order().tolist()
+    assert sorted(placed) == list(range(len(tree))) and placed != sorted(placed)
+    assert [(label, b) for _, label, b in got] == [(tree.label(i), tree.read(i)) for i in placed]
+    assert [key for key, _, _ in got] == [os.path.splitext(tree.rel(i))[0] for i in placed]
 
 
 def test_wids_reads_the_index(demo_small, tmp_path):
     wids = pytest.importorskip("wids")
     assert shard(str(demo_small), str(tmp_path / "set"), "--shard-size", "8000").returncode == 0
     tree = scan(demo_small / "train")
+    placed = ShardIndex.open(LocalShardStore(tmp_path / "set"), "train").storage_order().tolist()
     ds = wids.ShardListDataset(str(tmp_path / "set" / "train.index.json"), cache_dir=str(tmp_path / "wc"),
                                  transformations=[])  # the raw members, not wids' PIL decode
     assert len(ds) == len(tree)
-    for i in range(len(tree)):
-        sample = ds[i]
+    for j, i in enumerate(placed):  # wids' sample j is the j-th in the shards (the index's per-shard counts)
+        sample = ds[j]
         assert int(sample[".cls"].read() if hasattr(sample[".cls"], "read") else sample[".cls"]) == tree.label(i)
         png = sample[".png"]
         assert (png.read() if hasattr(png, "read") else png) == tree.read(i)

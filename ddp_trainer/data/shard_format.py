@@ -8,11 +8,19 @@ A split ``train`` is:
   mtime, owner and mode, so the same tree always gives the same bytes.
 - ``train.index.json``: the ``wids`` shard index (``__kind__``, ``wids_version``, ``name``,
   ``shardlist`` of ``{url, nsamples, filesize}``) plus our key ``ddp_trainer``: the format version,
-  the class names, each shard's sha256 and the sample table's name and sha256.
+  the class names, each shard's sha256, the sample table's name and sha256, and for a set written
+  from a tree ``shuffle_seed``: the seed its samples were placed in the shards by (null: in the
+  tree's order; absent for an index of foreign shards).
 - ``train.samples.bin``: the sample table, raw numpy columns (see :meth:`Table.to_bytes`): per sample
   the shard number, the byte offset and size of the image member's data, its crc32, its label, and
   the relative names (one UTF-8 blob and end offsets). Loading it is one read and seven
   ``np.frombuffer`` views, no per-sample work and no copy.
+
+The table's order is the sample order (sample ``i`` of a set written from a tree is file ``i`` of
+the tree); the shards' order (what webdataset and wids read) is the order the samples were placed
+in. The two differ for a shuffled set: the table is not sorted by shard, and a shard's samples are
+not contiguous in it (``shard`` is any column of shard numbers; the per-shard counts of the wids
+index are the column's counts).
 
 Everything here is pure format: what is read and written, checked against what. Writing whole files
 atomically is :func:`write_atomic`'s job; planning and writing shards is :mod:`.shard_writer`'s.
@@ -125,7 +133,7 @@ _COLUMNS = ("shard", "offset", "size", "crc", "label", "rel_blob", "rel_ends")
 class Table:
     """The sample table of one split, as flat arrays."""
 
-    shard: np.ndarray  # int32, nondecreasing
+    shard: np.ndarray  # int32, in any order (a shuffled set's samples lie in shards out of order)
     offset: np.ndarray  # int64: the image member's data in its shard
     size: np.ndarray  # int64
     crc: np.ndarray  # uint32: zlib.crc32 of the image's bytes
@@ -206,6 +214,8 @@ class SplitIndex:
     shards: tuple[ShardEntry, ...]
     table_name: str
     table_sha256: str
+    from_tree: bool = False  # written by ``ddp-trainer shard`` from a tree (not ``--index-only``)
+    shuffle_seed: int | None = None  # from_tree: the placement's seed; None: the tree's order
 
     @property
     def table(self) -> str:
@@ -219,6 +229,8 @@ class SplitIndex:
                             "sha256": [s.sha256 for s in self.shards],
                             "table": self.table_name, "table_sha256": self.table_sha256},
         }
+        if self.from_tree:
+            doc["ddp_trainer"]["shuffle_seed"] = self.shuffle_seed
         return json.dumps(doc, indent=1) + "\n"
 
     @classmethod
@@ -243,15 +255,17 @@ class SplitIndex:
                 raise bad("lists a different number of shards and checksums")
             shards = tuple(ShardEntry(str(s["url"]), int(s["nsamples"]), int(s["filesize"]), str(h))
                            for s, h in zip(shardlist, sums))
+            seed = ours.get("shuffle_seed")
             return cls(str(doc["name"]), tuple(str(c) for c in ours["classes"]), shards, str(ours["table"]),
-                       str(ours["table_sha256"]))
+                       str(ours["table_sha256"]), "shuffle_seed" in ours, None if seed is None else int(seed))
         except (KeyError, TypeError, ValueError) as exc:
             raise bad(f"lacks or misstates {exc}") from None
 
 
 def index_json(split: str, classes: Sequence[str], shards: Sequence[ShardEntry], table: str,
-               table_sha256: str) -> bytes:
-    return SplitIndex(split, tuple(classes), tuple(shards), table, table_sha256).to_json().encode()
+               table_sha256: str, from_tree: bool = False, shuffle_seed: int | None = None) -> bytes:
+    return SplitIndex(split, tuple(classes), tuple(shards), table, table_sha256, from_tree,
+                      shuffle_seed).to_json().encode()
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

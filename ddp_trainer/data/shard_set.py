@@ -78,6 +78,12 @@ class ShardIndex:
         if len(table.shard) != n:
             raise DataError(f"shard set index {where} lists {n} samples but its table holds {len(table.shard)}; "
                             f"rebuild it with 'ddp-trainer shard --index-only'")
+        # the table need not be in shard order (a shuffled set): each shard's count is its column's
+        counts = [s.nsamples for s in idx.shards]
+        if n and (int(table.shard.min()) < 0 or
+                  np.bincount(table.shard, minlength=len(counts)).tolist() != counts):
+            raise DataError(f"shard set index {where} and its table disagree on how many samples each shard "
+                            f"holds; rebuild it with 'ddp-trainer shard --index-only'")
         return cls(store, idx.classes, [s.name for s in idx.shards], [s.filesize for s in idx.shards],
                    [s.sha256 for s in idx.shards], table)
 
@@ -102,8 +108,14 @@ class ShardIndex:
 
     @property
     def shard_ids(self) -> np.ndarray:
-        """Each sample's shard number (nondecreasing: a shard's samples are contiguous)."""
+        """Each sample's shard number, in sample order: nondecreasing only for a set placed in the
+        tree's order (``shard --no-shuffle``); a shuffled set's shards each hold samples from all over."""
         return self.table.shard
+
+    def storage_order(self) -> np.ndarray:
+        """The sample indices in the order their bytes lie: shard by shard, by offset (what a pass
+        over every sample reads sequentially, a remote shard fetched once)."""
+        return np.lexsort((self.table.offset, self.table.shard))
 
     def label(self, i: int) -> int:
         return self._labels[i]

@@ -4,8 +4,16 @@ shards written elsewhere (webdataset's ``ShardWriter``, ``tarp``).
 Written with a checkpoint's care: each shard lands whole (temporary file, fsync, rename) with a
 record of what it holds (``.S-000000.tar.done.json``); a rerun after a kill keeps the complete shards
 whose record matches the plan and writes the rest; the index lands last. The source tree is only
-read. The samples are written in the folder index's order, so sample ``i`` of the set is sample ``i``
-of the tree.
+read.
+
+Placement and order are two things. The samples are *placed* in the shards in a permutation of the
+tree's order drawn from a seed (:func:`placement`; ``shuffle_seed=None``: the tree's order), so a
+shard holds samples of many classes and a reader of a few shards at a time (``shard_window``,
+webdataset) sees mixed batches. The set's sample *order* stays the tree's: entry ``i`` of the sample
+table is file ``i`` of the tree and points at the shard and offset it was placed at, so sample
+``i`` of the set is sample ``i`` of the tree whatever the placement. The plan (which samples go in
+which shard, in what order) is a pure function of the tree and the seed: a rerun, with any
+``--workers``, writes the same bytes, and a killed run's complete shards are kept.
 """
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from ..errors import DataError
 from .folder_index import IMAGE_EXTENSIONS, check_same_classes, scan
 from .shard_format import (ShardEntry, Table, index_json, index_name, sha256_file, shard_name, write_atomic,
@@ -31,6 +41,8 @@ from .shard_format import (ShardEntry, Table, index_json, index_name, sha256_fil
 log = logging.getLogger("ddp_trainer")
 
 DEFAULT_SHARD_SIZE = 512 * 1024 * 1024
+DEFAULT_SHUFFLE_SEED = 0  # shuffled placement unless --no-shuffle: see the README's Shard sets
+_MASK64 = (1 << 64) - 1
 _MEMBER_OVERHEAD = 3 * 512  # the image's header and padding, the .cls member's header and block
 
 
@@ -47,11 +59,50 @@ class _Hashing:
         return len(data)
 
 
+def placement(seed: int, n: int) -> np.ndarray:
+    """The order in which samples ``0..n-1`` of a tree are placed in the shards under ``--shuffle
+    seed``: a permutation, a pure function of ``(seed, n)``, defined here rather than by a library's
+    generator (numpy does not promise a ``Generator``'s stream across versions, and the plan is part
+    of what a rerun, on another machine, must reproduce to keep a killed run's shards). Sample
+    ``i``'s key is splitmix64's output for ``seed + (i + 1) * golden``, distinct for distinct ``i``
+    (splitmix64 is a bijection), and the permutation sorts the keys."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed & _MASK64) + (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return np.argsort(z, kind="stable").astype(np.int64)
+
+
+def _describe(seed: int | None) -> str:
+    return "in the tree's order" if seed is None else f"shuffled by --shuffle {seed}"
+
+
+def _placed_with(out: Path, split: str) -> tuple[int | None, str] | None:
+    """``(seed, where it is recorded)`` of what ``out`` already holds of ``split`` (its index, else a
+    killed run's shard records); None when it holds nothing of it (or an index of foreign shards)."""
+    try:
+        ours = json.loads((out / index_name(split)).read_text())["ddp_trainer"]
+        if "shuffle_seed" in ours:
+            return ours["shuffle_seed"], f"its {index_name(split)}"
+        # written before placement was recorded (the tree's order), or by --index-only
+        return None, f"its {index_name(split)}, which records no shuffle seed"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none, or unreadable: it is written again
+    for record in sorted(out.glob(f".{split}-*.tar.done.json")):
+        try:
+            return json.loads(record.read_text()).get("shuffle_seed"), f"a killed run's {record.name}"
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
 def _plan_key(items: Sequence[tuple[str, int]]) -> str:
     return hashlib.sha256("\n".join(f"{r}\t{l}" for r, l in items).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _write_shard(src: str, out: str, name: str, items: list[tuple[str, int]]) -> dict[str, Any]:
+def _write_shard(src: str, out: str, name: str, items: list[tuple[str, int]],
+                 shuffle_seed: int | None = None) -> dict[str, Any]:
     """Shard ``name`` of ``items`` (rel, label) read from folder ``src``; its record (also on disk)."""
     final = Path(out) / name
     record_path = Path(out) / f".{name}.done.json"
@@ -83,7 +134,7 @@ def _write_shard(src: str, out: str, name: str, items: list[tuple[str, int]]) ->
                             f"needs about the size of the tree) and run the same command again: complete shards "
                             f"are kept") from None
         raise DataError(f"shard: cannot write '{final}' ({exc.strerror}); {exc.filename or ''}") from None
-    record = {"plan": _plan_key(items), "nsamples": len(items), "filesize": sink.pos,
+    record = {"plan": _plan_key(items), "shuffle_seed": shuffle_seed, "nsamples": len(items), "filesize": sink.pos,
               "sha256": sink.sha.hexdigest(), "offset": offsets, "size": sizes, "crc": crcs}
     write_atomic(record_path, json.dumps(record).encode())
     return record
@@ -101,29 +152,30 @@ def _done(out: Path, name: str, items: list[tuple[str, int]]) -> dict[str, Any] 
 
 
 def write_split(src: Path, out: Path, split: str, classes: Sequence[str] | None, shard_size: int,
-                workers: int) -> Any:
-    """Shards and index of the tree ``src`` as split ``split`` in ``out``; returns its FolderIndex."""
+                workers: int, shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED) -> Any:
+    """Shards and index of the tree ``src`` as split ``split`` in ``out``, its samples placed by
+    ``shuffle_seed`` (None: in the tree's order); returns its FolderIndex."""
     index = scan(src, classes)
+    n = len(index)
     for pattern in (f".{split}-*.tmp-*", f"{split}.*.tmp-*"):  # what a killed writer left half-written
         for stale in out.glob(pattern):  # (one writer per OUT at a time)
             stale.unlink(missing_ok=True)
-    sizes = [os.stat(index.path(i)).st_size for i in range(len(index))]
-    plans: list[list[tuple[str, int]]] = [[]]
-    filled = 0
-    for (rel, label), size in zip(index.samples, sizes):
-        if plans[-1] and filled + size + _MEMBER_OVERHEAD > shard_size:
+    sizes = [os.stat(index.path(i)).st_size for i in range(n)]
+    placed = np.arange(n, dtype=np.int64) if shuffle_seed is None else placement(shuffle_seed, n)
+    # the plan: each shard's samples (tree indices, in the order written), cut by size in placement order
+    plans: list[list[int]] = [[]]
+    planned = [0]  # each shard's bytes, headers counted (an upper bound: the space still needed)
+    for i in placed.tolist():
+        if plans[-1] and planned[-1] + sizes[i] + _MEMBER_OVERHEAD > shard_size:
             plans.append([])
-            filled = 0
-        plans[-1].append((rel, label))
-        filled += size + _MEMBER_OVERHEAD
+            planned.append(0)
+        plans[-1].append(i)
+        planned[-1] += sizes[i] + _MEMBER_OVERHEAD
+    items = [[(index.rel(i), index.label(i)) for i in p] for p in plans]
     names = [shard_name(split, k) for k in range(len(plans))]
-    records: list[dict[str, Any] | None] = [_done(out, n, p) for n, p in zip(names, plans)]
+    records: list[dict[str, Any] | None] = [_done(out, nm, it) for nm, it in zip(names, items)]
     todo = [k for k, r in enumerate(records) if r is None]
-    # the bytes still to write: the planned shards' sizes (an upper bound, headers counted)
-    starts = [0]
-    for p in plans:
-        starts.append(starts[-1] + len(p))
-    needed = sum(sum(sizes[starts[k]:starts[k + 1]]) + _MEMBER_OVERHEAD * len(plans[k]) + 1024 for k in todo)
+    needed = sum(planned[k] + 1024 for k in todo)
     free = shutil.disk_usage(out).free
     if needed > free:
         raise DataError(f"shard: '{out}' has {free / 1e9:.2f} GB free, the {len(todo)} shard(s) still to write for "
@@ -133,35 +185,46 @@ def write_split(src: Path, out: Path, split: str, classes: Sequence[str] | None,
         log.info("shard: %s: %d complete shard(s) kept, %d to write", split, len(plans) - len(todo), len(todo))
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("fork")) as pool:
-            futures = {k: pool.submit(_write_shard, str(src), str(out), names[k], plans[k]) for k in todo}
+            futures = {k: pool.submit(_write_shard, str(src), str(out), names[k], items[k], shuffle_seed)
+                       for k in todo}
             for k, fut in futures.items():
                 records[k] = fut.result()
     else:
         for k in todo:
-            records[k] = _write_shard(str(src), str(out), names[k], plans[k])
+            records[k] = _write_shard(str(src), str(out), names[k], items[k], shuffle_seed)
     done = [r for r in records if r is not None]
-    shard_col = [k for k, p in enumerate(plans) for _ in p]
-    table = Table.build(shard_col, [o for r in done for o in r["offset"]], [s for r in done for s in r["size"]],
-                        list(index.labels), [c for r in done for c in r["crc"]],
-                        [rel for p in plans for rel, _ in p])
+    # the table in the tree's order: entry i points at wherever tree sample i was placed
+    where = np.fromiter((i for p in plans for i in p), np.int64, n)
+    shard_col, offsets = np.empty(n, np.int32), np.empty(n, np.int64)
+    lengths, crcs = np.empty(n, np.int64), np.empty(n, np.uint32)
+    shard_col[where] = np.repeat(np.arange(len(plans), dtype=np.int32), [len(p) for p in plans])
+    offsets[where] = np.fromiter((o for r in done for o in r["offset"]), np.int64, n)
+    lengths[where] = np.fromiter((z for r in done for z in r["size"]), np.int64, n)
+    crcs[where] = np.fromiter((c for r in done for c in r["crc"]), np.uint32, n)
+    table = Table.build(shard_col, offsets, lengths, list(index.labels), crcs, [index.rel(i) for i in range(n)])
     _write_index(out, split, index.classes,
-                 [ShardEntry(n, r["nsamples"], r["filesize"], r["sha256"]) for n, r in zip(names, done)], table)
-    for n in names:
-        (out / f".{n}.done.json").unlink(missing_ok=True)
+                 [ShardEntry(nm, r["nsamples"], r["filesize"], r["sha256"]) for nm, r in zip(names, done)], table,
+                 from_tree=True, shuffle_seed=shuffle_seed)
+    for nm in names:
+        (out / f".{nm}.done.json").unlink(missing_ok=True)
     return index
 
 
-def _write_index(out: Path, split: str, classes: Sequence[str], shards: Sequence[ShardEntry], table: Table) -> None:
+def _write_index(out: Path, split: str, classes: Sequence[str], shards: Sequence[ShardEntry], table: Table,
+                 from_tree: bool = False, shuffle_seed: int | None = None) -> None:
     raw = table.to_bytes()
     table_name = split + TABLE_SUFFIX
     write_atomic(out / table_name, raw)
     write_atomic(out / index_name(split), index_json(split, classes, shards, table_name,
-                                                     hashlib.sha256(raw).hexdigest()))
+                                                     hashlib.sha256(raw).hexdigest(), from_tree, shuffle_seed))
 
 
 def shard_tree(data_root: str | Path, out: str | Path, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 1,
-               splits: Sequence[str] = ("train", "val"), classes: Sequence[str] | None = None) -> dict[str, int]:
-    """Every split folder of ``data_root`` (of ``splits``) as shards in ``out``; samples per split."""
+               splits: Sequence[str] = ("train", "val"), classes: Sequence[str] | None = None,
+               shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED) -> dict[str, int]:
+    """Every split folder of ``data_root`` (of ``splits``) as shards in ``out``, samples placed by
+    ``shuffle_seed`` (None: in the tree's order); samples per split. An ``out`` holding a split (or
+    a killed run's shards of one) placed by another seed is refused before anything is written."""
     root = Path(data_root).expanduser()
     present = [s for s in splits if (root / s).is_dir()]
     if not present:
@@ -173,12 +236,22 @@ def shard_tree(data_root: str | Path, out: str | Path, shard_size: int = DEFAULT
     if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
         raise DataError(f"shard: OUT '{out}' is inside DATA_ROOT '{root}'; the source tree is only read: "
                         f"choose a folder outside it")
+    if shuffle_seed is not None and not 0 <= shuffle_seed <= _MASK64:
+        raise DataError(f"shard: --shuffle {shuffle_seed}: use a seed from 0 to 2**64 - 1")
     out.mkdir(parents=True, exist_ok=True)
+    for split in present:
+        found = _placed_with(out, split)
+        if found is not None and found[0] != shuffle_seed:
+            seed, where = found
+            flag = "--no-shuffle" if seed is None else f"--shuffle {seed}"
+            raise DataError(f"shard: '{out}' holds split {split!r} placed {_describe(seed)} ({where}), this run "
+                            f"would place them {_describe(shuffle_seed)}: run with {flag} to finish or rewrite it, or give "
+                            f"another OUT (the two would be mixed)")
     counts: dict[str, int] = {}
     first = None
     for split in present:
         index = write_split(root / split, out, split, classes if first is None else first.classes, shard_size,
-                            workers)
+                            workers, shuffle_seed)
         if first is None:
             first = index
         else:
