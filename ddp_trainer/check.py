@@ -144,7 +144,7 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(splits.classes)} classes)")
     for key, value in cfg.taken_from_model:
         print(f"  data.{key}={value} (data.from_model: {cfg.model.name}'s pretrained config)")
-    print(f"data: root '{root}', scanned in {scanned:.1f} s; val from {splits.source}; decoder {decode.decoder_name()}")
+    print(f"data: root '{root}', scanned in {scanned:.1f} s; val from {splits.source}; decoder {decode.decoder_name(cfg.data.reduced_decode)}")
     for split, index in (("train", splits.train), ("val", splits.val)):
         print(f"  {split}: {len(index)} images in {len(index.classes)} classes; file types: {_types(index)}")
         for line in _per_class(index):

@@ -57,7 +57,7 @@ class DataConfig:
     prefetch_factor: Optional[int] = None  # default: torch's (2) when num_workers > 0
     decoder: Literal["auto", "torchcodec", "torchvision", "pil"] = "auto"  # auto: TorchCodec where it imports, else torchvision.io
     decode_device: Literal["cpu", "cuda"] = "cpu"  # cuda: training JPEGs decoded by the batch on the GPU; workers read bytes
-    reduced_decode: bool = True  # JPEGs decoded at 1/2-1/8 scale when the crop / cache side needs no more pixels
+    reduced_decode: bool = True  # JPEGs drafted at 1/4-1/8 scale (1/2 too under PIL) when the crop / cache side needs no more pixels
     index_cache: bool = True  # remember folder listings in <cache root>/index; a restart lists only changed folders
     cache: Literal["none", "decoded"] = "none"  # decoded: one memory-mapped uint8 file per split and size
     cache_dir: Optional[str] = None  # where decoded caches live; default: <cache root>/decoded

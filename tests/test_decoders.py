@@ -130,4 +130,6 @@ def test_data_decoder_values_and_the_one_line_refusal():
 def test_the_start_up_log_names_the_decoder(small_args: list[str]):
     res = launch(1, *small_args, "train.epochs=1", "data.decoder=pil")
     assert res.returncode == 0, res.stderr
-    assert "decoder PIL" in next(line for line in res.stderr.splitlines() if "data: " in line and " val images" in line)
+    line = next(line for line in res.stderr.splitlines() if "data: " in line and " val images" in line)
+    # data.reduced_decode is on by default: the line states the rule (under PIL, the draft at every scale)
+    assert "decoder PIL; reduced decode: JPEGs by PIL's draft at 1/2 or 1/4 or 1/8" in line, line

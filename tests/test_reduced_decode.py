@@ -131,7 +131,7 @@ def test_the_decoded_cache_built_reduced_is_close_and_has_its_own_key(photos: Pa
     b = decoded_cache.CachedImages(reduced, len(idx), 40)
     for i in range(len(idx)):
         assert (a[i].float() - b[i].float()).abs().mean() <= TOLERANCE, idx.rel(i)
-    assert any(not torch.equal(a[i], b[i]) for i in range(len(idx)))  # 500x375 -> 40: decoded at 1/8
+    assert any(not torch.equal(a[i], b[i]) for i in range(len(idx)))  # 500x375 -> 40: drafted at 1/4
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +178,131 @@ def test_a_run_decoding_reduced_resumes_mid_epoch_bitwise(photo_tree: Path, tmp_
     assert full.returncode == 0, full.stderr
     c = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert any(not torch.equal(c[k], b[k]) for k in b)
+
+
+# data.reduced_decode's rule (data/decode.py): PIL's draft from decode.draft_from() on, the chosen
+# decoder's full decode below it. The oracles below are the libraries themselves, not the product.
+
+def _library_full(name: str, data: bytes) -> torch.Tensor:
+    """``data`` decoded in full by the library data.decoder=``name`` names, as CHW uint8."""
+    if name == "torchcodec":
+        from torchcodec.decoders import decode_jpeg
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
+    if name == "torchvision":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    with Image.open(io.BytesIO(data)) as pil:
+        return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+
+
+def _pil_draft(data: bytes, divisor: int, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """PIL's draft at 1/``divisor``, the (top, left, h, w) box resampled at its fractional place."""
+    top, left, h, w = box
+    with Image.open(io.BytesIO(data)) as pil:
+        width, height = pil.size
+        pil.draft("RGB", (width // divisor, height // divisor))
+        assert pil.size == (-(-width // divisor), -(-height // divisor))
+        out = pil.resize((size, size), Image.BILINEAR,
+                         box=(left / divisor, top / divisor, (left + w) / divisor, (top + h) / divisor))
+        return torch.from_numpy(np.array(out.convert("RGB"))).permute(2, 0, 1)
+
+
+def _full_crop(name: str, data: bytes, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as F
+
+    return F.resized_crop(_library_full(name, data), *box, [size, size], interpolation=F.InterpolationMode.BILINEAR,
+                          antialias=True)
+
+
+def test_the_rule_drafts_from_divisor_4_under_a_library_and_from_2_under_pil(each_decoder: str):
+    from ddp_trainer.data import decode
+
+    assert decode.draft_from() == (2 if each_decoder == "pil" else 4)
+
+
+def test_the_rule_picks_the_draft_or_the_decoders_full_decode_by_divisor(each_decoder: str, photos: Path):
+    from torchvision.transforms.v2 import functional as F
+
+    from ddp_trainer.data import decode
+
+    idx = scan(photos)
+    seen: dict[tuple[int, str], int] = {}
+    told_apart = 0  # divisor-2 samples where the draft's pixels and the full decode's differ
+    # 32 px crops of these 500x375 pictures reduce by 4 or 8, 64 px ones by 2 or 4
+    for i, size in ((i, size) for size in (32, 64) for i in range(len(idx))):
+        tf = ImageTransform(size, ("random_resized_crop",))
+        if not idx.rel(i).endswith(".jpg") or "turned" in idx.rel(i):
+            continue
+        data = idx.read(i)
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+        for epoch in range(6):
+            box = tf.crop_box(height, width, torch.Generator().manual_seed(sample_seed(1, epoch, i)))
+            divisor = jpeg_reduction(box[3], box[2], size)
+            got = decode.decode_rgb_cropped(data, idx.name(i), 10 ** 8, lambda h, w, b=box: b, size,
+                                            F.InterpolationMode.BILINEAR)
+            assert torch.equal(got, decode.decode_rgb_cropped(data, idx.name(i), 10 ** 8, lambda h, w, b=box: b,
+                                                              size, F.InterpolationMode.BILINEAR))  # deterministic
+            full = _full_crop(each_decoder, data, box, size)
+            drafted = divisor >= decode.draft_from()
+            want = _pil_draft(data, divisor, box, size) if drafted else full
+            assert torch.equal(got, want), (idx.rel(i), epoch, divisor, each_decoder)
+            if divisor == 2:
+                told_apart += not torch.equal(_pil_draft(data, 2, box, size), full)
+            kind = "draft" if drafted else "full"
+            seen[(divisor, kind)] = seen.get((divisor, kind), 0) + 1
+    # both branches ran, at the divisors the rule gives them under this decoder
+    assert seen.get((2, "draft" if each_decoder == "pil" else "full"), 0) >= 3, seen
+    assert sum(n for (d, kind), n in seen.items() if d >= 4 and kind == "draft") >= 3, seen
+    assert told_apart >= 3  # the two oracles differ: the equalities above pick one of them
+
+
+def test_a_reduced_cache_at_divisor_2_holds_the_decoders_full_pixels(each_decoder: str, photos: Path,
+                                                                    tmp_path: Path):
+    idx = scan(photos)
+    side = 64  # 2 x 64 = 128 px kept: the 375 px side of these pictures gives divisor 2, not 4
+    assert jpeg_reduction(500, 375, 2 * side) == 2
+    full = decoded_cache.CachedImages(decoded_cache.build(idx, side, tmp_path / "c"), len(idx), side)
+    reduced = decoded_cache.CachedImages(decoded_cache.build(idx, side, tmp_path / "c", reduced=True), len(idx), side)
+    same = [torch.equal(full[i], reduced[i]) for i in range(len(idx))]
+    if each_decoder == "pil":  # PIL drafts at 1/2 too: the JPEGs differ from the full decode
+        assert not all(same)
+    else:
+        assert all(same)
+
+
+def test_the_reduced_cache_key_names_the_rule(monkeypatch: pytest.MonkeyPatch, photos: Path):
+    from ddp_trainer.data import decode
+
+    idx = scan(photos)
+    before = decode.decoder()
+    try:
+        decode.use("pil")  # drafting at every divisor, as before the rule: the caches it built keep their key
+        assert decoded_cache._geometry(40, None, "bilinear", True) == " reduced_decode decoder=pil"
+        decode.use("torchvision")
+        assert decoded_cache._geometry(40, None, "bilinear", True) == " reduced_decode=draft4"
+        ruled = decoded_cache.cache_key(idx, 40, reduced=True)
+        assert ruled != decoded_cache.cache_key(idx, 40)  # data.reduced_decode still has its own cache
+        # a rule that changes which scales the draft decodes changes the key: the cache is rebuilt
+        monkeypatch.setitem(decode._DRAFT_FROM, "torchvision", 2)
+        assert decoded_cache.cache_key(idx, 40, reduced=True) != ruled
+        monkeypatch.setitem(decode._DRAFT_FROM, "torchvision", 8)
+        assert decoded_cache.cache_key(idx, 40, reduced=True) not in (ruled, decoded_cache.cache_key(idx, 40))
+    finally:
+        decode.use(before)
+
+
+def test_the_start_up_name_states_the_rule(each_decoder: str):
+    from ddp_trainer.data import decode
+
+    plain, ruled = decode.decoder_name(), decode.decoder_name(reduced=True)
+    assert ruled.startswith(plain + "; reduced decode: JPEGs by PIL's draft at ")
+    if each_decoder == "pil":
+        assert "1/2 or 1/4 or 1/8" in ruled and "in full" not in ruled
+    else:
+        assert "at 1/4 or 1/8 " in ruled and "1/2" not in ruled
+        assert ruled.endswith({"torchcodec": "TorchCodec", "torchvision": "torchvision.io"}[each_decoder] + " in full")

@@ -6,6 +6,12 @@ for the rest: every other format, EXIF-turned pictures and animated WebP. ``data
 one of them (:func:`use`); :func:`decoder_name` is what the start-up log names. Where the bytes come from (a file, a shard's member) is the caller's business: every function
 takes the bytes and the name an error shows. A picture that cannot be decoded is an ImageError
 naming it.
+
+``data.reduced_decode``'s rule: a still, unturned JPEG whose crop (or decoded-cache side) can be
+decoded at DCT divisor d (:func:`jpeg_reduction`: 2, 4 or 8) is decoded by PIL's draft at 1/d when
+d is at least :func:`draft_from` for the chosen decoder, and otherwise in full by the chosen decoder,
+exactly as without the option (neither library decoder scales in the DCT). The choice depends only
+on the header and the decoder, so a sample's pixels stay a pure function of the config.
 """
 from __future__ import annotations
 
@@ -71,10 +77,32 @@ def decoder() -> str:
     return _chosen
 
 
-def decoder_name() -> str:
-    """What the start-up log names: the library for JPEG, PNG, GIF and WebP, and PIL for the rest."""
-    return {"torchcodec": "TorchCodec (JPEG, PNG, GIF, WebP) + PIL", "pil": "PIL",
+_NAMES = {"torchcodec": "TorchCodec", "torchvision": "torchvision.io", "pil": "PIL"}
+
+# data.reduced_decode's rule, by decoder: the smallest DCT divisor PIL's draft decodes at. Below it
+# the chosen library's full decode (libjpeg-turbo, no DCT scaling) costs no more than the draft,
+# measured per divisor by `bench/decode_bench.py --by-divisor` (bench/RESULTS.md, issue 31). Under
+# data.decoder=pil the draft is PIL's own decode with less work, so it pays at every divisor.
+# Changing a value changes what a reduced-decode cache holds: decoded_cache's key names it.
+_DRAFT_FROM = {"torchcodec": 4, "torchvision": 4, "pil": 2}
+
+
+def draft_from() -> int:
+    """The smallest DCT divisor (2, 4 or 8) at which ``data.reduced_decode`` decodes a JPEG
+    through PIL's draft under the chosen decoder; at smaller ones it is decoded in full by that decoder."""
+    return _DRAFT_FROM[_chosen]
+
+
+def decoder_name(reduced: bool = False) -> str:
+    """What the start-up log names: the library for JPEG, PNG, GIF and WebP, and PIL for the rest;
+    with ``reduced`` (``data.reduced_decode``), the rule that picks between PIL's draft and it."""
+    name = {"torchcodec": "TorchCodec (JPEG, PNG, GIF, WebP) + PIL", "pil": "PIL",
             "torchvision": "torchvision.io (JPEG, PNG, GIF, WebP) + PIL"}[_chosen]
+    if not reduced:
+        return name
+    scales = [f"1/{d}" for d in (2, 4, 8) if d >= draft_from()]
+    below = f", else {_NAMES[_chosen]} in full" if draft_from() > 2 else ""
+    return f"{name}; reduced decode: JPEGs by PIL's draft at {' or '.join(scales)} where the crop allows{below}"
 
 
 def pixel_family() -> str:
@@ -268,11 +296,12 @@ def decode_rgb(data: bytes, path: str, max_pixels: int = MAX_IMAGE_PIXELS,
 
     ``min_side``: a still JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) as
     long as its shorter side keeps at least ``min_side`` pixels (the decoded cache's build, which
-    resizes to that side next)."""
+    resizes to that side next), by PIL's draft at the scales the module's rule gives it
+    (:func:`draft_from`), in full by the chosen decoder at the others."""
     head = _header(path, data, max_pixels)
     if min_side is not None and head.jpeg and not head.turned:
         divisor = jpeg_reduction(head.width, head.height, min_side)
-        if divisor > 1:
+        if divisor >= draft_from():
             return _decode_reduced(path, data, head, divisor)
     return _decode(path, data, head)
 
@@ -283,9 +312,10 @@ def decode_rgb_cropped(data: bytes, path: str, max_pixels: int, box: Callable[[i
     pixels as that needs (``data.reduced_decode``). ``box`` is asked with the full picture's size,
     from its header, before anything is decoded, so the crop is the one a full decode would give.
 
-    A still JPEG (not EXIF-turned) whose box spans at least twice ``size`` is decoded at 1/2, 1/4
-    or 1/8 scale (the most that keeps ``size`` pixels across the box); everything else is decoded
-    in full (:func:`decode_rgb`), exactly as without this option. The reduced pixels differ from a
+    A still JPEG (not EXIF-turned) whose box spans at least twice ``size`` may be decoded at 1/2,
+    1/4 or 1/8 scale (the most that keeps ``size`` pixels across the box), by PIL's draft where that
+    scale is at least :func:`draft_from`; everything else is decoded in full by the chosen decoder
+    and the box resized, exactly as without this option. The reduced pixels differ from a
     full decode + resize by the smaller intermediate picture and the resampling filter (bounded in
     tests/test_reduced_decode.py)."""
     head = _header(path, data, max_pixels)
@@ -293,6 +323,6 @@ def decode_rgb_cropped(data: bytes, path: str, max_pixels: int, box: Callable[[i
         return _crop_full(path, data, head, box, size, interpolation)
     top, left, h, w = box(head.height, head.width)
     divisor = jpeg_reduction(w, h, size)
-    if divisor == 1:
+    if divisor < draft_from():
         return _crop_full(path, data, head, (top, left, h, w), size, interpolation)
     return _decode_reduced(path, data, head, divisor, _Crop((left, top, left + w, top + h), size, interpolation))

@@ -71,12 +71,21 @@ def file_digests(index: FolderIndex, share: int = 0, shares: int = 1) -> dict[in
 
 def _geometry(size: int, resize: int | None, interpolation: str, reduced: bool = False) -> str:
     """What the stored squares are, beyond their side (empty for the default: the keys stay as before),
-    the decoder's pixel family among it (:func:`.decode.pixel_family`)."""
+    the decoder's pixel family among it (:func:`.decode.pixel_family`) and, with ``reduced``, the
+    smallest divisor PIL's draft decodes at (:func:`.decode.draft_from`: the scales below it are the
+    decoder's full decode, other pixels)."""
     parts = ([f"resize={resize}"] if resize not in (None, size) else []) + (
         [f"interpolation={interpolation}"] if interpolation != "bilinear" else []) + (
-        ["reduced_decode"] if reduced else []) + (
+        [_reduced_tag()] if reduced else []) + (
         [f"decoder={decode.pixel_family()}"] if decode.pixel_family() else [])  # PIL's pixels differ
     return (" " + " ".join(parts)) if parts else ""
+
+
+def _reduced_tag() -> str:
+    # the draft at every divisor (2 and up) was the only rule before there was a choice: its caches
+    # keep their key; a rule that hands divisor 2 (or more) to the decoder names where the draft starts
+    d = decode.draft_from()
+    return "reduced_decode" if d == 2 else f"reduced_decode=draft{d}"
 
 
 def combine_key(index: FolderIndex, size: int, digests: dict[int, bytes], resize: int | None = None,

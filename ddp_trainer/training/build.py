@@ -99,7 +99,7 @@ def build_trainer(cfg: Config, dist: Dist, decision: ModeDecision, *, stop: Stop
         splits = build_splits(cfg, dist)
         num_classes = len(splits.classes)
         log.info("data: %d train / %d val images, %d classes; val from %s; decoder %s", len(splits.train),
-                 len(splits.val), num_classes, splits.source, decode.decoder_name())
+                 len(splits.val), num_classes, splits.source, decode.decoder_name(cfg.data.reduced_decode))
         for key, value in cfg.taken_from_model:
             log.info("data.from_model: data.%s=%s from %s's pretrained config", key, value, cfg.model.name)
         sampler = sampler_spec(cfg.data, splits.train)
