@@ -71,6 +71,9 @@ CREDENTIALS = {
 }
 _warned: set[str] = set()  # one over-budget warning per process and cache
 _held: set[int] = set()  # this process's open lock files, by any thread
+# clients inherited through a fork, kept from the garbage collector: collecting one would close its
+# session on the parent's event loop, which the child does not run (asyncio prints a traceback)
+_inherited: list[Any] = []
 _held_lock = threading.Lock()  # held across a fork: a lock file is never half opened or closed then
 
 
@@ -183,6 +186,8 @@ class RemoteShardStore:
         """This process's client (a forked loader worker makes its own: an async client's event loop
         and connections do not survive a fork)."""
         if self._fs is None or self._pid != os.getpid():
+            if self._fs is not None:  # a forked child's copy of its parent's client: never closed here
+                _inherited.append(self._fs)
             options: dict[str, Any] = {"skip_instance_cache": True}
             if self.protocol == "s3":
                 # one attempt per call inside botocore: the retries and their time budget are ours
@@ -316,7 +321,9 @@ class RemoteShardStore:
             listed = fs.size(remote)
             if listed is not None and int(listed) != size:
                 raise changed(f"it is {listed} bytes, the index says {size}")
-            with fs.open(remote, "rb", block_size=CHUNK, cache_type="none") as src:
+            # the size known already spares the file object its own metadata request
+            known = {"size": size} if listed is not None else {}
+            with fs.open(remote, "rb", block_size=CHUNK, cache_type="none", **known) as src:
                 if got["done"]:
                     try:  # resume where the last attempt stopped
                         src.seek(got["done"])
