@@ -166,8 +166,6 @@ class _Fetcher:
         self.store.prefetch(ix.shard_names[k], ix.shard_sizes[k], ix.shard_sha256[k])
 
     def _run(self) -> None:
-        from .remote_shards import _first_line
-
         last_touch = time.monotonic()
         while not self.stop.is_set():
             try:
@@ -189,5 +187,7 @@ class _Fetcher:
                     for shard in touch:  # a cache hit: its mtime becomes now
                         self._fetch(shard)
             except Exception as exc:  # noqa: BLE001 - the worker's own fetch raises the real error
-                log.debug("shard prefetch stopped: %s (the readers fetch for themselves)", _first_line(exc))
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                log.debug("shard prefetch stopped: %s: %s (the readers fetch for themselves)", type(exc).__name__,
+                          first)
                 return
