@@ -18,7 +18,8 @@ worker of the node, and its contract holds across processes, including killed on
   the least recently used shards (by mtime, set on every open) are deleted, never one used in the
   last ``GRACE_S`` seconds nor one being fetched. When that is not enough the download goes ahead
   over budget, with one warning per process. A process that holds a deleted shard open reads on
-  (its disk space is freed when it closes it);
+  (its disk space is freed when it closes it: a process keeps at most ``open_shards`` of the set's
+  shards open, 2 x data.shard_window);
 - each completed download appends a line to ``fetches.log`` in the set's folder (time, pid, name,
   bytes, seconds): what fetched what, and how often;
 - :meth:`RemoteShardStore.prefetch` is the same fetch, asked ahead of a read by a background thread
