@@ -19,8 +19,10 @@ import argparse
 import gc
 import os
 import shutil
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,9 +49,13 @@ class _Decoded:
         return 0
 
 
-def _pass(index, order, prefetch: bool = False, workers: int = 0) -> float:  # type: ignore[no-untyped-def]
+WAITED: dict[str, list[float]] = {}  # seconds the reading thread spent in the store's shard_path, per pass
+
+
+def _pass(index, order, prefetch: bool = False, workers: int = 0, kind: str = "") -> float:  # type: ignore[no-untyped-def]
     """Images/s of one read + decode pass over ``order``, shards opened anew; ``prefetch``: the
-    order iterated through the prefetching sampler; ``workers``: decoded by that many loader workers."""
+    order iterated through the prefetching sampler; ``workers``: decoded by that many loader workers.
+    With ``kind`` (and no workers), the time the reading thread waited for the store is kept in WAITED."""
     from torch.utils.data import DataLoader
 
     from ddp_trainer.data import shard_set
@@ -65,8 +71,28 @@ def _pass(index, order, prefetch: bool = False, workers: int = 0) -> float:  # t
                             multiprocessing_context="fork"):
             pass
     else:
-        for i in sampler:
-            decoded[i]
+        store, waited = index.store, [0.0]
+        real = getattr(store, "shard_path")
+        reader = threading.current_thread()
+
+        def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                if threading.current_thread() is reader:
+                    waited[0] += time.perf_counter() - t0
+
+        if kind:
+            store.shard_path = timed
+        try:
+            for i in sampler:
+                decoded[i]
+        finally:
+            if kind:
+                del store.shard_path
+        if kind:
+            WAITED.setdefault(kind, []).append(waited[0])
     return len(order) / (time.perf_counter() - t)
 
 
@@ -122,7 +148,7 @@ def main() -> None:
             for rates, prefetch in ((cold, False), (ahead, True)):
                 shutil.rmtree(cache, ignore_errors=True)
                 remote = ShardIndex.open(RemoteShardStore(url, cache), "train")
-                rates.append(_pass(remote, order, prefetch, a.workers))
+                rates.append(_pass(remote, order, prefetch, a.workers, "prefetch" if prefetch else "cold"))
                 fetched["prefetch" if prefetch else "cold"].append(_fetched(cache))
             warm.append(_pass(ShardIndex.open(RemoteShardStore(url, cache), "train"), order, workers=a.workers))
             assert _fetched(cache) == fetched["prefetch"][-1]  # the warm pass fetched nothing
@@ -138,6 +164,9 @@ def main() -> None:
           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")
     for label, rate in rates.items():
         print(f"  {label}: {rate:.0f} images/s, {rate / base:.2f}x local (target >= 0.9x)")
+    for kind, got in WAITED.items():
+        print(f"  the reader waited for the store ({kind}), per pass: median {statistics.median(got):.3f} s, "
+              f"{', '.join(f'{w:.2f}' for w in got)}")
     for kind, got in fetched.items():
         print(f"  bytes fetched per cold epoch ({kind}) / training shards' bytes: "
               f"{', '.join(f'{f / dataset:.3f}' for f in got)} (target <= 1.05)")
