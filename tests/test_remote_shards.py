@@ -461,11 +461,14 @@ def test_a_lock_held_by_a_thread_at_a_fork_is_not_kept_by_the_child(tmp_path):
     thread = threading.Thread(target=hold)
     thread.start()
     assert held.wait(30)
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child outlives the thread's hold
+    if pid == 0:  # the child (its fork hooks have run when os.fork returns) outlives the thread's hold
+        os.write(ready_w, b"1")
         time.sleep(3)
         os._exit(0)
     try:
+        assert os.read(ready_r, 1) == b"1"
         release.set()
         thread.join(30)
         fd = os.open(path, os.O_RDWR)
@@ -476,6 +479,8 @@ def test_a_lock_held_by_a_thread_at_a_fork_is_not_kept_by_the_child(tmp_path):
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        os.close(ready_r)
+        os.close(ready_w)
 
 
 def test_a_remote_set_keeps_few_shards_open_per_process(local_set, remote_set, s3_env, tmp_path):
