@@ -80,6 +80,13 @@ def test_two_processes_on_s3_train_bitwise_as_on_local_shards_fetching_each_shar
     names = set(index_of(local_set).shard_names) | set(index_of(local_set, "val").shard_names)
     assert fetches(cache) == Counter({n: 1 for n in names})
     assert (cache / cache_key(remote_set)).is_dir()
+    # and the ranks themselves prefetched: a loader worker reads one split only, a rank's prefetch
+    # thread fetches ahead for both its training and its validation loader
+    train, log = set(index_of(local_set).shard_names), (cache / cache_key(remote_set) / FETCH_LOG).read_text()
+    splits: dict[str, set[bool]] = {}
+    for line in log.splitlines():
+        splits.setdefault(line.split()[1], set()).add(line.split()[2] in train)
+    assert any(both == {True, False} for both in splits.values()), log
 
 
 def test_the_cache_evicts_the_least_recently_used_past_its_budget_but_not_a_fresh_one(
@@ -289,3 +296,200 @@ def test_a_set_over_plain_http_reads_as_on_disk(local_set, tmp_path):
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+# -- prefetch: the next window of shards fetched while this one is read --------------------------
+
+class _FakeStore:
+    """A store that can prefetch, recording what it was asked (or failing when ``fail`` is set)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[str] = []
+        self.fail = fail
+
+    def prefetch(self, name, size, sha256):
+        self.calls.append(name)
+        if self.fail:
+            raise OSError("the server went away")
+
+
+class _FakeIndex:
+    def __init__(self, sizes, store) -> None:
+        import numpy as np
+
+        self.shard_ids = np.repeat(np.arange(len(sizes)), sizes)
+        self.shard_names = [f"s{k}" for k in range(len(sizes))]
+        self.shard_sizes = [1] * len(sizes)
+        self.shard_sha256 = ["0" * 64] * len(sizes)
+        self.store = store
+
+
+def _window_plan(shards, window: int, world: int = 1, rank: int = 0, start: int = 0):
+    from ddp_trainer.data.samplers import EpochPlan, PlanBatchSampler, SamplerSpec
+
+    spec = SamplerSpec("shard_window", shards=torch.tensor(list(shards), dtype=torch.int64), window=window)
+    batches = PlanBatchSampler()
+    batches.set_plan(EpochPlan(len(shards), world=world, rank=rank, batch_size=4, accum=1, seed=5, epoch=1,
+                               start=start, sampler=spec))
+    return batches
+
+
+@pytest.mark.parametrize("world,rank,start", [(1, 0, 0), (2, 1, 0), (2, 0, 24)])
+def test_prefetch_yields_the_same_items_and_stays_one_window_ahead(world, rank, start):
+    from ddp_trainer.data.shard_prefetch import PrefetchingSampler
+
+    sizes, window = [7, 5, 6, 8, 7, 7, 3, 9, 6, 6, 4, 8, 5, 7], 2
+    store = _FakeStore()
+    index = _FakeIndex(sizes, store)
+    batches = _window_plan(index.shard_ids, window, world, rank, start)
+    wrapped = PrefetchingSampler(batches, index, window)
+    assert len(wrapped) == len(batches)
+    expected = list(batches)
+    sequence: list[int] = []  # S: this rank's shards in the order of their first sample
+    for batch in expected:
+        for key in batch:
+            if int(index.shard_ids[key.index]) not in sequence:
+                sequence.append(int(index.shard_ids[key.index]))
+    got, reached = [], -1
+    for batch in wrapped:
+        got.append(batch)
+        reached = max([reached] + [sequence.index(int(index.shard_ids[key.index])) for key in batch])
+        # only what was queued can have been fetched: never past the next window
+        assert set(store.calls) <= {f"s{k}" for k in sequence[:reached + window + 1]}
+    assert got == expected  # the same micro-batches, the same keys, in the same order
+    # the pass ended, and with it the thread: it fetched every shard the first batch did not read
+    # already, in the order they are read, once each
+    first = {int(index.shard_ids[key.index]) for key in expected[0]}
+    assert store.calls == [f"s{k}" for k in sequence if k not in first]
+
+
+def test_a_failed_prefetch_changes_nothing_and_is_logged_at_debug(caplog):
+    from ddp_trainer.data.shard_prefetch import PrefetchingSampler
+
+    store = _FakeStore(fail=True)
+    index = _FakeIndex([6, 6, 6, 6, 6], store)
+    batches = _window_plan(index.shard_ids, 2)
+    with caplog.at_level("DEBUG", logger="ddp_trainer"):
+        got = list(PrefetchingSampler(batches, index, 2))
+    assert got == list(batches)
+    assert len(store.calls) == 1  # the first failure ends the pass's prefetching
+    assert [r.levelname for r in caplog.records if "prefetch" in r.getMessage()] == ["DEBUG"]
+
+
+def test_prefetch_is_only_for_a_remote_shard_set(local_set, remote_set, s3_env, tmp_path):
+    from ddp_trainer.data.datasets import FolderDataset, eval_transform
+    from ddp_trainer.config import DataConfig
+    from ddp_trainer.data.shard_prefetch import PrefetchingSampler, prefetching
+
+    sampler = [0, 1, 2]
+    transform = eval_transform(DataConfig())
+    assert prefetching(sampler, FolderDataset(index_of(local_set), transform), 4) is sampler
+    remote = FolderDataset(ShardIndex.open(RemoteShardStore(remote_set, tmp_path / "c"), "train"), transform)
+    assert isinstance(prefetching(sampler, remote, 4), PrefetchingSampler)
+
+
+class _TimedReads(torch.utils.data.Dataset):
+    """Each sample's bytes and when its read began; a little slow, as decoding is."""
+
+    def __init__(self, index) -> None:
+        self.index, self.cached = index, None
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, key):
+        t = time.time()
+        data = self.index.read(key.index)
+        time.sleep(0.004)
+        return key.index, t, data
+
+
+def test_prefetch_fetches_the_next_window_in_the_training_process_before_a_worker_reads_it(
+        local_set, remote_set, s3_env, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from ddp_trainer.data.shard_prefetch import prefetching
+
+    cache = tmp_path / "cache"
+    index = ShardIndex.open(RemoteShardStore(remote_set, cache, open_shards=4), "train")
+    window = 2
+    batches = _window_plan(index.shard_ids, window)
+    dataset = _TimedReads(index)
+    loader = DataLoader(dataset, batch_sampler=prefetching(batches, dataset, window), num_workers=1,
+                        collate_fn=list, multiprocessing_context="fork")
+    sigchld = signal.getsignal(signal.SIGCHLD)  # torch's first loader with workers sets a handler for good
+    try:
+        items = [item for batch in loader for item in batch]
+    finally:
+        signal.signal(signal.SIGCHLD, sigchld)
+    near = index_of(local_set)
+    assert [i for i, _, _ in items] == [k.index for b in batches for k in b]  # the order as without prefetch
+    assert all(data == near.read(i) for i, _, data in items)  # and the bytes
+    first_read: dict[str, float] = {}
+    sequence: list[str] = []
+    for i, t, _ in items:
+        name = index.shard_names[int(index.shard_ids[i])]
+        if name not in first_read:
+            first_read[name] = t
+            sequence.append(name)
+    log = [line.split() for line in (cache / cache_key(remote_set) / FETCH_LOG).read_text().splitlines()]
+    by = {name: (float(done), int(pid)) for done, pid, name, *_ in log}
+    assert Counter(name for _, _, name, *_ in log) == Counter({n: 1 for n in sequence})  # each shard once
+    # the second window on: fetched by this (the sampler's) process, done before the worker first read it
+    later = sequence[window:]
+    assert len(later) >= 3
+    assert all(by[n][1] == os.getpid() for n in later), (by, sequence)
+    assert all(by[n][0] <= first_read[n] for n in later), (by, first_read)
+
+
+def test_a_lock_held_by_a_thread_at_a_fork_is_not_kept_by_the_child(tmp_path):
+    """A loader worker forks while the prefetch thread holds a shard's lock: the child's copy of the
+    lock file is closed at once, so the lock ends when the thread lets go, not with the worker."""
+    import fcntl
+    import threading
+
+    from ddp_trainer.data.remote_shards import _flock
+
+    path = str(tmp_path / "shard.lock")
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with _flock(path):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert held.wait(30)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child (its fork hooks have run when os.fork returns) outlives the thread's hold
+        os.write(ready_w, b"1")
+        time.sleep(3)
+        os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        release.set()
+        thread.join(30)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if the child kept it
+        finally:
+            os.close(fd)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+        os.close(ready_w)
+
+
+def test_a_remote_set_keeps_few_shards_open_per_process(local_set, remote_set, s3_env, tmp_path):
+    from ddp_trainer.data import shard_set
+
+    index = ShardIndex.open(RemoteShardStore(remote_set, tmp_path / "c", open_shards=2), "train")
+    near = index_of(local_set)
+    firsts = [int(index.shard_ids.tolist().index(k)) for k in range(len(index.shard_names))]
+    for i in firsts + firsts[:2]:
+        assert index.read(i) == near.read(i)
+        assert sum(1 for key in shard_set._fds if key[1] == index.root) <= 2
+    shard_set._close_beyond(shard_set.MAX_OPEN_SHARDS, index.root, 0)

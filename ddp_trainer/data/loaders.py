@@ -27,6 +27,7 @@ from . import device_decode
 from .device_decode import DeviceDecodeDataset
 from .folder_index import FolderIndex
 from .samplers import EpochPlan, ExactEvalSampler, PlanBatchSampler, SamplerSpec, class_balanced_probabilities
+from .shard_prefetch import prefetching
 from .workers import start_method
 
 log = logging.getLogger("ddp_trainer")
@@ -108,7 +109,8 @@ def make_train_loader(dataset: FolderDataset | DeviceDecodeDataset, cfg: DataCon
     kwargs = _loader_kwargs(cfg, device, w, worker_init_fn)
     if isinstance(dataset, DeviceDecodeDataset):
         kwargs["collate_fn"] = device_decode.collate  # deferred JPEGs and decoded tensors in one list
-    return DataLoader(dataset, batch_sampler=batches, **kwargs), batches
+    # a remote shard set's next window of shards is fetched while this one is read (.shard_prefetch)
+    return DataLoader(dataset, batch_sampler=prefetching(batches, dataset, cfg.shard_window), **kwargs), batches
 
 
 def make_eval_loader(dataset: FolderDataset, cfg: DataConfig, dist: Dist, device: torch.device,
@@ -118,7 +120,7 @@ def make_eval_loader(dataset: FolderDataset, cfg: DataConfig, dist: Dist, device
     if sampler is None:
         sampler = ExactEvalSampler(len(dataset), dist.world_size, dist.rank)
     w = cfg.num_workers if workers is None else workers
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=prefetching(sampler, dataset, cfg.shard_window),
                       **_loader_kwargs(cfg, device, w, worker_init_fn))
 
 

@@ -18,9 +18,15 @@ worker of the node, and its contract holds across processes, including killed on
   the least recently used shards (by mtime, set on every open) are deleted, never one used in the
   last ``GRACE_S`` seconds nor one being fetched. When that is not enough the download goes ahead
   over budget, with one warning per process. A process that holds a deleted shard open reads on
-  (its disk space is freed when it closes it);
+  (its disk space is freed when it closes it: a process keeps at most ``open_shards`` of the set's
+  shards open, 2 x data.shard_window);
 - each completed download appends a line to ``fetches.log`` in the set's folder (time, pid, name,
-  bytes, seconds): what fetched what, and how often.
+  bytes, seconds): what fetched what, and how often;
+- :meth:`RemoteShardStore.prefetch` is the same fetch, asked ahead of a read by a background thread
+  (:mod:`.shard_prefetch`); its retries and failures are logged at debug only, since the read that
+  follows fetches again and raises the real error. The locks a thread holds when a loader worker
+  forks are closed in the child (a lock stays held while any copy of its file is open), so a fork
+  never inherits a lock that outlives its holder.
 
 Network errors are retried with backoff for ``DDP_TRAINER_REMOTE_RETRY_S`` seconds in all (30 by
 default), then raise one DataError naming the URL and the last error. A missing object, refused
@@ -38,6 +44,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -52,6 +59,7 @@ T = TypeVar("T")
 RETRY_ENV = "DDP_TRAINER_REMOTE_RETRY_S"
 DEFAULT_RETRY_S = 30.0
 DEFAULT_CACHE_BYTES = 100 * 2**30
+DEFAULT_OPEN_SHARDS = 8  # open_shards: twice data.shard_window's default
 GRACE_S = 10.0  # a shard opened this recently is never evicted: its fetcher is about to open it
 CHUNK = 8 * 2**20  # bytes per ranged read of a download
 FETCH_LOG = "fetches.log"
@@ -63,6 +71,39 @@ CREDENTIALS = {
           "application-default login)",
 }
 _warned: set[str] = set()  # one over-budget warning per process and cache
+_held: set[int] = set()  # this process's open lock files, by any thread
+# clients inherited through a fork, kept from the garbage collector: collecting one would close its
+# session on the parent's event loop, which the child does not run (asyncio prints a traceback)
+_inherited: list[Any] = []
+_held_lock = threading.Lock()  # held across a fork: a lock file is never half opened or closed then
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child: close the lock files the parent's threads held (the parent's own copies
+    keep their locks until it lets go; the child's copies would keep them for the child's lifetime)."""
+    global _held_lock
+    _held_lock = threading.Lock()
+    for fd in list(_held):
+        _held.discard(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+os.register_at_fork(before=lambda: _held_lock.acquire(), after_in_parent=lambda: _held_lock.release(),
+                    after_in_child=_close_inherited_locks)
+
+
+def _open_lock(path: str) -> int:
+    with _held_lock:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        _held.add(fd)
+    return fd
+
+
+def _close_lock(fd: int) -> None:
+    with _held_lock:
+        _held.discard(fd)
+        os.close(fd)  # releases the lock
 
 
 def retry_budget() -> float:
@@ -91,10 +132,10 @@ def _flock(path: str, blocking: bool = True) -> Iterator[bool]:
     off and another open file holds it. Lock files are never deleted: deleting one while a process
     waits on it would let a third process lock a new file of the same name at the same time."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(path)
     except FileNotFoundError:  # its folder went with a cleared cache
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -103,7 +144,7 @@ def _flock(path: str, blocking: bool = True) -> Iterator[bool]:
             return
         yield True
     finally:
-        os.close(fd)  # releases the lock
+        _close_lock(fd)
 
 
 class _LocalWriteError(DataError):
@@ -113,13 +154,17 @@ class _LocalWriteError(DataError):
 class RemoteShardStore:
     """The shard set at ``url``, cached under ``cache_dir`` (see the module docstring)."""
 
-    def __init__(self, url: str, cache_dir: str | os.PathLike[str], cache_bytes: int | None = None) -> None:
+    def __init__(self, url: str, cache_dir: str | os.PathLike[str], cache_bytes: int | None = None,
+                 open_shards: int | None = None) -> None:
         self.url = url.rstrip("/")
         self.location = self.url
         self.protocol = self.url.split("://", 1)[0]
         self.cache_dir = str(Path(cache_dir).expanduser())
         self.cache_bytes = int(cache_bytes) if cache_bytes else DEFAULT_CACHE_BYTES
         self.folder = os.path.join(self.cache_dir, cache_key(self.url))
+        # a process keeps at most this many of the set's shards open (ShardIndex): an evicted shard
+        # still open keeps its disk space, so fewer open files keep the cache near its budget
+        self.open_shards = int(open_shards) if open_shards else DEFAULT_OPEN_SHARDS
         extra = EXTRAS.get(self.protocol, "s3")
         try:
             fsspec.get_filesystem_class(self.protocol)  # imports s3fs / gcsfs / aiohttp: no network yet
@@ -131,7 +176,7 @@ class RemoteShardStore:
         self._pid = -1
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (RemoteShardStore, (self.url, self.cache_dir, self.cache_bytes))
+        return (RemoteShardStore, (self.url, self.cache_dir, self.cache_bytes, self.open_shards))
 
     def __repr__(self) -> str:
         return f"RemoteShardStore({self.url!r}, cache {self.folder!r})"
@@ -142,6 +187,8 @@ class RemoteShardStore:
         """This process's client (a forked loader worker makes its own: an async client's event loop
         and connections do not survive a fork)."""
         if self._fs is None or self._pid != os.getpid():
+            if self._fs is not None:  # a forked child's copy of its parent's client: never closed here
+                _inherited.append(self._fs)
             options: dict[str, Any] = {"skip_instance_cache": True}
             if self.protocol == "s3":
                 # one attempt per call inside botocore: the retries and their time budget are ours
@@ -173,8 +220,9 @@ class RemoteShardStore:
                              f"endpoint settings")
         return None
 
-    def _retrying(self, url: str, call: Callable[[Any], T]) -> T:
-        """``call(filesystem)``, retried with backoff on network errors within the retry budget."""
+    def _retrying(self, url: str, call: Callable[[Any], T], quiet: bool = False) -> T:
+        """``call(filesystem)``, retried with backoff on network errors within the retry budget
+        (``quiet``: the first retry logged at debug, not as a warning)."""
         budget, t0, delay, tries = retry_budget(), time.monotonic(), 0.5, 0
         while True:
             tries += 1
@@ -192,7 +240,8 @@ class RemoteShardStore:
                                     f"check the network and the endpoint, then run the same command again (it "
                                     f"resumes from the last checkpoint)") from None
                 if tries == 1:
-                    log.warning("object storage: reading %s failed (%s); retrying for up to %.0f s (%s)", url,
+                    log.log(logging.DEBUG if quiet else logging.WARNING,
+                            "object storage: reading %s failed (%s); retrying for up to %.0f s (%s)", url,
                                 _first_line(exc), budget, RETRY_ENV)
                 time.sleep(min(delay, budget - spent))
                 delay = min(delay * 2, 8.0)
@@ -217,7 +266,13 @@ class RemoteShardStore:
         """The file name shard ``name`` of that sha256 has in the set's cache folder."""
         return f"{name.replace('/', '%2F')}.{sha256[:16]}"
 
-    def shard_path(self, name: str, size: int, sha256: str) -> str:
+    def prefetch(self, name: str, size: int, sha256: str) -> None:
+        """Fetch shard ``name`` into the cache ahead of its first read (as :meth:`shard_path`, whose
+        locking makes a reader that needs it meanwhile wait for this copy); marks it used now, so
+        that it stays through the eviction's grace period. Retries are logged at debug only."""
+        self.shard_path(name, size, sha256, quiet=True)
+
+    def shard_path(self, name: str, size: int, sha256: str, quiet: bool = False) -> str:
         """The cached copy of shard ``name`` (fetched first when missing); marks it used now."""
         cached = self.cached_name(name, sha256)
         path = os.path.join(self.folder, cached)
@@ -236,7 +291,7 @@ class RemoteShardStore:
                 if entry.name.startswith(cached + ".part-"):
                     _unlink(entry.path)
             self._make_room(size)
-            self._fetch(name, size, sha256, path)
+            self._fetch(name, size, sha256, path, quiet)
         return path
 
     @staticmethod
@@ -250,7 +305,7 @@ class RemoteShardStore:
         except FileNotFoundError:
             return False
 
-    def _fetch(self, name: str, size: int, sha256: str, path: str) -> None:
+    def _fetch(self, name: str, size: int, sha256: str, path: str, quiet: bool = False) -> None:
         """Download shard ``name`` to a temporary file, check it against the index, publish it."""
         url = f"{self.url}/{name}"
         part = f"{path}.part-{os.getpid()}"
@@ -267,7 +322,9 @@ class RemoteShardStore:
             listed = fs.size(remote)
             if listed is not None and int(listed) != size:
                 raise changed(f"it is {listed} bytes, the index says {size}")
-            with fs.open(remote, "rb", block_size=CHUNK, cache_type="none") as src:
+            # the size known already spares the file object its own metadata request
+            known = {"size": size} if listed is not None else {}
+            with fs.open(remote, "rb", block_size=CHUNK, cache_type="none", **known) as src:
                 if got["done"]:
                     try:  # resume where the last attempt stopped
                         src.seek(got["done"])
@@ -294,7 +351,7 @@ class RemoteShardStore:
                         raise changed(f"it holds more than the {size} bytes its index says")
 
         try:
-            self._retrying(url, attempt)
+            self._retrying(url, attempt, quiet)
         except BaseException:
             _unlink(part)
             raise

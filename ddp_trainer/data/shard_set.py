@@ -26,18 +26,26 @@ _fds: "OrderedDict[tuple[int, str, str, int], int]" = OrderedDict()
 MAX_OPEN_SHARDS = 64  # per process; past it the least recently read shard is closed
 
 
-def _close_beyond(limit: int) -> None:
-    """Close this process's least recently read shards past ``limit`` (others' entries, inherited
-    through a fork, are dropped without closing: the parent owns those descriptors' lifetime)."""
+def _close_beyond(limit: int, root: str | None = None, root_limit: int | None = None) -> None:
+    """Close this process's least recently read shards past ``limit``, and those of shard set
+    ``root`` past ``root_limit`` (others' entries, inherited through a fork, are dropped without
+    closing: the parent owns those descriptors' lifetime)."""
     pid = os.getpid()
     for key in [key for key in _fds if key[0] != pid]:
         del _fds[key]
+    if root is not None and root_limit is not None:
+        mine = [key for key in _fds if key[1] == root]
+        for key in mine[:max(0, len(mine) - root_limit)]:
+            _close(_fds.pop(key))
     while len(_fds) > limit:
-        _, fd = _fds.popitem(last=False)
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        _close(_fds.popitem(last=False)[1])
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def has_split(store: ShardStore, split: str) -> bool:
@@ -155,7 +163,9 @@ class ShardIndex:
                 raise DataError(f"shard '{path}' is {size} bytes, its index says {self.shard_sizes[k]}: it was "
                                 f"changed or truncated; restore it or rebuild the shard set")
             _fds[key] = fd
-            _close_beyond(MAX_OPEN_SHARDS)
+            # a remote store's cache frees an evicted shard's disk only once it is closed: it sets a
+            # lower limit for its set (RemoteShardStore.open_shards)
+            _close_beyond(MAX_OPEN_SHARDS, self.root, getattr(self.store, "open_shards", None))
         return fd
 
     def read(self, i: int) -> bytes:

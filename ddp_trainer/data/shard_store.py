@@ -73,5 +73,8 @@ def open_store(root: str, cfg: Any) -> ShardStore:
         raise DataError(f"data.root={root} needs object storage support, which cannot be loaded ({exc}); "
                         f"install it with pip install -e \".[s3]\" (or gcs, http)") from None
     cache_dir = getattr(cfg, "shard_cache_dir", None)
+    # a process keeps two windows of its shards open (the one it reads, the next): no more, so that
+    # the shards it no longer reads leave the cache's disk when they are evicted
+    window = getattr(cfg, "shard_window", None)
     return RemoteShardStore(root, Path(cache_dir).expanduser() if cache_dir else cache_root() / "shards",
-                            getattr(cfg, "shard_cache_bytes", None))
+                            getattr(cfg, "shard_cache_bytes", None), 2 * window if window else None)
