@@ -29,7 +29,8 @@ PY = sys.executable
 
 
 def bench_index(work: Path, n: int) -> None:
-    from ddp_trainer.data.shard_format import ShardEntry, Table, index_json, index_name, write_atomic
+    from ddp_trainer.data.shard_format import ShardEntry, Table, index_json, index_name
+    from ddp_trainer.fsutil import atomic_write_bytes
     import numpy as np
 
     folder = work / f"index{n}"
@@ -42,8 +43,8 @@ def bench_index(work: Path, n: int) -> None:
         shard = np.arange(n) * shards // n
         table = Table.build(shard, np.arange(n) * 1024 + 512, np.full(n, 110_000), labels, np.zeros(n), rels)
         raw = table.to_bytes()
-        write_atomic(folder / "train.samples.bin", raw)
-        write_atomic(folder / index_name("train"), index_json(
+        atomic_write_bytes(folder / "train.samples.bin", raw)
+        atomic_write_bytes(folder / index_name("train"), index_json(
             "train", [f"n{c:08d}" for c in range(1000)],
             [ShardEntry(f"train-{k:06d}.tar", int((shard == k).sum()), 512 << 20, "0" * 64) for k in range(shards)],
             "train.samples.bin", hashlib.sha256(raw).hexdigest()))

@@ -59,6 +59,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         f.write(text)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_write(path) as f:
+        f.write(data)
+
+
 def human_bytes(n: int) -> str:
     """``n`` bytes as B / KB / MB / GB / TB (powers of 1000)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):

@@ -23,7 +23,7 @@ not contiguous in it (``shard`` is any column of shard numbers; the per-shard co
 index are the column's counts).
 
 Everything here is pure format: what is read and written, checked against what. Writing whole files
-atomically is :func:`write_atomic`'s job; planning and writing shards is :mod:`.shard_writer`'s.
+atomically is :mod:`ddp_trainer.fsutil`'s job; planning and writing shards is :mod:`.shard_writer`'s.
 """
 from __future__ import annotations
 
@@ -274,20 +274,3 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """``path`` holds ``data`` whole or is left as it was: written beside it, synced, renamed."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

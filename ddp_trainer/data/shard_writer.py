@@ -34,8 +34,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import DataError
+from ..fsutil import atomic_write, atomic_write_bytes
 from .folder_index import IMAGE_EXTENSIONS, check_same_classes, scan
-from .shard_format import (ShardEntry, Table, index_json, index_name, sha256_file, shard_name, write_atomic,
+from .shard_format import (ShardEntry, Table, index_json, index_name, sha256_file, shard_name,
                            TABLE_SUFFIX, member_key, member_header, split_member, padded, END_OF_ARCHIVE)
 
 log = logging.getLogger("ddp_trainer")
@@ -106,11 +107,10 @@ def _write_shard(src: str, out: str, name: str, items: list[tuple[str, int]],
     """Shard ``name`` of ``items`` (rel, label) read from folder ``src``; its record (also on disk)."""
     final = Path(out) / name
     record_path = Path(out) / f".{name}.done.json"
-    tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
     offsets, sizes, crcs = [], [], []
     taken: set[str] = set()
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(final) as f:  # a killed run leaves only a temporary file (removed by the next)
             sink = _Hashing(f)
             for rel, label in items:
                 with open(os.path.join(src, rel), "rb") as img:
@@ -124,11 +124,7 @@ def _write_shard(src: str, out: str, name: str, items: list[tuple[str, int]],
                 cls = str(label).encode()
                 sink.write(member_header(key + ".cls", len(cls)) + cls + b"\0" * (padded(len(cls)) - len(cls)))
             sink.write(END_OF_ARCHIVE)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
             raise DataError(f"shard: the disk of '{out}' is full while writing {name}; free space (the whole set "
                             f"needs about the size of the tree) and run the same command again: complete shards "
@@ -136,7 +132,7 @@ def _write_shard(src: str, out: str, name: str, items: list[tuple[str, int]],
         raise DataError(f"shard: cannot write '{final}' ({exc.strerror}); {exc.filename or ''}") from None
     record = {"plan": _plan_key(items), "shuffle_seed": shuffle_seed, "nsamples": len(items), "filesize": sink.pos,
               "sha256": sink.sha.hexdigest(), "offset": offsets, "size": sizes, "crc": crcs}
-    write_atomic(record_path, json.dumps(record).encode())
+    atomic_write_bytes(record_path, json.dumps(record).encode())
     return record
 
 
@@ -157,7 +153,8 @@ def write_split(src: Path, out: Path, split: str, classes: Sequence[str] | None,
     ``shuffle_seed`` (None: in the tree's order); returns its FolderIndex."""
     index = scan(src, classes)
     n = len(index)
-    for pattern in (f".{split}-*.tmp-*", f"{split}.*.tmp-*"):  # what a killed writer left half-written
+    # what a killed writer left half-written (fsutil's temporary names): shards, their records, the index
+    for pattern in (f".{split}-*.tmp-*", f"..{split}-*.tmp-*", f".{split}.*.tmp-*"):
         for stale in out.glob(pattern):  # (one writer per OUT at a time)
             stale.unlink(missing_ok=True)
     sizes = [os.stat(index.path(i)).st_size for i in range(n)]
@@ -214,8 +211,8 @@ def _write_index(out: Path, split: str, classes: Sequence[str], shards: Sequence
                  from_tree: bool = False, shuffle_seed: int | None = None) -> None:
     raw = table.to_bytes()
     table_name = split + TABLE_SUFFIX
-    write_atomic(out / table_name, raw)
-    write_atomic(out / index_name(split), index_json(split, classes, shards, table_name,
+    atomic_write_bytes(out / table_name, raw)
+    atomic_write_bytes(out / index_name(split), index_json(split, classes, shards, table_name,
                                                      hashlib.sha256(raw).hexdigest(), from_tree, shuffle_seed))
 
 
