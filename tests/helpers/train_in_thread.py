@@ -6,6 +6,7 @@ train_in_thread.py DATA OUT MODE, MODE one of:
 The training thread writes OUT/outcome.json: the result or the exception, and the threads alive."""
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -32,6 +33,10 @@ if mode == "resume":
     outcome("resumed.json", lambda: ddp_trainer.train(**kw))
     sys.exit(0)
 
+# Ctrl-C as in a terminal, whatever this process inherited: a shell's background job (`cmd &`
+# without job control, as CI may start the suite) starts with SIGINT ignored, and Python then never
+# raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 thread = threading.Thread(target=outcome, args=("outcome.json", lambda: ddp_trainer.train(**kw)), name="trainer")
 thread.start()
 if mode == "wait":
