@@ -111,13 +111,27 @@ def jpeg_batch_decoder(device: torch.device | str, library: str | None = None) -
         try:
             # an optional extra (torchcodec): imported when a batch decoder is made, not at import
             from torchcodec.decoders import decode_jpeg as batch
-            return lambda encoded: batch(encoded, mode="RGB", device=device)
-        except ImportError:
+            return _after_queued_work(lambda encoded: batch(encoded, mode="RGB", device=device), device)
+        except Exception:  # not installed, or a wheel built for another torch (its library fails to load)
             if library is not None:
                 raise
     # the fallback: torchvision 0.29 deprecates its decoders, so they load only when used
     from torchvision.io import ImageReadMode, decode_jpeg
-    return lambda encoded: decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    return _after_queued_work(lambda encoded: decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device), device)
+
+
+def _after_queued_work(decoder: BatchDecoder, device: torch.device | str) -> BatchDecoder:
+    """``decoder``, waiting on a CUDA ``device`` for the work already queued on its current stream.
+    nvJPEG writes its output on a stream of its own that does not wait for this one (torchvision's,
+    and TorchCodec's before 0.17): memory the caching allocator hands the decode may still be read by
+    training kernels queued before it."""
+    if torch.device(device).type != "cuda":
+        return decoder
+
+    def decode_after(encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        torch.cuda.current_stream(torch.device(device)).synchronize()
+        return decoder(encoded)
+    return decode_after
 
 
 def assemble(images: Sequence, transform: ImageTransform, decoder: BatchDecoder,
